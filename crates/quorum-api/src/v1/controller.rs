@@ -1,0 +1,268 @@
+//! Controller endpoints. Worker-facing routes (`/api/v1/workers/...`, `/api/v1/assignments/...`)
+//! are authenticated by the worker's signature (see `worker_auth`); user-facing routes
+//! (`/api/v1/builds...`) by the controller's API token as a bearer token.
+
+use std::collections::BTreeMap;
+
+use quorum_core::pipeline::Policy;
+use quorum_core::verdict::Outcome;
+use quorum_core::{Digest, Manifest};
+use serde::{Deserialize, Serialize};
+
+/// `POST /api/v1/workers/enroll`, unauthenticated but needs a single-use enrollment token made
+/// by the controller's operator. Owner, trust and labels come from that token, not the worker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EnrollRequest {
+    pub enrollment_token: String,
+    /// The worker's name, which is also the audience its job tokens must carry.
+    pub name: String,
+    /// Raw Ed25519 public key, base64.
+    pub public_key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EnrollResponse {
+    pub worker_id: String,
+    pub owner: String,
+}
+
+/// `POST /api/v1/workers/poll`, worker: long poll for work. Answers `200` with an [`Assignment`]
+/// as soon as one is offered, or `204` after `wait_ms` with none.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PollRequest {
+    pub wait_ms: u64,
+    /// How many more jobs the worker can take now.
+    pub capacity: u32,
+}
+
+/// One job handed to one worker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Assignment {
+    pub id: String,
+    pub build_id: String,
+    pub job: String,
+    pub tenant: String,
+    pub repository: String,
+    pub commit: String,
+    pub source_date_epoch: i64,
+    pub script: Vec<String>,
+    pub artifacts: Vec<String>,
+    pub timeout_secs: u64,
+    /// Token for this worker (audience `worker:<name>`): checked against the IdPs the worker trusts.
+    pub job_token: String,
+    /// Token for the store (audience the store): lets this assignment upload and record a manifest.
+    pub upload_token: String,
+    pub store_url: String,
+    /// Heartbeat at least this often, or the assignment is given to another worker.
+    pub lease_secs: u64,
+}
+
+/// `POST /api/v1/assignments/{id}/refuse`, worker: the worker will not run this assignment
+/// (for example, its job token does not verify). The controller gives the job to another worker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefuseRequest {
+    pub reason: String,
+}
+
+/// `POST /api/v1/assignments/{id}/heartbeat`, worker: renews the lease.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HeartbeatResponse {
+    /// The assignment was cancelled or lost: stop the build.
+    pub stop: bool,
+}
+
+// `POST /api/v1/assignments/{id}/log?offset=N`, worker, body = raw log bytes starting at byte
+// `offset` of the job's log. Resending a range is harmless.
+
+/// `POST /api/v1/assignments/{id}/result`, worker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SignedReport {
+    /// The [`ResultReport`] as JSON text, exactly the bytes that were signed.
+    pub report: String,
+    /// Base64 Ed25519 signature over `worker_auth::report_message(report)`.
+    pub signature: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResultReport {
+    pub assignment: String,
+    pub build_id: String,
+    pub job: String,
+    pub worker: String,
+    pub result: ReportedResult,
+    pub usage: Usage,
+    pub environment: EnvironmentFacts,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ReportedResult {
+    /// Every step exited 0; the outputs were uploaded and recorded under this manifest.
+    Success { manifest: Manifest, manifest_digest: Digest },
+    /// A step failed or the job timed out.
+    Failed { reason: String },
+}
+
+impl ReportedResult {
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            ReportedResult::Success { manifest_digest, .. } => Outcome::Success { manifest: *manifest_digest },
+            ReportedResult::Failed { .. } => Outcome::Failed,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub wall_ms: u64,
+    pub cpu_ms: u64,
+    pub peak_rss_kib: u64,
+    pub bytes_uploaded: u64,
+}
+
+/// Facts about the worker's environment, recorded with each result so a dispute can be explained.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct EnvironmentFacts {
+    pub kernel: String,
+    pub arch: String,
+    pub cpus: u32,
+    pub executor: String,
+}
+
+/// `POST /api/v1/builds`, API token: build `repository` at `rev`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SubmitBuild {
+    pub repository: String,
+    #[serde(default = "default_rev")]
+    pub rev: String,
+}
+
+fn default_rev() -> String {
+    "HEAD".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BuildCreated {
+    pub build_id: String,
+    pub commit: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildState {
+    Running,
+    Verified,
+    Disputed,
+    Failed,
+    Cancelled,
+}
+
+impl BuildState {
+    pub fn is_final(self) -> bool {
+        !matches!(self, BuildState::Running)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildState::Running => "running",
+            BuildState::Verified => "verified",
+            BuildState::Disputed => "disputed",
+            BuildState::Failed => "failed",
+            BuildState::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for the jobs it needs, or for workers.
+    Queued,
+    Running,
+    /// Some identical results are in, but not yet enough for the policy.
+    Provisional,
+    Verified,
+    Disputed,
+    Failed,
+    /// A job it needs did not verify, so it never ran.
+    Skipped,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Verified | JobState::Disputed | JobState::Failed | JobState::Skipped | JobState::Cancelled
+        )
+    }
+}
+
+/// `GET /api/v1/builds/{id}`, API token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BuildStatus {
+    pub id: String,
+    pub state: BuildState,
+    pub repository: String,
+    pub commit: String,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    pub jobs: Vec<JobStatus>,
+    /// Whether a signed statement exists (`GET /api/v1/builds/{id}/statement`).
+    pub signed: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JobStatus {
+    pub name: String,
+    pub state: JobState,
+    pub policy: Policy,
+    /// Why a job is waiting or why it ended as it did, in words.
+    pub detail: String,
+    pub manifest: Option<Digest>,
+    pub assignments: Vec<AssignmentStatus>,
+    /// For a dispute: the paths whose contents differ between the groups of results.
+    pub differing_paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AssignmentStatus {
+    pub id: String,
+    pub worker: String,
+    pub owner: String,
+    pub trusted: bool,
+    pub state: String,
+    pub outcome: Option<Outcome>,
+    pub detail: Option<String>,
+    pub usage: Option<Usage>,
+}
+
+/// `GET /api/v1/builds/{id}/artifacts`, API token: the verified artifacts and a read token to
+/// fetch them from the store directly.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ArtifactList {
+    pub store_url: String,
+    pub read_token: String,
+    pub artifacts: Vec<Artifact>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Artifact {
+    pub job: String,
+    pub path: String,
+    pub mode: u32,
+    pub size: u64,
+    pub digest: Digest,
+    pub manifest: Digest,
+}
+
+/// `GET /api/v1/signer/keys`, unauthenticated: the public keys that sign this controller's
+/// statements, by key id.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SignerKeys {
+    /// key id -> raw Ed25519 public key, base64.
+    pub keys: BTreeMap<String, String>,
+}
+
+/// `GET /api/v1/builds/{id}/logs/{job}?worker=W&offset=N`, API token: the log bytes from
+/// `offset`. The response header `x-quorum-log-complete: true` says no more will come.
+pub const HEADER_LOG_COMPLETE: &str = "x-quorum-log-complete";

@@ -1,0 +1,77 @@
+//! Client for an identity provider's token endpoint, used by controllers.
+
+use quorum_api::v1::idp::{
+    GRANT_CLIENT_CREDENTIALS, GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS, TokenRequest, TokenResponse,
+};
+
+use crate::{ClientError, json, transport};
+
+#[derive(Clone)]
+pub struct IdpClient {
+    http: reqwest::Client,
+    base: String,
+    client_id: String,
+    client_secret: String,
+}
+
+impl std::fmt::Debug for IdpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdpClient").field("base", &self.base).field("client_id", &self.client_id).finish()
+    }
+}
+
+/// What the controller asks a job, upload or read token to be for.
+#[derive(Debug, Clone, Default)]
+pub struct TokenFor {
+    pub token_type: &'static str,
+    pub audience: String,
+    pub build: String,
+    pub job: Option<String>,
+    pub assignment: Option<String>,
+    pub lifetime_secs: i64,
+}
+
+impl IdpClient {
+    pub fn new(base: &str, client_id: &str, client_secret: &str) -> IdpClient {
+        IdpClient {
+            http: crate::http_client(),
+            base: base.trim_end_matches('/').to_string(),
+            client_id: client_id.to_string(),
+            client_secret: client_secret.to_string(),
+        }
+    }
+
+    async fn token(&self, req: &TokenRequest) -> Result<TokenResponse, ClientError> {
+        let url = format!("{}/token", self.base);
+        let resp = self
+            .http
+            .post(&url)
+            .basic_auth(&self.client_id, Some(&self.client_secret))
+            .form(req)
+            .send()
+            .await
+            .map_err(transport(&url))?;
+        json(&url, resp).await
+    }
+
+    /// The client's own access token (client credentials grant).
+    pub async fn access_token(&self) -> Result<TokenResponse, ClientError> {
+        self.token(&TokenRequest { grant_type: GRANT_CLIENT_CREDENTIALS.into(), ..Default::default() }).await
+    }
+
+    /// Exchanges the client's access token for a token scoped to one assignment (RFC 8693).
+    pub async fn exchange(&self, access_token: &str, what: &TokenFor) -> Result<TokenResponse, ClientError> {
+        self.token(&TokenRequest {
+            grant_type: GRANT_TOKEN_EXCHANGE.into(),
+            subject_token: Some(access_token.to_string()),
+            subject_token_type: Some(TOKEN_TYPE_ACCESS.into()),
+            requested_token_type: Some(what.token_type.into()),
+            audience: Some(what.audience.clone()),
+            build: Some(what.build.clone()),
+            job: what.job.clone(),
+            assignment: what.assignment.clone(),
+            lifetime_secs: Some(what.lifetime_secs),
+        })
+        .await
+    }
+}

@@ -1,0 +1,63 @@
+//! Typed HTTP clients for Quorum's roles (over reqwest with rustls), and [`trust::TrustedIssuers`],
+//! the JWKS cache every token verifier uses.
+
+pub mod controller;
+pub mod idp;
+pub mod store;
+pub mod trust;
+
+/// A failed call to another role.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach {url}: {source}")]
+    Transport { url: String, source: reqwest::Error },
+    #[error("{url} answered {status}: {message}")]
+    Status { url: String, status: u16, message: String },
+    #[error("{url} answered with an unreadable body: {message}")]
+    Body { url: String, message: String },
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// One shared HTTP client configuration: rustls, bounded connect time.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .pool_idle_timeout(std::time::Duration::from_secs(60))
+        .build()
+        .expect("the HTTP client builds")
+}
+
+/// Turns a non-success response into [`ClientError::Status`] with the server's message.
+pub(crate) async fn check(url: &str, resp: reqwest::Response) -> Result<reqwest::Response, ClientError> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let text = resp.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<quorum_api::ErrorBody>(&text)
+        .map(|b| b.error)
+        .or_else(|_| {
+            serde_json::from_str::<quorum_api::v1::idp::OAuthError>(&text)
+                .map(|e| format!("{}: {}", e.error, e.error_description))
+        })
+        .unwrap_or(text);
+    Err(ClientError::Status { url: url.to_string(), status: status.as_u16(), message })
+}
+
+pub(crate) fn transport(url: &str) -> impl FnOnce(reqwest::Error) -> ClientError + '_ {
+    move |source| ClientError::Transport { url: url.to_string(), source }
+}
+
+pub(crate) async fn json<T: serde::de::DeserializeOwned>(url: &str, resp: reqwest::Response) -> Result<T, ClientError> {
+    let resp = check(url, resp).await?;
+    let bytes = resp.bytes().await.map_err(transport(url))?;
+    serde_json::from_slice(&bytes).map_err(|e| ClientError::Body { url: url.to_string(), message: e.to_string() })
+}

@@ -1,0 +1,221 @@
+//! The one place outside the worker's executor that runs `git`: mirroring repositories,
+//! resolving revisions, reading a file at a commit, and exporting a commit's tree. Every
+//! function blocks; async callers use `spawn_blocking`.
+//!
+//! Repository URLs come from users, so git runs with a fixed protocol allow-list (no `ext::`,
+//! which would run commands), no terminal prompts, and no system or global config.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("cannot run git ({0}); install git and make sure it is on PATH")]
+    Spawn(std::io::Error),
+    #[error("git {what} failed for {repo}: {stderr}")]
+    Failed { what: String, repo: String, stderr: String },
+    #[error("revision `{rev}` does not name a commit in {repo}")]
+    UnknownRevision { repo: String, rev: String },
+    #[error("revision `{0}` is not allowed: it must not start with `-` or contain whitespace")]
+    BadRevision(String),
+    #[error("commit {commit} is not in {repo}")]
+    MissingCommit { repo: String, commit: String },
+    #[error("cannot unpack the source tree into {dir}: {source}")]
+    Unpack { dir: String, source: std::io::Error },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A directory of bare mirrors, one per repository URL, updated before each use.
+#[derive(Debug, Clone)]
+pub struct Mirrors {
+    dir: PathBuf,
+    locks: Arc<Mutex<HashMap<String, Arc<Mutex<()>>>>>,
+}
+
+impl Mirrors {
+    pub fn new(dir: impl Into<PathBuf>) -> Mirrors {
+        Mirrors { dir: dir.into(), locks: Arc::default() }
+    }
+
+    /// Brings the mirror of `url` up to date and returns its path.
+    pub fn update(&self, url: &str) -> Result<PathBuf, GitError> {
+        let lock = {
+            let mut locks = self.locks.lock().expect("mirror lock map");
+            locks.entry(url.to_string()).or_default().clone()
+        };
+        let _guard = lock.lock().expect("mirror lock");
+        let name = quorum_core::Digest::of(url.as_bytes()).hex();
+        let path = self.dir.join(&name[..32]);
+        if path.join("HEAD").exists() {
+            run(git(Some(&path)).args(["fetch", "--prune", "--quiet", "--force", "origin", "+refs/*:refs/*"]), "fetch", url)?;
+        } else {
+            std::fs::create_dir_all(&self.dir)?;
+            let tmp = self.dir.join(format!("{}.tmp-{}", &name[..32], std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
+            run(git(None).arg("clone").arg("--mirror").arg("--quiet").arg("--").arg(url).arg(&tmp), "clone", url)?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(path)
+    }
+}
+
+/// Resolves `rev` to a full commit id in the mirror at `repo`.
+pub fn resolve(repo: &Path, rev: &str) -> Result<String, GitError> {
+    if rev.is_empty() || rev.starts_with('-') || rev.chars().any(char::is_whitespace) {
+        return Err(GitError::BadRevision(rev.to_string()));
+    }
+    let out = git(Some(repo))
+        .args(["rev-parse", "--verify", "--quiet", "--end-of-options"])
+        .arg(format!("{rev}^{{commit}}"))
+        .output()
+        .map_err(GitError::Spawn)?;
+    if !out.status.success() {
+        return Err(GitError::UnknownRevision { repo: repo.display().to_string(), rev: rev.to_string() });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Checks that `commit` (a full id) exists in the mirror.
+pub fn has_commit(repo: &Path, commit: &str) -> Result<bool, GitError> {
+    if commit.len() != 40 || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(false);
+    }
+    let status = git(Some(repo))
+        .args(["cat-file", "-e"])
+        .arg(format!("{commit}^{{commit}}"))
+        .stderr(Stdio::null())
+        .status()
+        .map_err(GitError::Spawn)?;
+    Ok(status.success())
+}
+
+/// The contents of `path` at `commit`, or `None` when the commit has no such file.
+pub fn read_file(repo: &Path, commit: &str, path: &str) -> Result<Option<Vec<u8>>, GitError> {
+    let spec = format!("{commit}:{path}");
+    let exists = git(Some(repo)).args(["cat-file", "-e", &spec]).stderr(Stdio::null()).status().map_err(GitError::Spawn)?;
+    if !exists.success() {
+        return Ok(None);
+    }
+    let out = run(git(Some(repo)).args(["cat-file", "blob", &spec]), "cat-file", &repo.display().to_string())?;
+    Ok(Some(out.stdout))
+}
+
+/// The committer time of `commit`, in seconds since the epoch: the build's SOURCE_DATE_EPOCH.
+pub fn commit_time(repo: &Path, commit: &str) -> Result<i64, GitError> {
+    let out = run(git(Some(repo)).args(["show", "-s", "--format=%ct", commit]), "show", &repo.display().to_string())?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().map_err(|_| GitError::Failed {
+        what: "show".into(),
+        repo: repo.display().to_string(),
+        stderr: "commit time is not a number".into(),
+    })
+}
+
+/// Writes the tree of `commit` into `dest` (which must be empty or absent). `git archive` gives
+/// every file the commit time as mtime, so the tree is the same on every worker.
+pub fn export(repo: &Path, commit: &str, dest: &Path) -> Result<(), GitError> {
+    if !has_commit(repo, commit)? {
+        return Err(GitError::MissingCommit { repo: repo.display().to_string(), commit: commit.to_string() });
+    }
+    std::fs::create_dir_all(dest)?;
+    let mut child = git(Some(repo))
+        .args(["archive", "--format=tar", commit])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(GitError::Spawn)?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut archive = tar::Archive::new(stdout);
+    archive.set_preserve_mtime(true);
+    archive.set_preserve_permissions(true);
+    archive.set_overwrite(false);
+    let unpacked = archive.unpack(dest).map_err(|source| GitError::Unpack { dir: dest.display().to_string(), source });
+    let out = child.wait_with_output()?;
+    unpacked?;
+    if !out.status.success() {
+        return Err(GitError::Failed {
+            what: "archive".into(),
+            repo: repo.display().to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+#[allow(clippy::disallowed_methods)] // git is the one tool this crate exists to run
+fn git(dir: Option<&Path>) -> Command {
+    let mut c = Command::new("git");
+    if let Some(d) = dir {
+        c.arg("--git-dir").arg(d);
+    }
+    c.env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_ALLOW_PROTOCOL", "file:git:http:https:ssh")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_ASKPASS", "/bin/false")
+        .stdin(Stdio::null());
+    c
+}
+
+fn run(cmd: &mut Command, what: &str, repo: &str) -> Result<Output, GitError> {
+    let out = cmd.output().map_err(GitError::Spawn)?;
+    if !out.status.success() {
+        return Err(GitError::Failed {
+            what: what.to_string(),
+            repo: repo.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[allow(clippy::disallowed_methods)]
+    fn sh(dir: &Path, script: &str) {
+        let ok = Command::new("sh").arg("-c").arg(script).current_dir(dir).status().unwrap().success();
+        assert!(ok, "{script}");
+    }
+
+    #[test]
+    fn mirror_resolve_read_export() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        sh(&src, "git init -q -b main && printf 'jobs: {}\\n' > .quorum.yml && mkdir d && echo hi > d/f && chmod +x d/f \
+                  && git add -A && GIT_COMMITTER_DATE='2020-01-01T00:00:00Z' git -c user.name=t -c user.email=t@t commit -qm one");
+        let mirrors = Mirrors::new(tmp.path().join("mirrors"));
+        let repo = mirrors.update(src.to_str().unwrap()).unwrap();
+        let commit = resolve(&repo, "main").unwrap();
+        assert_eq!(commit.len(), 40);
+        assert_eq!(read_file(&repo, &commit, ".quorum.yml").unwrap().unwrap(), b"jobs: {}\n");
+        assert_eq!(read_file(&repo, &commit, "nope").unwrap(), None);
+        assert_eq!(commit_time(&repo, &commit).unwrap(), 1577836800);
+        let dest = tmp.path().join("out");
+        export(&repo, &commit, &dest).unwrap();
+        let meta = std::fs::metadata(dest.join("d/f")).unwrap();
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        assert_eq!(meta.mtime(), 1577836800);
+        assert_eq!(meta.permissions().mode() & 0o111, 0o111);
+        assert!(matches!(resolve(&repo, "--upload-pack=x"), Err(GitError::BadRevision(_))));
+        assert!(matches!(resolve(&repo, "nosuchbranch"), Err(GitError::UnknownRevision { .. })));
+
+        // A new commit upstream shows up after the next update.
+        sh(&src, "echo two > g && git add g && git -c user.name=t -c user.email=t@t commit -qm two");
+        mirrors.update(src.to_str().unwrap()).unwrap();
+        assert_ne!(resolve(&repo, "main").unwrap(), commit);
+    }
+
+    #[test]
+    fn ext_transport_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let marker = tmp.path().join("pwned");
+        let url = format!("ext::sh -c touch% {}", marker.display());
+        assert!(Mirrors::new(tmp.path().join("m")).update(&url).is_err());
+        assert!(!marker.exists());
+    }
+}

@@ -1,0 +1,1 @@
+//! The only crate that touches the signing key: re-checks a verdict's evidence and signs its statement

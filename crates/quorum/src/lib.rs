@@ -1,0 +1,1 @@
+//! The `quorum` library half: launching a local federation of role processes.
