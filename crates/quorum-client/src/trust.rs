@@ -1,7 +1,17 @@
 //! The issuers a component trusts, and their keys: fetched by OIDC discovery and JWKS, cached by
-//! (issuer, kid), refreshed at most once per unknown kid.
+//! (issuer, kid), refreshed at most once per unknown kid. Trust is decided by the verifier's own
+//! config: a token's `kid`, `jku` or `x5u` never chooses where keys come from.
 
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::VerifyingKey;
+use quorum_api::v1::idp::Discovery;
+use quorum_token::{Claims, Expect, Jwks, TokenError};
 use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::{ClientError, json, transport};
 
 /// One trusted IdP, as written in a worker's or store's config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -9,4 +19,105 @@ use serde::{Deserialize, Serialize};
 pub struct TrustedIssuer {
     /// The issuer URL, compared exactly with a token's `iss` (no trailing-slash folding).
     pub issuer: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("cannot fetch the keys of issuer {issuer}: {source}")]
+    Fetch { issuer: String, source: ClientError },
+    #[error("issuer {configured} publishes discovery for `{published}`; refusing its keys")]
+    IssuerMismatch { configured: String, published: String },
+}
+
+/// How long a fetched key set is used before it is fetched again.
+const KEYS_TTL: Duration = Duration::from_secs(300);
+/// At most one refresh per issuer in this window when tokens name unknown kids.
+const REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct IssuerKeys {
+    keys: HashMap<String, VerifyingKey>,
+    fetched: Option<Instant>,
+}
+
+pub struct TrustedIssuers {
+    issuers: Vec<TrustedIssuer>,
+    http: reqwest::Client,
+    cache: Mutex<HashMap<String, IssuerKeys>>,
+}
+
+impl std::fmt::Debug for TrustedIssuers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustedIssuers").field("issuers", &self.issuers).finish()
+    }
+}
+
+impl TrustedIssuers {
+    pub fn new(issuers: Vec<TrustedIssuer>) -> TrustedIssuers {
+        TrustedIssuers { issuers, http: crate::http_client(), cache: Mutex::default() }
+    }
+
+    pub fn issuers(&self) -> &[TrustedIssuer] {
+        &self.issuers
+    }
+
+    /// Verifies `token` as a token of type `typ` for `audience`, issued by one of the trusted
+    /// issuers with a key from that issuer's own JWKS.
+    pub async fn verify(&self, token: &str, typ: &str, audience: &str, max_lifetime_secs: i64) -> Result<Claims, TrustError> {
+        let peeked = quorum_token::peek(token)?;
+        let Some(trusted) = self.issuers.iter().find(|i| i.issuer == peeked.iss) else {
+            return Err(TokenError::UntrustedIssuer(peeked.iss).into());
+        };
+        let key = self.key(&trusted.issuer, &peeked.kid).await?;
+        let claims = quorum_token::verify(
+            token,
+            &key,
+            &Expect { typ, issuer: &trusted.issuer, audience, max_lifetime_secs },
+        )?;
+        Ok(claims)
+    }
+
+    async fn key(&self, issuer: &str, kid: &str) -> Result<VerifyingKey, TrustError> {
+        let mut cache = self.cache.lock().await;
+        let entry = cache.entry(issuer.to_string()).or_default();
+        let fresh = entry.fetched.is_some_and(|t| t.elapsed() < KEYS_TTL);
+        if fresh && let Some(k) = entry.keys.get(kid) {
+            return Ok(*k);
+        }
+        let may_refresh = !entry.fetched.is_some_and(|t| t.elapsed() < REFRESH_MIN_INTERVAL);
+        if may_refresh {
+            entry.keys = self.fetch(issuer).await?;
+            entry.fetched = Some(Instant::now());
+        }
+        entry
+            .keys
+            .get(kid)
+            .copied()
+            .ok_or_else(|| TokenError::UnknownKey { iss: issuer.to_string(), kid: kid.to_string() }.into())
+    }
+
+    async fn fetch(&self, issuer: &str) -> Result<HashMap<String, VerifyingKey>, TrustError> {
+        let fetch_err = |source| TrustError::Fetch { issuer: issuer.to_string(), source };
+        let url = format!("{}/.well-known/openid-configuration", issuer.trim_end_matches('/'));
+        let resp = self.http.get(&url).send().await.map_err(transport(&url)).map_err(fetch_err)?;
+        let discovery: Discovery = json(&url, resp).await.map_err(fetch_err)?;
+        if discovery.issuer != issuer {
+            return Err(TrustError::IssuerMismatch { configured: issuer.to_string(), published: discovery.issuer });
+        }
+        let url = discovery.jwks_uri;
+        let resp = self.http.get(&url).send().await.map_err(transport(&url)).map_err(fetch_err)?;
+        let jwks: Jwks = json(&url, resp).await.map_err(fetch_err)?;
+        let mut keys = HashMap::new();
+        for jwk in jwks.keys {
+            match jwk.verifying_key() {
+                Ok(k) => {
+                    keys.insert(jwk.kid.clone(), k);
+                }
+                Err(e) => tracing::warn!(issuer, kid = %jwk.kid, error = %e, "ignoring unusable key in JWKS"),
+            }
+        }
+        Ok(keys)
+    }
 }
