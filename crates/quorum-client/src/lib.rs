@@ -5,6 +5,7 @@ pub mod controller;
 pub mod idp;
 pub mod store;
 pub mod trust;
+pub mod user;
 
 /// A failed call to another role.
 #[derive(Debug, thiserror::Error)]

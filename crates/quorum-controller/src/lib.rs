@@ -1,10 +1,27 @@
 //! Quorum's controller: reads pipelines from git, keeps builds in its database, assigns jobs to
 //! workers of distinct owners, collects signed results, computes verdicts and has the signer
 //! sign what the quorum agrees on.
+//!
+//! The scheduler task is the only writer of job and build states and the only creator of
+//! assignments; request handlers only move assignments along (taken, refused, reported) and wake
+//! it. That keeps every decision in one place and makes it safe to re-run after a restart.
 
+mod api;
+mod auth;
+mod db;
+mod scheduler;
+
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use anyhow::Context as _;
+use quorum_client::idp::IdpClient;
+use quorum_signer::Signer;
 use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 /// `quorum controller --config controller.toml`
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,4 +67,120 @@ fn default_listen() -> String {
 
 fn default_lease() -> u64 {
     30
+}
+
+/// Shared by the handlers and the scheduler.
+pub(crate) struct State {
+    pub pool: db::Pool,
+    pub name: String,
+    pub api_token: String,
+    pub store_url: String,
+    pub store_audience: String,
+    pub lease_secs: u64,
+    pub idp: IdpClient,
+    pub access: tokio::sync::Mutex<Option<(String, i64)>>,
+    pub signer: Signer,
+    pub mirrors: quorum_git::Mirrors,
+    /// Wakes the scheduler.
+    pub wake: Notify,
+    /// Wakes a worker's pending long poll when the scheduler offers it work.
+    pub worker_wake: std::sync::Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+impl State {
+    pub fn worker_notify(&self, worker: &str) -> Arc<Notify> {
+        self.worker_wake.lock().expect("worker notify map").entry(worker.to_string()).or_default().clone()
+    }
+
+    /// The controller's own access token from its IdP, renewed a minute before it expires.
+    pub async fn access_token(&self) -> anyhow::Result<String> {
+        let mut cached = self.access.lock().await;
+        let now = quorum_service::now_unix();
+        if let Some((token, exp)) = cached.as_ref()
+            && *exp - now > 60
+        {
+            return Ok(token.clone());
+        }
+        let resp = self.idp.access_token().await.context("cannot get an access token from the IdP")?;
+        *cached = Some((resp.access_token.clone(), now + resp.expires_in));
+        Ok(resp.access_token)
+    }
+}
+
+/// Runs the controller on `listener` until `shutdown` is cancelled.
+pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let name = config.name.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let api_token = std::env::var("QUORUM_API_TOKEN")
+        .ok()
+        .or(config.api_token.clone())
+        .filter(|t| !t.is_empty())
+        .context("no API token: set `api_token` in the config or QUORUM_API_TOKEN")?;
+    let secret = std::env::var("QUORUM_IDP_CLIENT_SECRET")
+        .ok()
+        .or(config.idp.client_secret.clone())
+        .context("no IdP client secret: set `idp.client_secret` in the config or QUORUM_IDP_CLIENT_SECRET")?;
+    let pool = db::open(&config.data_dir).await?;
+    let signer = Signer::load_or_create(&config.data_dir.join("signer.key"))?;
+    let state = Arc::new(State {
+        pool,
+        name,
+        api_token,
+        store_url: config.store.url.trim_end_matches('/').to_string(),
+        store_audience: config.store.audience.clone(),
+        lease_secs: config.lease_secs.max(1),
+        idp: IdpClient::new(&config.idp.url, &config.idp.client_id, &secret),
+        access: tokio::sync::Mutex::new(None),
+        signer,
+        mirrors: quorum_git::Mirrors::new(config.data_dir.join("git")),
+        wake: Notify::new(),
+        worker_wake: std::sync::Mutex::default(),
+    });
+    scheduler::resume_after_restart(&state).await?;
+    tracing::info!(%addr, controller = %state.name, signer_key = %state.signer.key_id(), "controller listening");
+    let sched = tokio::spawn(scheduler::run(state.clone(), shutdown.clone()));
+    let result = quorum_service::serve(listener, api::router(state.clone()), shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = sched.await;
+    result
+}
+
+/// Creates a single-use enrollment token for a worker of `owner` (the operator's statement of
+/// who runs it, whether it is trusted, and its labels). Works on the database directly, so the
+/// controller need not be running.
+pub async fn create_enrollment(
+    data_dir: &std::path::Path,
+    owner: &str,
+    trusted: bool,
+    labels: &BTreeMap<String, String>,
+) -> anyhow::Result<String> {
+    use base64::Engine as _;
+    use rand::RngCore as _;
+    anyhow::ensure!(!owner.trim().is_empty(), "the owner name must not be empty");
+    let pool = db::open(data_dir).await?;
+    let mut raw = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    let token = format!("qe_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw));
+    sqlx::query("INSERT INTO enrollments (token_hash, owner, trusted, labels, created_at) VALUES (?, ?, ?, ?, ?)")
+        .bind(quorum_core::Digest::of(token.as_bytes()).to_string())
+        .bind(owner)
+        .bind(trusted as i64)
+        .bind(serde_json::to_string(labels)?)
+        .bind(quorum_service::now_unix())
+        .execute(&pool)
+        .await?;
+    pool.close().await;
+    Ok(token)
+}
+
+/// The signer's public key for this data dir, creating the key if needed (for `up` to print).
+pub fn signer_public_key(data_dir: &std::path::Path) -> anyhow::Result<ed25519_dalek::VerifyingKey> {
+    Ok(Signer::load_or_create(&data_dir.join("signer.key"))?.public_key())
+}
+
+pub(crate) fn rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
 }

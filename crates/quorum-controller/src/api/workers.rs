@@ -1,0 +1,341 @@
+//! Routes for workers. Every request but enrollment is signed by the worker's key
+//! (`auth::worker`); a worker can only touch its own assignments.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State as AxState};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use ed25519_dalek::{Signature, Verifier as _};
+use quorum_api::v1::controller::{
+    Assignment, EnrollRequest, EnrollResponse, HeartbeatResponse, PollRequest, RefuseRequest, ReportedResult, ResultReport,
+    SignedReport,
+};
+use quorum_api::v1::idp::{TOKEN_TYPE_JOB, TOKEN_TYPE_UPLOAD};
+use quorum_api::v1::worker_auth::report_message;
+use quorum_client::idp::TokenFor;
+use quorum_service::{ApiError, now_unix};
+use serde::Deserialize;
+use sqlx::Row as _;
+
+use crate::db::{self, AssignmentRow, WorkerRow};
+use crate::{State, auth};
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("request body: {e}")))
+}
+
+/// `POST /api/v1/workers/enroll`, anyone holding an unused enrollment token.
+pub async fn enroll(AxState(state): AxState<Arc<State>>, Json(req): Json<EnrollRequest>) -> Result<Json<EnrollResponse>, ApiError> {
+    quorum_core::names::check_job_name(&req.name)
+        .map_err(|_| ApiError::bad_request("worker name must be 1-64 letters, digits, `-`, `_` or `.`"))?;
+    if auth::public_key(&req.public_key).is_none() {
+        return Err(ApiError::bad_request("public_key is not a base64 Ed25519 public key"));
+    }
+    let hash = quorum_core::Digest::of(req.enrollment_token.as_bytes()).to_string();
+    let mut tx = state.pool.begin().await.map_err(ApiError::internal)?;
+    let row = sqlx::query("SELECT owner, trusted, labels, used_by FROM enrollments WHERE token_hash = ?")
+        .bind(&hash)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::unauthorized("unknown enrollment token; ask the controller's operator for a new one"))?;
+    let used_by: Option<String> = row.get("used_by");
+    if let Some(used_by) = used_by {
+        // Re-enrolling the same worker with the same key is harmless (it lost its state file).
+        let existing = sqlx::query("SELECT public_key FROM workers WHERE id = ?").bind(&used_by).fetch_optional(&mut *tx).await.map_err(ApiError::internal)?;
+        if used_by == req.name && existing.is_some_and(|r| r.get::<String, _>("public_key") == req.public_key) {
+            return Ok(Json(EnrollResponse { worker_id: used_by, owner: row.get("owner") }));
+        }
+        return Err(ApiError::unauthorized("this enrollment token was already used"));
+    }
+    let taken = sqlx::query("SELECT 1 FROM workers WHERE id = ?").bind(&req.name).fetch_optional(&mut *tx).await.map_err(ApiError::internal)?;
+    if taken.is_some() {
+        return Err(ApiError::conflict(format!("a worker named `{}` is already enrolled; choose another name", req.name)));
+    }
+    let owner: String = row.get("owner");
+    sqlx::query("INSERT INTO workers (id, owner, trusted, labels, public_key, enrolled_at) VALUES (?, ?, ?, ?, ?, ?)")
+        .bind(&req.name)
+        .bind(&owner)
+        .bind(row.get::<i64, _>("trusted"))
+        .bind(row.get::<String, _>("labels"))
+        .bind(&req.public_key)
+        .bind(now_unix())
+        .execute(&mut *tx)
+        .await
+        .map_err(ApiError::internal)?;
+    sqlx::query("UPDATE enrollments SET used_by = ? WHERE token_hash = ?").bind(&req.name).bind(&hash).execute(&mut *tx).await.map_err(ApiError::internal)?;
+    tx.commit().await.map_err(ApiError::internal)?;
+    tracing::info!(worker = %req.name, %owner, "worker enrolled");
+    Ok(Json(EnrollResponse { worker_id: req.name, owner }))
+}
+
+/// `POST /api/v1/workers/poll`, worker: long poll for the next assignment offered to it.
+pub async fn poll(
+    AxState(state): AxState<Arc<State>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let w = auth::worker(&state, &method, &uri, &headers, &body).await?;
+    let req: PollRequest = parse(&body)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_ms.min(30_000));
+    let notify = state.worker_notify(&w.id);
+    loop {
+        // Register interest before looking, so an offer made in between still wakes us.
+        let notified = notify.notified();
+        if req.capacity > 0
+            && let Some(a) = take_offer(&state, &w).await?
+        {
+            return Ok(Json(a).into_response());
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+    }
+}
+
+/// Claims the oldest offer for `w` and fetches its tokens.
+async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, ApiError> {
+    let offers = sqlx::query("SELECT * FROM assignments WHERE worker_id = ? AND state = 'offered' ORDER BY created_at LIMIT 4")
+        .bind(&w.id)
+        .fetch_all(&state.pool)
+        .await
+        .map_err(ApiError::internal)?;
+    for row in offers.iter().map(db::assignment_from_row) {
+        let Some(build) = db::build(&state.pool, &row.build_id).await? else { continue };
+        let jobs = db::jobs(&state.pool, &row.build_id).await?;
+        let Some(job) = jobs.into_iter().find(|j| j.name == row.job) else { continue };
+        let lifetime = (job.spec.timeout_secs + 4 * state.lease_secs + 300) as i64;
+        let access = state.access_token().await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")))?;
+        let job_token = exchange(state, &access, TOKEN_TYPE_JOB, format!("worker:{}", w.id), &row, lifetime).await?;
+        let upload_token = exchange(state, &access, TOKEN_TYPE_UPLOAD, state.store_audience.clone(), &row, lifetime).await?;
+        let claimed = sqlx::query("UPDATE assignments SET state = 'running', lease_expires = ? WHERE id = ? AND state = 'offered'")
+            .bind(now_unix() + state.lease_secs as i64)
+            .bind(&row.id)
+            .execute(&state.pool)
+            .await
+            .map_err(ApiError::internal)?;
+        if claimed.rows_affected() == 0 {
+            continue; // withdrawn or taken by a concurrent poll
+        }
+        let tenant = token_tenant(&access).unwrap_or_default();
+        tracing::info!(assignment = %row.id, build = %row.build_id, job = %row.job, worker = %w.id, "assignment taken");
+        return Ok(Some(Assignment {
+            id: row.id.clone(),
+            build_id: row.build_id.clone(),
+            job: row.job.clone(),
+            tenant,
+            repository: build.repository.clone(),
+            commit: build.commit_id.clone(),
+            source_date_epoch: build.source_date_epoch,
+            script: job.spec.script.clone(),
+            artifacts: job.spec.artifacts.clone(),
+            timeout_secs: job.spec.timeout_secs,
+            job_token,
+            upload_token,
+            store_url: state.store_url.clone(),
+            lease_secs: state.lease_secs,
+        }));
+    }
+    Ok(None)
+}
+
+async fn exchange(state: &State, access: &str, kind: &'static str, audience: String, a: &AssignmentRow, lifetime: i64) -> Result<String, ApiError> {
+    let what = TokenFor {
+        token_type: kind,
+        audience,
+        build: a.build_id.clone(),
+        job: Some(a.job.clone()),
+        assignment: Some(a.id.clone()),
+        lifetime_secs: lifetime,
+    };
+    let resp = state
+        .idp
+        .exchange(access, &what)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("cannot get a token from the IdP: {e}")))?;
+    Ok(resp.access_token)
+}
+
+/// The tenant named in the controller's own access token (issued to it by its IdP).
+fn token_tenant(token: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("tenant")?.as_str().map(str::to_string)
+}
+
+/// Loads an assignment that must belong to `w`; another worker's assignment looks absent.
+async fn own_assignment(state: &State, w: &WorkerRow, id: &str) -> Result<AssignmentRow, ApiError> {
+    db::assignment(&state.pool, id)
+        .await?
+        .filter(|a| a.worker_id == w.id)
+        .ok_or_else(|| ApiError::not_found(format!("no assignment {id} for this worker")))
+}
+
+/// `POST /api/v1/assignments/{id}/refuse`, the assigned worker.
+pub async fn refuse(
+    AxState(state): AxState<Arc<State>>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let w = auth::worker(&state, &method, &uri, &headers, &body).await?;
+    let req: RefuseRequest = parse(&body)?;
+    let a = own_assignment(&state, &w, &id).await?;
+    let reason: String = req.reason.chars().take(2000).collect();
+    sqlx::query("UPDATE assignments SET state = 'refused', detail = ?, finished_at = ? WHERE id = ? AND state IN ('offered', 'running')")
+        .bind(&reason)
+        .bind(now_unix())
+        .bind(&a.id)
+        .execute(&state.pool)
+        .await
+        .map_err(ApiError::internal)?;
+    tracing::warn!(assignment = %a.id, worker = %w.id, %reason, "worker refused assignment");
+    state.wake.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /api/v1/assignments/{id}/heartbeat`, the assigned worker: renews the lease, or tells
+/// the worker to stop when the assignment is no longer its to run.
+pub async fn heartbeat(
+    AxState(state): AxState<Arc<State>>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
+    let w = auth::worker(&state, &method, &uri, &headers, &body).await?;
+    let a = own_assignment(&state, &w, &id).await?;
+    let renewed = sqlx::query("UPDATE assignments SET lease_expires = ? WHERE id = ? AND state = 'running'")
+        .bind(now_unix() + state.lease_secs as i64)
+        .bind(&a.id)
+        .execute(&state.pool)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(HeartbeatResponse { stop: renewed.rows_affected() == 0 }))
+}
+
+#[derive(Deserialize)]
+pub struct Offset {
+    offset: u64,
+}
+
+/// `POST /api/v1/assignments/{id}/log?offset=N`, the assigned worker: appends log bytes.
+/// A chunk at an offset already stored is a harmless resend; a gap is refused.
+pub async fn log(
+    AxState(state): AxState<Arc<State>>,
+    Path(id): Path<String>,
+    Query(q): Query<Offset>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let w = auth::worker(&state, &method, &uri, &headers, &body).await?;
+    let a = own_assignment(&state, &w, &id).await?;
+    if body.is_empty() {
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    let stored: i64 = sqlx::query("SELECT COALESCE(SUM(LENGTH(data)), 0) AS n FROM logs WHERE assignment_id = ?")
+        .bind(&a.id)
+        .fetch_one(&state.pool)
+        .await
+        .map_err(ApiError::internal)?
+        .get("n");
+    let offset = q.offset as i64;
+    if offset + body.len() as i64 <= stored {
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    if offset != stored {
+        return Err(ApiError::conflict(format!("log offset {offset} does not follow the {stored} bytes stored")));
+    }
+    if stored + body.len() as i64 > 64 * 1024 * 1024 {
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "a job's log is limited to 64 MiB"));
+    }
+    sqlx::query("INSERT OR IGNORE INTO logs (assignment_id, offset, data) VALUES (?, ?, ?)")
+        .bind(&a.id)
+        .bind(offset)
+        .bind(body.as_ref())
+        .execute(&state.pool)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /api/v1/assignments/{id}/result`, the assigned worker: its signed report.
+pub async fn result(
+    AxState(state): AxState<Arc<State>>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let w = auth::worker(&state, &method, &uri, &headers, &body).await?;
+    let a = own_assignment(&state, &w, &id).await?;
+    let signed: SignedReport = parse(&body)?;
+    let key = auth::public_key(&w.public_key).ok_or_else(|| ApiError::internal("stored worker key is invalid"))?;
+    let sig = B64
+        .decode(&signed.signature)
+        .ok()
+        .and_then(|b| Signature::from_slice(&b).ok())
+        .ok_or_else(|| ApiError::bad_request("report signature is not a base64 Ed25519 signature"))?;
+    key.verify(&report_message(signed.report.as_bytes()), &sig)
+        .map_err(|_| ApiError::bad_request("report signature does not verify with this worker's key"))?;
+    let report: ResultReport = serde_json::from_str(&signed.report).map_err(|e| ApiError::bad_request(format!("report: {e}")))?;
+    if report.assignment != a.id || report.build_id != a.build_id || report.job != a.job || report.worker != w.id {
+        return Err(ApiError::bad_request("report names another assignment, build, job or worker"));
+    }
+    if let ReportedResult::Success { manifest, manifest_digest } = &report.result {
+        manifest.validate().map_err(|e| ApiError::bad_request(format!("report manifest: {e}")))?;
+        if manifest.digest() != *manifest_digest {
+            return Err(ApiError::bad_request("report manifest does not hash to its manifest_digest"));
+        }
+    }
+    if a.state == "reported" {
+        // A retry after a lost response: the same report again is fine, another one is not.
+        return if a.report.as_deref() == Some(signed.report.as_str()) {
+            Ok(StatusCode::NO_CONTENT)
+        } else {
+            Err(ApiError::conflict("this assignment already has a different report"))
+        };
+    }
+    let outcome = serde_json::to_string(&report.result.outcome()).map_err(ApiError::internal)?;
+    let detail = match &report.result {
+        ReportedResult::Success { .. } => None,
+        ReportedResult::Failed { reason } => Some(reason.chars().take(2000).collect::<String>()),
+    };
+    let done = sqlx::query(
+        "UPDATE assignments SET state = 'reported', report = ?, signature = ?, outcome = ?, detail = ?, finished_at = ? \
+         WHERE id = ? AND state = 'running'",
+    )
+    .bind(&signed.report)
+    .bind(&signed.signature)
+    .bind(&outcome)
+    .bind(detail)
+    .bind(now_unix())
+    .bind(&a.id)
+    .execute(&state.pool)
+    .await
+    .map_err(ApiError::internal)?;
+    if done.rows_affected() == 0 {
+        return Err(ApiError::conflict(format!(
+            "assignment {} is {}; its result is no longer wanted",
+            a.id, a.state
+        )));
+    }
+    tracing::info!(assignment = %a.id, worker = %w.id, outcome = %outcome, "result reported");
+    state.wake.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,477 @@
+//! The scheduler: the one task that creates assignments and decides job and build states.
+//! Each pass expires lost leases, then walks every unfinished build: jobs whose needs are
+//! verified get workers of distinct owners (random among the eligible, trusted ones first when
+//! the policy asks), reported results become verdicts, and a build whose jobs all verified is
+//! signed. Every pass starts from the database alone, so it can be repeated after a crash.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use quorum_api::v1::controller::{ReportedResult, ResultReport};
+use quorum_core::pipeline::JobSpec;
+use quorum_core::verdict::{JobVerdict, Outcome, ResultView, job_verdict};
+use quorum_service::now_unix;
+use quorum_signer::{Evidence, JobEvidence, ResultEvidence};
+use rand::seq::SliceRandom as _;
+use sqlx::Row as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{self, AssignmentRow, JobRow, WorkerRow};
+use crate::{State, auth, rfc3339};
+
+/// Assignments a job may use before it gives up (refusals and lost leases count).
+fn attempt_limit(quorum: u32) -> usize {
+    (quorum as usize) * 3 + 3
+}
+
+/// After a restart, running work gets a fresh lease: workers were cut off while we were down,
+/// not lost.
+pub async fn resume_after_restart(state: &State) -> anyhow::Result<()> {
+    sqlx::query("UPDATE assignments SET lease_expires = ? WHERE state IN ('offered', 'running')")
+        .bind(now_unix() + state.lease_secs as i64)
+        .execute(&state.pool)
+        .await
+        .context("cannot renew leases after restart")?;
+    Ok(())
+}
+
+pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
+    let tick = Duration::from_millis(250);
+    loop {
+        if let Err(e) = pass(&state).await {
+            tracing::error!(error = %format!("{e:#}"), "scheduler pass failed; retrying");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = state.wake.notified() => {}
+            _ = tokio::time::sleep(tick) => {}
+        }
+    }
+}
+
+async fn pass(state: &State) -> anyhow::Result<()> {
+    let now = now_unix();
+    let lost = sqlx::query(
+        "UPDATE assignments SET state = 'lost', detail = 'the worker stopped heartbeating; lease expired', finished_at = ? \
+         WHERE state IN ('offered', 'running') AND lease_expires < ?",
+    )
+    .bind(now)
+    .bind(now)
+    .execute(&state.pool)
+    .await?;
+    if lost.rows_affected() > 0 {
+        tracing::warn!(count = lost.rows_affected(), "assignments lost to expired leases");
+    }
+    let builds: Vec<(String, String)> = sqlx::query("SELECT id, state FROM builds WHERE state IN ('running', 'cancelling') ORDER BY created_at")
+        .fetch_all(&state.pool)
+        .await?
+        .iter()
+        .map(|r| (r.get("id"), r.get("state")))
+        .collect();
+    if builds.is_empty() {
+        return Ok(());
+    }
+    let online: Vec<WorkerRow> = sqlx::query("SELECT * FROM workers WHERE last_seen >= ?")
+        .bind(now - state.lease_secs as i64)
+        .fetch_all(&state.pool)
+        .await?
+        .iter()
+        .map(db::worker_from_row)
+        .collect();
+    for (id, build_state) in builds {
+        if build_state == "cancelling" {
+            cancel_build(state, &id).await?;
+        } else if let Err(e) = evaluate_build(state, &id, &online).await {
+            tracing::error!(build = %id, error = %format!("{e:#}"), "cannot evaluate build");
+        }
+    }
+    Ok(())
+}
+
+async fn cancel_build(state: &State, id: &str) -> anyhow::Result<()> {
+    let now = now_unix();
+    let mut tx = state.pool.begin().await?;
+    sqlx::query("UPDATE assignments SET state = 'cancelled', detail = 'build cancelled', finished_at = ? WHERE build_id = ? AND state IN ('offered', 'running')")
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE jobs SET state = 'cancelled', detail = 'build cancelled' WHERE build_id = ? AND state NOT IN ('verified', 'disputed', 'failed', 'skipped')")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE builds SET state = 'cancelled', finished_at = ? WHERE id = ?").bind(now).bind(id).execute(&mut *tx).await?;
+    tx.commit().await?;
+    tracing::info!(build = %id, "build cancelled");
+    Ok(())
+}
+
+fn is_final(state: &str) -> bool {
+    matches!(state, "verified" | "disputed" | "failed" | "skipped" | "cancelled")
+}
+
+/// What one pass decides for one job.
+struct JobUpdate {
+    state: &'static str,
+    detail: String,
+    manifest: Option<String>,
+    differing: Vec<String>,
+}
+
+async fn evaluate_build(state: &State, build_id: &str, online: &[WorkerRow]) -> anyhow::Result<()> {
+    let jobs = db::jobs(&state.pool, build_id).await?;
+    let assignments = db::assignments_of_build(&state.pool, build_id).await?;
+    let workers: BTreeMap<String, WorkerRow> = sqlx::query("SELECT * FROM workers WHERE id IN (SELECT worker_id FROM assignments WHERE build_id = ?)")
+        .bind(build_id)
+        .fetch_all(&state.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            let w = db::worker_from_row(r);
+            (w.id.clone(), w)
+        })
+        .collect();
+    let mut states: BTreeMap<String, String> = jobs.iter().map(|j| (j.name.clone(), j.state.clone())).collect();
+    for job in &jobs {
+        if is_final(&job.state) {
+            continue;
+        }
+        let mine: Vec<&AssignmentRow> = assignments.iter().filter(|a| a.job == job.name).collect();
+        let update = decide_job(state, build_id, job, &mine, &workers, &states, online).await?;
+        if update.state != job.state || update.detail != job.detail || update.manifest != job.manifest || update.differing != job.differing_paths {
+            sqlx::query("UPDATE jobs SET state = ?, detail = ?, manifest = ?, differing_paths = ? WHERE build_id = ? AND name = ?")
+                .bind(update.state)
+                .bind(&update.detail)
+                .bind(&update.manifest)
+                .bind(serde_json::to_string(&update.differing)?)
+                .bind(build_id)
+                .bind(&job.name)
+                .execute(&state.pool)
+                .await?;
+            if update.state != job.state {
+                tracing::info!(build = %build_id, job = %job.name, state = update.state, detail = %update.detail, "job state");
+            }
+        }
+        states.insert(job.name.clone(), update.state.to_string());
+    }
+    if states.values().all(|s| is_final(s)) {
+        finish_build(state, build_id, &states).await?;
+    }
+    Ok(())
+}
+
+async fn decide_job(
+    state: &State,
+    build_id: &str,
+    job: &JobRow,
+    mine: &[&AssignmentRow],
+    workers: &BTreeMap<String, WorkerRow>,
+    states: &BTreeMap<String, String>,
+    online: &[WorkerRow],
+) -> anyhow::Result<JobUpdate> {
+    let spec = &job.spec;
+    let waiting = |detail: String| JobUpdate { state: "queued", detail, manifest: None, differing: vec![] };
+    for need in &spec.needs {
+        match states.get(need).map(String::as_str) {
+            Some("verified") => {}
+            Some(s) if is_final(s) => {
+                return Ok(JobUpdate { state: "skipped", detail: format!("needs `{need}`, which is {s}"), manifest: None, differing: vec![] });
+            }
+            _ => return Ok(waiting(format!("waiting for `{need}`"))),
+        }
+    }
+    let results: Vec<ResultView> = mine
+        .iter()
+        .filter(|a| a.state == "reported")
+        .filter_map(|a| {
+            let w = workers.get(&a.worker_id)?;
+            let outcome: Outcome = serde_json::from_str(a.outcome.as_deref()?).ok()?;
+            Some(ResultView { worker: w.id.clone(), owner: w.owner.clone(), trusted: w.trusted, outcome })
+        })
+        .collect();
+    let active: Vec<&&AssignmentRow> = mine.iter().filter(|a| matches!(a.state.as_str(), "offered" | "running")).collect();
+    let verdict = job_verdict(spec.policy, &results, active.len());
+    match verdict {
+        JobVerdict::Verified { manifest, workers: agreeing } => {
+            withdraw_extra(state, &active).await?;
+            return Ok(JobUpdate {
+                state: "verified",
+                detail: format!("{} identical results from {}", agreeing.len(), agreeing.join(", ")),
+                manifest: Some(manifest.to_string()),
+                differing: vec![],
+            });
+        }
+        JobVerdict::Failed { workers: agreeing } => {
+            withdraw_extra(state, &active).await?;
+            let reason = mine.iter().find_map(|a| (a.state == "reported").then_some(a.detail.clone()).flatten()).unwrap_or_default();
+            return Ok(JobUpdate {
+                state: "failed",
+                detail: format!("{} workers agree the job fails ({}): {reason}", agreeing.len(), agreeing.join(", ")),
+                manifest: None,
+                differing: vec![],
+            });
+        }
+        JobVerdict::Disputed { groups } => {
+            let detail = groups
+                .iter()
+                .map(|(o, ws)| match o {
+                    Outcome::Success { manifest } => format!("{manifest} from {}", ws.join(", ")),
+                    Outcome::Failed => format!("failure from {}", ws.join(", ")),
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            let differing = differing_paths(mine);
+            return Ok(JobUpdate { state: "disputed", detail: format!("results differ: {detail}"), manifest: None, differing });
+        }
+        JobVerdict::Pending { .. } => {}
+    }
+
+    if mine.len() >= attempt_limit(spec.policy.quorum) {
+        let reasons: Vec<String> = mine
+            .iter()
+            .filter(|a| matches!(a.state.as_str(), "refused" | "lost"))
+            .filter_map(|a| a.detail.clone().map(|d| format!("{}: {d}", a.worker_id)))
+            .take(5)
+            .collect();
+        return Ok(JobUpdate {
+            state: "failed",
+            detail: format!("gave up after {} assignments; {}", mine.len(), reasons.join("; ")),
+            manifest: None,
+            differing: vec![],
+        });
+    }
+
+    // Results agree so far (or none yet): top up to `quorum` live or reported assignments,
+    // and make sure enough of them are trusted.
+    let counted: Vec<&WorkerRow> = mine
+        .iter()
+        .filter(|a| matches!(a.state.as_str(), "offered" | "running" | "reported"))
+        .filter_map(|a| workers.get(&a.worker_id))
+        .collect();
+    let trusted_have = counted.iter().filter(|w| w.trusted).count() as u32;
+    let trusted_need = spec.policy.trusted.saturating_sub(trusted_have) as usize;
+    let slots = (spec.policy.quorum as usize).saturating_sub(counted.len()).max(trusted_need);
+    let mut detail = String::new();
+    if slots > 0 {
+        let used_workers: HashSet<&str> = mine.iter().map(|a| a.worker_id.as_str()).collect();
+        let used_owners: HashSet<&str> = counted.iter().map(|w| w.owner.as_str()).collect();
+        let eligible: Vec<&WorkerRow> = online
+            .iter()
+            .filter(|w| !used_workers.contains(w.id.as_str()) && !used_owners.contains(w.owner.as_str()))
+            .filter(|w| spec.labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            .collect();
+        let picked = pick(&eligible, slots, trusted_need);
+        for w in &picked {
+            offer(state, build_id, spec, w).await?;
+        }
+        if picked.len() < slots {
+            let labels = if spec.labels.is_empty() {
+                String::new()
+            } else {
+                format!(" with labels {}", spec.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
+            };
+            detail = format!(
+                "waiting for {} more online workers of distinct owners{}{labels}",
+                slots - picked.len(),
+                if trusted_need > 0 { format!(" ({trusted_need} of them trusted)") } else { String::new() },
+            );
+        }
+    }
+    let reported = results.len();
+    let running = counted.len() > reported || slots > 0 && detail.is_empty();
+    let state_name = if reported > 0 {
+        "provisional"
+    } else if running {
+        "running"
+    } else {
+        "queued"
+    };
+    if detail.is_empty() {
+        detail = format!("{reported} of {} results in", spec.policy.quorum);
+    }
+    Ok(JobUpdate { state: state_name, detail, manifest: None, differing: vec![] })
+}
+
+/// Picks `slots` workers, one per owner, `trusted_need` of them trusted when possible. Owners are
+/// drawn first and then one worker of each, so running many workers does not raise an owner's
+/// chance of being picked.
+fn pick<'a>(eligible: &[&'a WorkerRow], slots: usize, trusted_need: usize) -> Vec<&'a WorkerRow> {
+    let mut rng = rand::thread_rng();
+    let mut by_owner: BTreeMap<&str, Vec<&'a WorkerRow>> = BTreeMap::new();
+    for w in eligible {
+        by_owner.entry(w.owner.as_str()).or_default().push(w);
+    }
+    let mut owners: Vec<&str> = by_owner.keys().copied().collect();
+    owners.shuffle(&mut rng);
+    let mut picked: Vec<&'a WorkerRow> = Vec::new();
+    let mut used: HashSet<&str> = HashSet::new();
+    // Trusted first: owners with a trusted worker, one trusted worker each.
+    for owner in &owners {
+        if picked.len() >= trusted_need.min(slots) {
+            break;
+        }
+        let trusted: Vec<&&'a WorkerRow> = by_owner[owner].iter().filter(|w| w.trusted).collect();
+        if let Some(w) = trusted.choose(&mut rng) {
+            picked.push(w);
+            used.insert(owner);
+        }
+    }
+    for owner in &owners {
+        if picked.len() >= slots {
+            break;
+        }
+        if used.contains(owner) {
+            continue;
+        }
+        if let Some(w) = by_owner[owner].choose(&mut rng) {
+            picked.push(w);
+            used.insert(owner);
+        }
+    }
+    picked
+}
+
+
+async fn offer(state: &State, build_id: &str, spec: &JobSpec, w: &WorkerRow) -> anyhow::Result<()> {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let now = now_unix();
+    sqlx::query("INSERT INTO assignments (id, build_id, job, worker_id, state, created_at, lease_expires) VALUES (?, ?, ?, ?, 'offered', ?, ?)")
+        .bind(&id)
+        .bind(build_id)
+        .bind(&spec.name)
+        .bind(&w.id)
+        .bind(now)
+        .bind(now + state.lease_secs as i64)
+        .execute(&state.pool)
+        .await?;
+    tracing::info!(assignment = %id, build = %build_id, job = %spec.name, worker = %w.id, owner = %w.owner, "assignment offered");
+    state.worker_notify(&w.id).notify_one();
+    Ok(())
+}
+
+/// Once a verdict is reached, assignments still running are no longer needed.
+async fn withdraw_extra(state: &State, active: &[&&AssignmentRow]) -> anyhow::Result<()> {
+    for a in active {
+        sqlx::query("UPDATE assignments SET state = 'cancelled', detail = 'verdict reached without it', finished_at = ? WHERE id = ? AND state IN ('offered', 'running')")
+            .bind(now_unix())
+            .bind(&a.id)
+            .execute(&state.pool)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The built-in file-level diff: paths whose entries differ from the largest group's manifest.
+fn differing_paths(mine: &[&AssignmentRow]) -> Vec<String> {
+    let manifests: Vec<quorum_core::Manifest> = mine
+        .iter()
+        .filter_map(|a| serde_json::from_str::<ResultReport>(a.report.as_deref()?).ok())
+        .filter_map(|r| match r.result {
+            ReportedResult::Success { manifest, .. } => Some(manifest),
+            ReportedResult::Failed { .. } => None,
+        })
+        .collect();
+    let mut out: Vec<String> = Vec::new();
+    if let Some(first) = manifests.first() {
+        for m in &manifests[1..] {
+            out.extend(first.differing_paths(m));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+async fn finish_build(state: &State, build_id: &str, states: &BTreeMap<String, String>) -> anyhow::Result<()> {
+    let all_verified = states.values().all(|s| s == "verified");
+    let final_state = if all_verified {
+        "verified"
+    } else if states.values().any(|s| s == "disputed") {
+        "disputed"
+    } else if states.values().any(|s| s == "cancelled") && !states.values().any(|s| s == "failed") {
+        "cancelled"
+    } else {
+        "failed"
+    };
+    let now = now_unix();
+    if !all_verified {
+        sqlx::query("UPDATE builds SET state = ?, finished_at = ? WHERE id = ? AND state = 'running'")
+            .bind(final_state)
+            .bind(now)
+            .bind(build_id)
+            .execute(&state.pool)
+            .await?;
+        tracing::info!(build = %build_id, state = final_state, "build finished");
+        return Ok(());
+    }
+    let evidence = gather_evidence(state, build_id, now).await?;
+    match state.signer.sign_build(&evidence) {
+        Ok(envelope) => {
+            // The statement and the verdict land together or not at all, and only once.
+            let mut tx = state.pool.begin().await?;
+            sqlx::query("INSERT OR IGNORE INTO statements (build_id, envelope, created_at) VALUES (?, ?, ?)")
+                .bind(build_id)
+                .bind(serde_json::to_string(&envelope)?)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE builds SET state = 'verified', finished_at = ? WHERE id = ? AND state = 'running'")
+                .bind(now)
+                .bind(build_id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            tracing::info!(build = %build_id, "build verified and signed");
+        }
+        Err(e) => {
+            tracing::error!(build = %build_id, error = %e, "the signer refused the evidence");
+            sqlx::query("UPDATE builds SET state = 'failed', finished_at = ? WHERE id = ? AND state = 'running'")
+                .bind(now)
+                .bind(build_id)
+                .execute(&state.pool)
+                .await?;
+            sqlx::query("UPDATE jobs SET detail = detail || ? WHERE build_id = ?")
+                .bind(format!(" (signer refused: {e})"))
+                .bind(build_id)
+                .execute(&state.pool)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Everything the signer re-checks, read straight from the database.
+async fn gather_evidence(state: &State, build_id: &str, now: i64) -> anyhow::Result<Evidence> {
+    let b = db::build(&state.pool, build_id).await?.context("build vanished")?;
+    let jobs = db::jobs(&state.pool, build_id).await?;
+    let assignments = db::assignments_of_build(&state.pool, build_id).await?;
+    let mut out = Vec::new();
+    for j in jobs {
+        let mut results = Vec::new();
+        for a in assignments.iter().filter(|a| a.job == j.name && a.state == "reported") {
+            let w = db::worker(&state.pool, &a.worker_id).await?.context("worker vanished")?;
+            let key = auth::public_key(&w.public_key).context("stored worker key is invalid")?;
+            results.push(ResultEvidence {
+                assignment: a.id.clone(),
+                worker: w.id.clone(),
+                owner: w.owner.clone(),
+                trusted: w.trusted,
+                worker_key: key,
+                report: a.report.clone().unwrap_or_default(),
+                signature: a.signature.clone().unwrap_or_default(),
+            });
+        }
+        out.push(JobEvidence { name: j.name, policy: j.spec.policy, results });
+    }
+    Ok(Evidence {
+        controller: state.name.clone(),
+        build_id: b.id,
+        repository: b.repository,
+        commit: b.commit_id,
+        started_on: rfc3339(b.created_at),
+        finished_on: rfc3339(now),
+        jobs: out,
+    })
+}
