@@ -86,7 +86,7 @@ impl TrustedIssuers {
         if fresh && let Some(k) = entry.keys.get(kid) {
             return Ok(*k);
         }
-        let may_refresh = !entry.fetched.is_some_and(|t| t.elapsed() < REFRESH_MIN_INTERVAL);
+        let may_refresh = entry.fetched.is_none_or(|t| t.elapsed() >= REFRESH_MIN_INTERVAL);
         if may_refresh {
             entry.keys = self.fetch(issuer).await?;
             entry.fetched = Some(Instant::now());

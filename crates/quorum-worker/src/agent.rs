@@ -1,0 +1,131 @@
+//! The worker's shared state and its loop per controller: long poll while a job slot is free,
+//! start each assignment at once and poll again, back off while the controller is unreachable.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt as _;
+use quorum_api::v1::controller::{EnvironmentFacts, PollRequest};
+use quorum_client::controller::WorkerClient;
+use quorum_client::trust::TrustedIssuers;
+use quorum_git::Mirrors;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::executor::{Executor, ProcessExecutor};
+use crate::retry::Backoff;
+use crate::{Config, Hooks, job};
+
+const POLL_WAIT_MS: u64 = 20_000;
+
+pub(crate) struct Worker {
+    pub(crate) config: Config,
+    pub(crate) trust: TrustedIssuers,
+    pub(crate) mirrors: Mirrors,
+    pub(crate) executor: Arc<dyn Executor>,
+    pub(crate) hooks: Arc<dyn Hooks>,
+    pub(crate) environment: EnvironmentFacts,
+    /// One permit per job that may run at once, shared by all controllers.
+    pub(crate) slots: Arc<Semaphore>,
+    pub(crate) jobs: TaskTracker,
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl Worker {
+    pub(crate) fn new(
+        config: Config,
+        hooks: Arc<dyn Hooks>,
+        shutdown: CancellationToken,
+    ) -> Worker {
+        let executor: Arc<dyn Executor> = Arc::new(ProcessExecutor);
+        let environment = environment_facts(executor.name());
+        Worker {
+            trust: TrustedIssuers::new(config.trusted_issuers.clone()),
+            mirrors: Mirrors::new(config.data_dir.join("git")),
+            slots: Arc::new(Semaphore::new(config.max_jobs as usize)),
+            config,
+            executor,
+            hooks,
+            environment,
+            jobs: TaskTracker::new(),
+            shutdown,
+        }
+    }
+}
+
+/// Polls one controller until shutdown.
+pub(crate) async fn serve(w: Arc<Worker>, client: Arc<WorkerClient>) {
+    let span = tracing::info_span!("controller", url = client.base());
+    async move {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        loop {
+            // Poll only with a free slot. The slot is not held while polling: with several
+            // controllers each would otherwise keep one busy while waiting for work.
+            let capacity = tokio::select! {
+                permit = w.slots.acquire() => {
+                    let _permit = permit.expect("the job slots are never closed");
+                    w.slots.available_permits() as u32 + 1
+                }
+                _ = w.shutdown.cancelled() => return,
+            };
+            let request = PollRequest {
+                wait_ms: POLL_WAIT_MS,
+                capacity,
+            };
+            let polled = tokio::select! {
+                polled = client.poll(&request) => polled,
+                _ = w.shutdown.cancelled() => return,
+            };
+            match polled {
+                Ok(None) => backoff.reset(),
+                Ok(Some(assignment)) => {
+                    backoff.reset();
+                    let span = tracing::info_span!(
+                        "job",
+                        assignment = %assignment.id,
+                        build = %assignment.build_id,
+                        job = %assignment.job,
+                    );
+                    // Another controller may have filled the last slot while this poll waited.
+                    let task = match w.slots.clone().try_acquire_owned() {
+                        Ok(slot) => job::run(w.clone(), client.clone(), assignment, slot).boxed(),
+                        Err(_) => job::refuse(
+                            w.clone(),
+                            client.clone(),
+                            assignment.id,
+                            "the worker is at capacity",
+                        )
+                        .boxed(),
+                    };
+                    w.jobs.spawn(task.instrument(span));
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "cannot poll the controller");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = w.shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Facts recorded with each result, so a dispute between workers can be explained.
+fn environment_facts(executor: &str) -> EnvironmentFacts {
+    EnvironmentFacts {
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into()),
+        arch: std::env::consts::ARCH.to_string(),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+        executor: executor.to_string(),
+    }
+}

@@ -1,0 +1,262 @@
+//! Runs a job's steps: the only place in Quorum that spawns build processes.
+//!
+//! [`run_job`] owns what every tier shares: the step order, one job-wide deadline, the allow-listed
+//! environment, and one output pipe per job whose bytes go to the log in the order they were
+//! written. An [`Executor`] runs one step and guarantees that nothing it started outlives the step.
+//! [`ProcessExecutor`] runs steps as plain processes of the worker's user; a namespace sandbox or a
+//! VM is another `Executor` behind the same seam.
+
+use std::future::Future;
+use std::io::{PipeReader, PipeWriter, Write as _};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt as _;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+mod process;
+
+pub use process::ProcessExecutor;
+
+/// Everything a tier needs to run one job.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// The exported source tree; steps run here.
+    pub build_dir: PathBuf,
+    /// The job's own temporary directory (`TMPDIR`), inside the job directory.
+    pub tmp_dir: PathBuf,
+    pub source_date_epoch: i64,
+    pub script: Vec<String>,
+    /// For all steps together.
+    pub timeout: Duration,
+}
+
+/// The whole environment of a step: nothing of the worker's own environment is passed on.
+pub fn build_environment(job: &JobSpec) -> Vec<(&'static str, String)> {
+    vec![
+        ("SOURCE_DATE_EPOCH", job.source_date_epoch.to_string()),
+        ("TZ", "UTC".into()),
+        ("LANG", "C.UTF-8".into()),
+        ("LC_ALL", "C.UTF-8".into()),
+        ("HOME", "/nonexistent".into()),
+        ("PATH", "/usr/local/bin:/usr/bin:/bin".into()),
+        ("USER", "build".into()),
+        ("LOGNAME", "build".into()),
+        ("PYTHONHASHSEED", "0".into()),
+        ("TMPDIR", job.tmp_dir.display().to_string()),
+    ]
+}
+
+/// One step, as handed to an [`Executor`].
+#[derive(Debug)]
+pub struct StepContext<'a> {
+    pub job: &'a JobSpec,
+    /// 1-based, as shown to users.
+    pub index: usize,
+    pub command: &'a str,
+    /// Both stdout and stderr of the step go here.
+    pub output: &'a PipeWriter,
+    /// The job's deadline: at this instant the step's whole process tree is killed.
+    pub deadline: Instant,
+    /// Cancelled on worker shutdown or when the controller says stop: kill the step.
+    pub cancel: &'a CancellationToken,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepExit {
+    Exited(i32),
+    Signaled(i32),
+    TimedOut,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepRun {
+    pub exit: StepExit,
+    /// User plus system time of the step and the descendants it waited for.
+    pub cpu: Duration,
+    pub peak_rss_kib: u64,
+}
+
+pub type StepFuture<'a> = Pin<Box<dyn Future<Output = Result<StepRun, ExecError>> + Send + 'a>>;
+
+/// An isolation tier. Boxed futures keep it object safe, so the tier is chosen at run time.
+pub trait Executor: Send + Sync {
+    /// Recorded with each result (`EnvironmentFacts::executor`).
+    fn name(&self) -> &'static str;
+    /// Runs one step to its end. When it returns, no process the step started may be left.
+    fn run_step<'a>(&'a self, step: StepContext<'a>) -> StepFuture<'a>;
+}
+
+/// The executor itself failed; the build did not get to run (or to finish) for the worker's sake.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("cannot prepare the job: {0}")]
+    Setup(std::io::Error),
+    #[error("cannot start step {step}: {source}")]
+    Spawn { step: usize, source: std::io::Error },
+    #[error("cannot wait for step {step}: {source}")]
+    Wait { step: usize, source: std::io::Error },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobStatus {
+    Succeeded,
+    /// A step exited non-zero or was killed by a signal it did not get from us.
+    Failed {
+        index: usize,
+        step: String,
+        exit: StepExit,
+    },
+    TimedOut {
+        secs: u64,
+    },
+    Cancelled,
+}
+
+impl JobStatus {
+    /// What went wrong, in the words reported to the controller; `None` on success.
+    pub fn failure_reason(&self) -> Option<String> {
+        match self {
+            JobStatus::Succeeded => None,
+            JobStatus::Failed { index, step, exit } => Some(match exit {
+                StepExit::Exited(code) => {
+                    format!("step {index} (`{step}`) exited with status {code}")
+                }
+                StepExit::Signaled(sig) => {
+                    format!("step {index} (`{step}`) was killed by signal {sig}")
+                }
+                // run_job reports these as TimedOut and Cancelled, never as a failed step.
+                StepExit::TimedOut | StepExit::Cancelled => {
+                    format!("step {index} (`{step}`) was stopped")
+                }
+            }),
+            JobStatus::TimedOut { secs } => Some(format!("timed out after {secs} s")),
+            JobStatus::Cancelled => Some("cancelled".into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobOutcome {
+    pub status: JobStatus,
+    pub wall: Duration,
+    pub cpu: Duration,
+    pub peak_rss_kib: u64,
+}
+
+/// How long output may keep arriving after the last step ended. Only a process that left its
+/// step's process group can still hold the pipe open then; its output is dropped.
+const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs `job`'s steps in order with `executor` until one fails, the deadline passes or `cancel`
+/// fires. Output, a `$ <step>` header per step and a closing note on failure go to `log`.
+pub async fn run_job(
+    executor: &dyn Executor,
+    job: &JobSpec,
+    log: mpsc::Sender<Vec<u8>>,
+    cancel: &CancellationToken,
+) -> Result<JobOutcome, ExecError> {
+    tokio::fs::create_dir_all(&job.tmp_dir)
+        .await
+        .map_err(ExecError::Setup)?;
+    let (reader, writer) = std::io::pipe().map_err(ExecError::Setup)?;
+    let mut forwarder = tokio::spawn(forward(reader, log.clone()));
+    let started = Instant::now();
+    let deadline = started + job.timeout;
+    let mut outcome = JobOutcome {
+        status: JobStatus::Succeeded,
+        wall: Duration::ZERO,
+        cpu: Duration::ZERO,
+        peak_rss_kib: 0,
+    };
+    let timed_out = JobStatus::TimedOut {
+        secs: job.timeout.as_secs(),
+    };
+    for (i, command) in job.script.iter().enumerate() {
+        let index = i + 1;
+        if cancel.is_cancelled() {
+            outcome.status = JobStatus::Cancelled;
+            break;
+        }
+        if Instant::now() >= deadline {
+            outcome.status = timed_out.clone();
+            break;
+        }
+        write_header(&writer, command)
+            .await
+            .map_err(ExecError::Setup)?;
+        let run = executor
+            .run_step(StepContext {
+                job,
+                index,
+                command,
+                output: &writer,
+                deadline,
+                cancel,
+            })
+            .await?;
+        outcome.cpu += run.cpu;
+        outcome.peak_rss_kib = outcome.peak_rss_kib.max(run.peak_rss_kib);
+        outcome.status = match run.exit {
+            StepExit::Exited(0) => continue,
+            StepExit::TimedOut => timed_out.clone(),
+            StepExit::Cancelled => JobStatus::Cancelled,
+            exit => JobStatus::Failed {
+                index,
+                step: command.clone(),
+                exit,
+            },
+        };
+        break;
+    }
+    outcome.wall = started.elapsed();
+    drop(writer);
+    if tokio::time::timeout(OUTPUT_GRACE, &mut forwarder)
+        .await
+        .is_err()
+    {
+        forwarder.abort();
+        let _ = log
+            .send(b"\n[quorum: output from processes that left their step was dropped]\n".to_vec())
+            .await;
+    }
+    if let Some(reason) = outcome.status.failure_reason() {
+        let _ = log
+            .send(format!("\n[quorum: {reason}]\n").into_bytes())
+            .await;
+    }
+    Ok(outcome)
+}
+
+/// Writes the step header into the pipe itself, so it lands between the previous step's output
+/// and this step's. A blocking write: off the async threads.
+async fn write_header(writer: &PipeWriter, command: &str) -> std::io::Result<()> {
+    let writer = writer.try_clone()?;
+    let header = format!("$ {command}\n");
+    tokio::task::spawn_blocking(move || (&writer).write_all(header.as_bytes()))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// Copies the pipe into `log` until every writer is gone. A full log queue slows the copy down
+/// rather than losing bytes; a closed one is drained into nothing so steps never block on output.
+async fn forward(reader: PipeReader, log: mpsc::Sender<Vec<u8>>) -> std::io::Result<()> {
+    let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(reader.into())?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut log = Some(log);
+    loop {
+        let n = pipe.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if let Some(tx) = &log
+            && tx.send(buf[..n].to_vec()).await.is_err()
+        {
+            log = None;
+        }
+    }
+}

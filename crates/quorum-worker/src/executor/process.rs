@@ -1,0 +1,184 @@
+//! The process tier: each step is `/bin/sh -e -c <step>` as the worker's own user, in a session
+//! of its own, with a cleared environment, umask 022 and no stdin. At the deadline, on cancel, and
+//! when the step's shell exits, its whole process group is killed with SIGKILL.
+//!
+//! This tier normalises a build; it does not contain one. A step can read whatever the worker's
+//! user can read (the namespace sandbox tier is what hides the rest of the host).
+
+// `pre_exec`, `wait4` and `killpg` are libc calls whose contracts Rust cannot check; this module
+// is the one place in the workspace allowed `unsafe`, and each block says why it is sound.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::unix::process::CommandExt as _;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::{
+    ExecError, Executor, JobSpec, StepContext, StepExit, StepFuture, StepRun, build_environment,
+};
+
+/// Runs steps as plain child processes of the worker.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProcessExecutor;
+
+impl Executor for ProcessExecutor {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    fn run_step<'a>(&'a self, step: StepContext<'a>) -> StepFuture<'a> {
+        Box::pin(run_step(step))
+    }
+}
+
+async fn run_step(step: StepContext<'_>) -> Result<StepRun, ExecError> {
+    let index = step.index;
+    let spawn_err = |source| ExecError::Spawn {
+        step: index,
+        source,
+    };
+    let mut cmd = command(step.job, step.command);
+    cmd.stdout(step.output.try_clone().map_err(spawn_err)?);
+    cmd.stderr(step.output.try_clone().map_err(spawn_err)?);
+
+    let (pid_tx, pid_rx) = oneshot::channel();
+    let mut waiter = tokio::task::spawn_blocking(move || spawn_and_wait(cmd, pid_tx));
+    let Ok(pid) = pid_rx.await else {
+        // No pid means the spawn failed; the waiter holds the reason.
+        return match waiter.await {
+            Ok(Err(e)) => Err(spawn_err(e)),
+            Ok(Ok(_)) => Err(spawn_err(io::Error::other(
+                "the step ended before it was started",
+            ))),
+            Err(e) => Err(spawn_err(io::Error::other(e))),
+        };
+    };
+    // Dropping the guard kills the group on every path out of here, including this future
+    // being dropped halfway.
+    let group = ProcessGroup(pid);
+    let killed = tokio::select! {
+        biased;
+        waited = &mut waiter => return finish(index, waited, None),
+        _ = tokio::time::sleep_until(step.deadline) => StepExit::TimedOut,
+        _ = step.cancel.cancelled() => StepExit::Cancelled,
+    };
+    group.kill();
+    finish(index, waiter.await, Some(killed))
+}
+
+/// The step's command line and environment. The allow on `Command::new` marks this as the one
+/// sanctioned place where build processes are created.
+#[allow(clippy::disallowed_methods)]
+fn command(job: &JobSpec, step: &str) -> Command {
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-e")
+        .arg("-c")
+        .arg(step)
+        .current_dir(&job.build_dir)
+        .env_clear()
+        .envs(build_environment(job))
+        .stdin(Stdio::null());
+    let worker = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
+    // functions may be called: it makes plain syscalls and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Own session and process group, so one killpg reaches everything the step starts.
+            if libc::setsid() == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::umask(0o022);
+            // If the worker dies, its builds die with it instead of running on unsupervised.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            // The worker may have died before prctl took effect; nobody would kill us then.
+            if libc::getppid() != worker {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Spawns and reaps the step on one blocking thread. PR_SET_PDEATHSIG fires when the *thread*
+/// that forked the child ends, so that thread must outlive the child: it does, blocked in wait4.
+fn spawn_and_wait(
+    mut cmd: Command,
+    pid_tx: oneshot::Sender<libc::pid_t>,
+) -> io::Result<(i32, libc::rusage)> {
+    let child = cmd.spawn()?;
+    // The command holds copies of the output pipe; they must close so the log sees EOF.
+    drop(cmd);
+    let pid = child.id() as libc::pid_t;
+    let _ = pid_tx.send(pid);
+    let mut status = 0;
+    // SAFETY: rusage is plain old data; all zeroes is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: `pid` is our child and not yet reaped (std's Child never waits on drop);
+        // both out-pointers are valid for the call.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if r == pid {
+            return Ok((status, usage));
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+fn finish(
+    index: usize,
+    waited: Result<io::Result<(i32, libc::rusage)>, tokio::task::JoinError>,
+    killed: Option<StepExit>,
+) -> Result<StepRun, ExecError> {
+    let wait_err = |source| ExecError::Wait {
+        step: index,
+        source,
+    };
+    let (status, usage) = waited
+        .map_err(|e| wait_err(io::Error::other(e)))?
+        .map_err(wait_err)?;
+    let exit = killed.unwrap_or(if libc::WIFEXITED(status) {
+        StepExit::Exited(libc::WEXITSTATUS(status))
+    } else {
+        StepExit::Signaled(libc::WTERMSIG(status))
+    });
+    Ok(StepRun {
+        exit,
+        cpu: timeval(usage.ru_utime) + timeval(usage.ru_stime),
+        peak_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
+    })
+}
+
+fn timeval(t: libc::timeval) -> Duration {
+    Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+        + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+}
+
+/// A step's process group (its id is the step shell's pid, thanks to setsid).
+struct ProcessGroup(libc::pid_t);
+
+impl ProcessGroup {
+    fn kill(&self) {
+        // SAFETY: sending a signal has no memory-safety preconditions. While the leader is
+        // unreaped the group id cannot be reused; afterwards the group is either the step's
+        // leftovers or empty (ESRCH, ignored).
+        unsafe {
+            libc::killpg(self.0, libc::SIGKILL);
+        }
+    }
+}
+
+impl Drop for ProcessGroup {
+    /// Also ends background processes a step left behind when its shell exited.
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

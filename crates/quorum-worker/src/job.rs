@@ -1,0 +1,433 @@
+//! One assignment from offer to report: verify the job token (or refuse), keep the lease alive,
+//! fetch the source, run the steps, collect, upload and record the outputs, report the signed
+//! result, and remove the job's directory.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::{StreamExt as _, TryStreamExt as _};
+use quorum_api::v1::controller::{Assignment, ReportedResult, ResultReport, Usage};
+use quorum_client::controller::WorkerClient;
+use quorum_client::store::StoreClient;
+use quorum_core::{Digest, Manifest};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::Worker;
+use crate::artifacts;
+use crate::executor::{self, JobSpec, JobStatus};
+use crate::retry::with_retry;
+
+/// Longest accepted job token lifetime: longer-lived tokens are refused as too dangerous.
+const MAX_JOB_TOKEN_LIFETIME_SECS: i64 = 24 * 3600;
+/// A result is worth waiting for a restarting controller.
+const REPORT_BUDGET: Duration = Duration::from_secs(120);
+const STORE_BUDGET: Duration = Duration::from_secs(60);
+const REFUSE_BUDGET: Duration = Duration::from_secs(30);
+/// A git server that stalls must not hold a job slot for ever.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+const PARALLEL_UPLOADS: usize = 4;
+const LOG_QUEUE: usize = 256;
+
+/// Runs one accepted-or-refused assignment; `_slot` is the job slot it occupies until it ends.
+pub(crate) async fn run(
+    w: Arc<Worker>,
+    client: Arc<WorkerClient>,
+    a: Assignment,
+    _slot: OwnedSemaphorePermit,
+) {
+    if let Err(reason) = accept(&w, &a).await {
+        refuse(w, client, a.id, &reason).await;
+        return;
+    }
+    let job_dir = w.config.data_dir.join("builds").join(&a.id);
+    // Creating the directory claims the assignment: an offer repeated while it runs is ignored
+    // rather than run twice in the same tree.
+    if let Err(e) = tokio::fs::create_dir(&job_dir).await {
+        tracing::warn!(error = %e, dir = %job_dir.display(), "cannot create the job directory; ignoring the offer");
+        return;
+    }
+    tracing::info!(repository = %a.repository, commit = %a.commit, "accepted assignment");
+    let cancel = w.shutdown.child_token();
+    let stopped = Arc::new(AtomicBool::new(false));
+    let lease_end = CancellationToken::new();
+    let lease = tokio::spawn(keep_lease(
+        client.clone(),
+        a.id.clone(),
+        a.lease_secs,
+        cancel.clone(),
+        stopped.clone(),
+        lease_end.clone(),
+    ));
+    let (log_tx, log_rx) = mpsc::channel(LOG_QUEUE);
+    let shipper = tokio::spawn(crate::logship::ship(
+        client.clone(),
+        a.id.clone(),
+        log_rx,
+        w.shutdown.clone(),
+    ));
+
+    let mut usage = Usage::default();
+    let result = build(&w, &a, &job_dir, log_tx, &cancel, &mut usage).await;
+    // The log is complete before the result arrives, so the controller can close it.
+    let _ = shipper.await;
+    match result {
+        Some(result) => report(&w, &client, &a, result, usage).await,
+        None if stopped.load(Ordering::SeqCst) => {
+            tracing::info!("the controller stopped the assignment")
+        }
+        None => {
+            refuse(
+                w.clone(),
+                client.clone(),
+                a.id.clone(),
+                "the worker is shutting down",
+            )
+            .await
+        }
+    }
+    lease_end.cancel();
+    let _ = lease.await;
+    let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&job_dir)).await;
+    if let Ok(Err(e)) = removed {
+        tracing::warn!(error = %e, "cannot remove the job directory");
+    }
+}
+
+/// Declines an assignment, saying why. Best effort: an unanswered refusal ends in lease expiry.
+pub(crate) async fn refuse(
+    w: Arc<Worker>,
+    client: Arc<WorkerClient>,
+    assignment: String,
+    reason: &str,
+) {
+    tracing::warn!(%reason, "refusing assignment");
+    // After shutdown there is one attempt, bounded, so stopping the worker stays quick.
+    let call = with_retry("refuse the assignment", REFUSE_BUDGET, &w.shutdown, || {
+        client.refuse(&assignment, reason)
+    });
+    match tokio::time::timeout(REFUSE_BUDGET, call).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot refuse the assignment"),
+        Err(_) => tracing::warn!("refusing the assignment took too long"),
+    }
+}
+
+/// Checks that the assignment is safe to run here: its job token verifies against an IdP this
+/// worker trusts, is meant for this worker, and is scoped to exactly this assignment.
+async fn accept(w: &Worker, a: &Assignment) -> Result<(), String> {
+    if !safe_id(&a.id) {
+        return Err("the assignment id is not a safe name (1 to 128 of A-Z a-z 0-9 - _)".into());
+    }
+    let audience = format!("worker:{}", w.config.name);
+    let claims = w
+        .trust
+        .verify(
+            &a.job_token,
+            quorum_token::TYP_JOB,
+            &audience,
+            MAX_JOB_TOKEN_LIFETIME_SECS,
+        )
+        .await
+        .map_err(|e| format!("the job token does not verify: {e}"))?;
+    let Some(scope) = claims.scope else {
+        return Err("the job token has no scope".into());
+    };
+    let mismatch = |what: &str, token: &str, given: &str| {
+        Err(format!(
+            "the job token is for {what} `{token}` but the assignment names `{given}`"
+        ))
+    };
+    if scope.build != a.build_id {
+        return mismatch("build", &scope.build, &a.build_id);
+    }
+    if scope.job.as_deref() != Some(a.job.as_str()) {
+        return mismatch("job", scope.job.as_deref().unwrap_or("(none)"), &a.job);
+    }
+    if scope.assignment.as_deref() != Some(a.id.as_str()) {
+        return mismatch(
+            "assignment",
+            scope.assignment.as_deref().unwrap_or("(none)"),
+            &a.id,
+        );
+    }
+    if claims.tenant != a.tenant {
+        return mismatch("tenant", &claims.tenant, &a.tenant);
+    }
+    Ok(())
+}
+
+/// The id becomes a directory name, so it must not be able to point anywhere else.
+fn safe_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Renews the lease every `lease_secs / 3` until `end`; cancels the job if the controller says stop.
+async fn keep_lease(
+    client: Arc<WorkerClient>,
+    assignment: String,
+    lease_secs: u64,
+    job: CancellationToken,
+    stopped: Arc<AtomicBool>,
+    end: CancellationToken,
+) {
+    let period = Duration::from_secs((lease_secs / 3).max(1));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = end.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // A failed heartbeat is retried at the next tick; one that hangs must not delay it.
+        match tokio::time::timeout(period, client.heartbeat(&assignment)).await {
+            Ok(Ok(resp)) if resp.stop => {
+                tracing::info!("the controller asked to stop the build");
+                stopped.store(true, Ordering::SeqCst);
+                job.cancel();
+                return;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "heartbeat failed"),
+            Err(_) => tracing::warn!("heartbeat timed out"),
+        }
+    }
+}
+
+/// Fetches, builds, collects and uploads. `None` when the job was cancelled and has no result.
+async fn build(
+    w: &Worker,
+    a: &Assignment,
+    job_dir: &Path,
+    log: mpsc::Sender<Vec<u8>>,
+    cancel: &CancellationToken,
+    usage: &mut Usage,
+) -> Option<ReportedResult> {
+    let src = job_dir.join("src");
+    if let Err(e) = fetch_source(w, a, &src, cancel).await {
+        if cancel.is_cancelled() {
+            return None;
+        }
+        return Some(
+            failed(
+                &log,
+                format!("worker error: cannot fetch the source: {e:#}"),
+            )
+            .await,
+        );
+    }
+    let spec = JobSpec {
+        build_dir: src.clone(),
+        tmp_dir: job_dir.join("tmp"),
+        source_date_epoch: a.source_date_epoch,
+        script: a.script.clone(),
+        timeout: Duration::from_secs(a.timeout_secs),
+    };
+    let outcome = match executor::run_job(&*w.executor, &spec, log.clone(), cancel).await {
+        Ok(outcome) => outcome,
+        Err(e) => return Some(failed(&log, format!("worker error: {e}")).await),
+    };
+    usage.wall_ms = millis(outcome.wall);
+    usage.cpu_ms = millis(outcome.cpu);
+    usage.peak_rss_kib = outcome.peak_rss_kib;
+    match &outcome.status {
+        JobStatus::Succeeded => {}
+        JobStatus::Cancelled => return None,
+        // run_job has already written the reason into the log.
+        other => {
+            return Some(ReportedResult::Failed {
+                reason: other.failure_reason().unwrap_or_default(),
+            });
+        }
+    }
+
+    let (hooks, dir, patterns) = (w.hooks.clone(), src.clone(), a.artifacts.clone());
+    let collected = tokio::task::spawn_blocking(move || {
+        hooks.after_build(&dir);
+        artifacts::collect(&dir, &patterns)
+    })
+    .await;
+    let collected = match collected {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Some(failed(&log, e.to_string()).await),
+        Err(e) => {
+            return Some(
+                failed(
+                    &log,
+                    format!("worker error: collecting the outputs failed: {e}"),
+                )
+                .await,
+            );
+        }
+    };
+    match upload(a, &collected.manifest, &collected.files, cancel).await {
+        Ok(bytes) => usage.bytes_uploaded = bytes,
+        Err(e) => {
+            return Some(
+                failed(
+                    &log,
+                    format!("worker error: cannot upload the outputs: {e:#}"),
+                )
+                .await,
+            );
+        }
+    }
+    let manifest_digest = collected.manifest.digest();
+    let note = format!(
+        "\n[quorum: {} files, {} bytes uploaded, manifest {manifest_digest}]\n",
+        collected.manifest.entries.len(),
+        usage.bytes_uploaded
+    );
+    let _ = log.send(note.into_bytes()).await;
+    Some(ReportedResult::Success {
+        manifest: collected.manifest,
+        manifest_digest,
+    })
+}
+
+async fn failed(log: &mpsc::Sender<Vec<u8>>, reason: String) -> ReportedResult {
+    tracing::warn!(%reason, "job failed");
+    let _ = log
+        .send(format!("\n[quorum: {reason}]\n").into_bytes())
+        .await;
+    ReportedResult::Failed { reason }
+}
+
+/// Updates the mirror and exports the commit into `dest`, outside the build's reach: nothing of
+/// git's credentials or configuration ends up in the tree.
+async fn fetch_source(
+    w: &Worker,
+    a: &Assignment,
+    dest: &Path,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let (mirrors, repo, commit, dest) = (
+        w.mirrors.clone(),
+        a.repository.clone(),
+        a.commit.clone(),
+        dest.to_path_buf(),
+    );
+    let task = tokio::task::spawn_blocking(move || {
+        let mirror = mirrors.update(&repo)?;
+        quorum_git::export(&mirror, &commit, &dest)
+    });
+    tokio::select! {
+        done = task => Ok(done.context("the fetch task failed")??),
+        _ = cancel.cancelled() => anyhow::bail!("cancelled"),
+        _ = tokio::time::sleep(FETCH_TIMEOUT) => anyhow::bail!("git took longer than {} s", FETCH_TIMEOUT.as_secs()),
+    }
+}
+
+/// Uploads the blobs the store lacks, then records the manifest; returns the bytes sent.
+async fn upload(
+    a: &Assignment,
+    manifest: &Manifest,
+    files: &BTreeMap<String, PathBuf>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<u64> {
+    let store = StoreClient::new(&a.store_url);
+    let token = a.upload_token.as_str();
+    let mut digests: Vec<Digest> = manifest.entries.iter().map(|e| e.digest).collect();
+    digests.sort_by_key(|d| *d.as_bytes());
+    digests.dedup();
+    let missing: HashSet<Digest> =
+        with_retry("ask the store what it lacks", STORE_BUDGET, cancel, || {
+            store.missing(token, digests.clone())
+        })
+        .await?
+        .into_iter()
+        .collect();
+
+    // One upload per missing digest, from the first file that has it.
+    let mut wanted: BTreeMap<[u8; 32], (Digest, PathBuf, u64)> = BTreeMap::new();
+    for e in manifest
+        .entries
+        .iter()
+        .filter(|e| missing.contains(&e.digest))
+    {
+        wanted
+            .entry(*e.digest.as_bytes())
+            .or_insert((e.digest, files[&e.path].clone(), e.size));
+    }
+    let store = &store;
+    let sent = futures::stream::iter(wanted.into_values())
+        .map(|(digest, path, size)| async move {
+            with_retry("upload a blob", STORE_BUDGET, cancel, || {
+                store.put_file(token, &digest, &path)
+            })
+            .await
+            .map(|()| size)
+        })
+        .buffer_unordered(PARALLEL_UPLOADS)
+        .try_fold(0u64, |total, size| async move { Ok(total + size) })
+        .await?;
+
+    let recorded = with_retry("record the manifest", STORE_BUDGET, cancel, || {
+        store.put_manifest(token, manifest)
+    })
+    .await?;
+    anyhow::ensure!(
+        recorded == manifest.digest(),
+        "the store recorded manifest {recorded}, but this worker computed {}",
+        manifest.digest()
+    );
+    Ok(sent)
+}
+
+/// Signs and delivers the result, retrying while the controller may be restarting.
+async fn report(
+    w: &Worker,
+    client: &WorkerClient,
+    a: &Assignment,
+    result: ReportedResult,
+    usage: Usage,
+) {
+    let outcome = match &result {
+        ReportedResult::Success {
+            manifest_digest, ..
+        } => format!("success, manifest {manifest_digest}"),
+        ReportedResult::Failed { reason } => format!("failed: {reason}"),
+    };
+    let report = ResultReport {
+        assignment: a.id.clone(),
+        build_id: a.build_id.clone(),
+        job: a.job.clone(),
+        worker: client.worker_id().to_string(),
+        result,
+        usage,
+        environment: w.environment.clone(),
+    };
+    let signed = client.sign_report(&report);
+    match with_retry("deliver the result", REPORT_BUDGET, &w.shutdown, || {
+        client.result(&a.id, &signed)
+    })
+    .await
+    {
+        Ok(()) => tracing::info!(%outcome, "reported the result"),
+        Err(e) => tracing::error!(error = %e, %outcome, "cannot deliver the result; giving up"),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_id;
+
+    #[test]
+    fn ids_that_could_escape_the_builds_directory_are_unsafe() {
+        assert!(safe_id("a1-B_2"));
+        for bad in ["", ".", "..", "a/b", "../x", "a b", &"x".repeat(129)] {
+            assert!(!safe_id(bad), "{bad:?}");
+        }
+    }
+}
