@@ -43,12 +43,10 @@ pub(crate) async fn check(url: &str, resp: reqwest::Response) -> Result<reqwest:
         return Ok(resp);
     }
     let text = resp.text().await.unwrap_or_default();
-    let message = serde_json::from_str::<quorum_api::ErrorBody>(&text)
-        .map(|b| b.error)
-        .or_else(|_| {
-            serde_json::from_str::<quorum_api::v1::idp::OAuthError>(&text)
-                .map(|e| format!("{}: {}", e.error, e.error_description))
-        })
+    // OAuth errors also parse as `ErrorBody`, so try the richer shape first.
+    let message = serde_json::from_str::<quorum_api::v1::idp::OAuthError>(&text)
+        .map(|e| format!("{}: {}", e.error, e.error_description))
+        .or_else(|_| serde_json::from_str::<quorum_api::ErrorBody>(&text).map(|b| b.error))
         .unwrap_or(text);
     Err(ClientError::Status { url: url.to_string(), status: status.as_u16(), message })
 }

@@ -219,3 +219,25 @@ mod tests {
         assert!(!marker.exists());
     }
 }
+
+/// Commits the files of `dir` (honouring its `.gitignore` files) into a new repository at
+/// `dest`, for `quorum run` on a directory that is not itself a repository. Returns the commit.
+pub fn snapshot(dir: &Path, dest: &Path) -> Result<String, GitError> {
+    let repo = dest.display().to_string();
+    std::fs::create_dir_all(dest)?;
+    run(git(None).arg("init").arg("--quiet").arg("--bare").arg(dest), "init", &repo)?;
+    let with_tree = || {
+        let mut c = git(Some(dest));
+        c.arg("--work-tree").arg(dir);
+        c
+    };
+    run(with_tree().args(["add", "--all", "."]), "add", &repo)?;
+    run(
+        with_tree()
+            .args(["-c", "user.name=quorum run", "-c", "user.email=run@quorum.invalid", "commit", "--quiet", "--allow-empty", "-m"])
+            .arg(format!("snapshot of {}", dir.display())),
+        "commit",
+        &repo,
+    )?;
+    resolve(dest, "HEAD")
+}

@@ -2,9 +2,22 @@
 //! credentials grant, RFC 8693 token exchange for job, upload and read tokens, OIDC discovery and
 //! JWKS.
 
-use std::path::PathBuf;
+mod clients;
+mod discovery;
+mod token;
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::routing::{get, post};
+use quorum_token::IssuerKey;
 use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use clients::{ClientsError, hash_secret};
 
 /// `quorum idp --config idp.toml`
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,4 +55,121 @@ fn default_listen() -> String {
 
 fn default_max_lifetime() -> i64 {
     24 * 3600
+}
+
+/// A config `run` would refuse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("max_token_lifetime_secs is {0}; it must be positive")]
+    Lifetime(i64),
+    #[error("issuer `{0}` must be an http:// or https:// URL")]
+    Issuer(String),
+    #[error(transparent)]
+    Clients(#[from] ClientsError),
+}
+
+impl Config {
+    /// Everything `run` would refuse in this config, checked without starting anything (for
+    /// `check-config`).
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.registry().map(drop)
+    }
+
+    fn registry(&self) -> Result<clients::Clients, ConfigError> {
+        if self.max_token_lifetime_secs <= 0 {
+            return Err(ConfigError::Lifetime(self.max_token_lifetime_secs));
+        }
+        if let Some(issuer) = &self.issuer
+            && !(issuer.starts_with("http://") || issuer.starts_with("https://"))
+        {
+            return Err(ConfigError::Issuer(issuer.clone()));
+        }
+        Ok(clients::Clients::new(&self.clients)?)
+    }
+}
+
+/// What every handler shares.
+struct Idp {
+    issuer: String,
+    key: IssuerKey,
+    clients: Arc<clients::Clients>,
+    max_lifetime_secs: i64,
+}
+
+/// Serves the IdP on `listener` until `shutdown` is cancelled. The signing key is created in
+/// `data_dir` on first start and reused afterwards, so tokens outlive a restart.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = listener
+        .local_addr()
+        .context("cannot read the listener's address")?;
+    let clients = config.registry()?;
+    let issuer = config
+        .issuer
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+    let key = IssuerKey::new(quorum_service::load_or_create_key(
+        &config.data_dir.join("idp-signing.key"),
+    )?);
+    if clients.len() == 0 {
+        tracing::warn!("no clients are registered; every token request will be refused");
+    }
+    tracing::info!(%issuer, kid = %key.kid, clients = clients.len(), %addr, "identity provider listening");
+    let idp = Arc::new(Idp {
+        issuer,
+        key,
+        clients: Arc::new(clients),
+        max_lifetime_secs: config.max_token_lifetime_secs,
+    });
+    let router = Router::new()
+        .route(
+            "/.well-known/openid-configuration",
+            get(discovery::discovery),
+        )
+        .route("/jwks", get(discovery::jwks))
+        .route("/token", post(token::token))
+        .with_state(idp);
+    quorum_service::serve(listener, router, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_refuses_what_run_would_refuse() {
+        let good = Config {
+            listen: default_listen(),
+            data_dir: "/nonexistent".into(),
+            issuer: Some("https://idp.example".into()),
+            max_token_lifetime_secs: 60,
+            clients: vec![ClientConfig {
+                id: "c".into(),
+                tenant: "t".into(),
+                secret_hash: hash_secret("s"),
+            }],
+        };
+        assert_eq!(good.check(), Ok(()));
+        let zero = Config {
+            max_token_lifetime_secs: 0,
+            ..good.clone()
+        };
+        assert_eq!(zero.check(), Err(ConfigError::Lifetime(0)));
+        let bare = Config {
+            issuer: Some("idp.example".into()),
+            ..good.clone()
+        };
+        assert!(matches!(bare.check(), Err(ConfigError::Issuer(_))));
+        let mut plain = good.clone();
+        plain.clients[0].secret_hash = "s".into();
+        assert!(matches!(
+            plain.check(),
+            Err(ConfigError::Clients(ClientsError::BadHash { .. }))
+        ));
+    }
 }

@@ -1,0 +1,254 @@
+//! `POST /token`, client authenticated with HTTP Basic: the client credentials grant gives a
+//! client its access token for this IdP, and RFC 8693 token exchange turns that access token
+//! into a job, upload or read token for one assignment. The tenant always comes from the
+//! client's registration.
+
+use std::sync::Arc;
+
+use axum::Form;
+use axum::extract::State;
+use axum::extract::rejection::FormRejection;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use quorum_api::v1::idp::{
+    GRANT_CLIENT_CREDENTIALS, GRANT_TOKEN_EXCHANGE, OAuthError, TOKEN_TYPE_ACCESS, TOKEN_TYPE_JOB,
+    TOKEN_TYPE_READ, TOKEN_TYPE_UPLOAD, TokenRequest, TokenResponse,
+};
+use quorum_token::{Claims, Expect, Scope, TYP_ACCESS, TYP_JOB, TYP_READ, TYP_UPLOAD};
+
+use crate::Idp;
+use crate::clients::Client;
+
+/// Lifetime of access tokens, and of exchanged tokens whose request names none.
+const DEFAULT_LIFETIME_SECS: i64 = 3600;
+
+/// An RFC 6749 §5.2 error answer.
+#[derive(Debug)]
+pub struct OAuthFailure {
+    status: StatusCode,
+    error: &'static str,
+    description: String,
+}
+
+impl OAuthFailure {
+    fn new(error: &'static str, description: impl Into<String>) -> OAuthFailure {
+        OAuthFailure {
+            status: StatusCode::BAD_REQUEST,
+            error,
+            description: description.into(),
+        }
+    }
+
+    fn invalid_request(description: impl Into<String>) -> OAuthFailure {
+        OAuthFailure::new("invalid_request", description)
+    }
+
+    /// Unknown client and wrong secret answer alike, so the answer does not reveal which ids exist.
+    fn invalid_client() -> OAuthFailure {
+        OAuthFailure {
+            status: StatusCode::UNAUTHORIZED,
+            error: "invalid_client",
+            description: "client authentication failed: send a registered client id and its secret with HTTP Basic"
+                .into(),
+        }
+    }
+}
+
+impl IntoResponse for OAuthFailure {
+    fn into_response(self) -> Response {
+        let body = OAuthError {
+            error: self.error.into(),
+            error_description: self.description,
+        };
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        let headers = resp.headers_mut();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"quorum-idp\""),
+            );
+        }
+        resp
+    }
+}
+
+pub async fn token(
+    State(idp): State<Arc<Idp>>,
+    headers: HeaderMap,
+    form: Result<Form<TokenRequest>, FormRejection>,
+) -> Result<Response, OAuthFailure> {
+    let (id, secret) = basic_credentials(&headers).ok_or_else(OAuthFailure::invalid_client)?;
+    let clients = idp.clients.clone();
+    let who = id.clone();
+    let client = tokio::task::spawn_blocking(move || clients.authenticate(&who, &secret))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "client authentication task failed");
+            OAuthFailure {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                ..OAuthFailure::new("server_error", "internal error")
+            }
+        })?;
+    let Some(client) = client else {
+        tracing::warn!(client = %id, "client authentication failed");
+        return Err(OAuthFailure::invalid_client());
+    };
+    let Form(req) = form.map_err(|e| {
+        OAuthFailure::invalid_request(format!("unreadable token request: {}", e.body_text()))
+    })?;
+    let issued = match req.grant_type.as_str() {
+        GRANT_CLIENT_CREDENTIALS => client_credentials(&idp, &client),
+        GRANT_TOKEN_EXCHANGE => exchange(&idp, &client, &req)?,
+        other => {
+            return Err(OAuthFailure::new(
+                "unsupported_grant_type",
+                format!(
+                    "grant_type `{other}` is not supported; use `{GRANT_CLIENT_CREDENTIALS}` or `{GRANT_TOKEN_EXCHANGE}`"
+                ),
+            ));
+        }
+    };
+    let mut resp = axum::Json(issued).into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let (id, secret) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    Some((id.to_string(), secret.to_string()))
+}
+
+fn client_credentials(idp: &Idp, client: &Client) -> TokenResponse {
+    let lifetime = DEFAULT_LIFETIME_SECS.min(idp.max_lifetime_secs);
+    let claims = idp.claims(client, &idp.issuer, lifetime, None);
+    tracing::info!(client = %client.id, tenant = %client.tenant, jti = %claims.jti, lifetime, "issued access token");
+    TokenResponse {
+        access_token: quorum_token::mint(TYP_ACCESS, &claims, &idp.key),
+        issued_token_type: TOKEN_TYPE_ACCESS.into(),
+        token_type: "Bearer".into(),
+        expires_in: lifetime,
+    }
+}
+
+fn exchange(idp: &Idp, client: &Client, req: &TokenRequest) -> Result<TokenResponse, OAuthFailure> {
+    let subject = req
+        .subject_token
+        .as_deref()
+        .ok_or_else(|| OAuthFailure::invalid_request("subject_token is required"))?;
+    if req.subject_token_type.as_deref() != Some(TOKEN_TYPE_ACCESS) {
+        return Err(OAuthFailure::invalid_request(format!(
+            "subject_token_type must be `{TOKEN_TYPE_ACCESS}`"
+        )));
+    }
+    let expect = Expect {
+        typ: TYP_ACCESS,
+        issuer: &idp.issuer,
+        audience: &idp.issuer,
+        max_lifetime_secs: idp.max_lifetime_secs,
+    };
+    let subject =
+        quorum_token::verify(subject, &idp.key.key.verifying_key(), &expect).map_err(|e| {
+            OAuthFailure::new(
+                "invalid_grant",
+                format!("subject_token is not a valid access token of this IdP: {e}"),
+            )
+        })?;
+    // An access token is the client's own credential; it never speaks for another client.
+    if subject.sub != client.id || subject.tenant != client.tenant {
+        return Err(OAuthFailure::new(
+            "invalid_grant",
+            "subject_token was issued to another client",
+        ));
+    }
+    let requested = req.requested_token_type.as_deref().unwrap_or_default();
+    let (typ, token_type) = match requested {
+        TOKEN_TYPE_JOB => (TYP_JOB, TOKEN_TYPE_JOB),
+        TOKEN_TYPE_UPLOAD => (TYP_UPLOAD, TOKEN_TYPE_UPLOAD),
+        TOKEN_TYPE_READ => (TYP_READ, TOKEN_TYPE_READ),
+        _ => {
+            return Err(OAuthFailure::invalid_request(format!(
+                "requested_token_type `{requested}` is not one of `{TOKEN_TYPE_JOB}`, `{TOKEN_TYPE_UPLOAD}`, `{TOKEN_TYPE_READ}`"
+            )));
+        }
+    };
+    let audience = required(&req.audience, "audience")?;
+    let build = required(&req.build, "build")?;
+    let job = optional(&req.job, "job")?;
+    let assignment = optional(&req.assignment, "assignment")?;
+    let lifetime = req
+        .lifetime_secs
+        .unwrap_or(DEFAULT_LIFETIME_SECS)
+        .min(idp.max_lifetime_secs);
+    if lifetime <= 0 {
+        return Err(OAuthFailure::invalid_request(
+            "lifetime_secs must be positive",
+        ));
+    }
+    let scope = Scope {
+        controller: client.id.clone(),
+        build: build.into(),
+        job,
+        assignment,
+    };
+    let claims = idp.claims(client, audience, lifetime, Some(scope));
+    tracing::info!(
+        client = %client.id, tenant = %client.tenant, typ, audience, build, jti = %claims.jti, lifetime,
+        "issued exchanged token"
+    );
+    Ok(TokenResponse {
+        access_token: quorum_token::mint(typ, &claims, &idp.key),
+        issued_token_type: token_type.into(),
+        token_type: "Bearer".into(),
+        expires_in: lifetime,
+    })
+}
+
+fn required<'a>(value: &'a Option<String>, name: &str) -> Result<&'a str, OAuthFailure> {
+    match value.as_deref() {
+        Some(v) if !v.is_empty() => Ok(v),
+        _ => Err(OAuthFailure::invalid_request(format!("{name} is required"))),
+    }
+}
+
+fn optional(value: &Option<String>, name: &str) -> Result<Option<String>, OAuthFailure> {
+    match value.as_deref() {
+        Some("") => Err(OAuthFailure::invalid_request(format!(
+            "{name} must not be empty when given"
+        ))),
+        v => Ok(v.map(str::to_string)),
+    }
+}
+
+impl Idp {
+    fn claims(
+        &self,
+        client: &Client,
+        audience: &str,
+        lifetime: i64,
+        scope: Option<Scope>,
+    ) -> Claims {
+        let now = quorum_service::now_unix();
+        Claims {
+            iss: self.issuer.clone(),
+            sub: client.id.clone(),
+            aud: audience.to_string(),
+            exp: now + lifetime,
+            nbf: now,
+            iat: now,
+            jti: quorum_token::new_jti(),
+            tenant: client.tenant.clone(),
+            scope,
+        }
+    }
+}

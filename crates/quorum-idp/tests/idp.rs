@@ -1,0 +1,509 @@
+//! The identity provider through its real HTTP boundary: a server on 127.0.0.1:0, tokens fetched
+//! with `IdpClient` and checked with `TrustedIssuers`, as controllers, workers and stores do.
+
+use std::future::Future;
+use std::time::Duration;
+
+use quorum_api::v1::idp::{
+    Discovery, GRANT_CLIENT_CREDENTIALS, GRANT_TOKEN_EXCHANGE, OAuthError, TOKEN_TYPE_ACCESS,
+    TOKEN_TYPE_JOB, TOKEN_TYPE_READ, TOKEN_TYPE_UPLOAD,
+};
+use quorum_client::idp::{IdpClient, TokenFor};
+use quorum_client::trust::{TrustedIssuer, TrustedIssuers};
+use quorum_idp::{ClientConfig, Config, hash_secret};
+use quorum_token::{Jwks, TYP_ACCESS, TYP_JOB, TYP_READ, TYP_UPLOAD};
+use tokio_util::sync::CancellationToken;
+
+/// Every test finishes in this time or fails (Argon2 is slow in debug builds).
+const BOUND: Duration = Duration::from_secs(120);
+
+async fn bounded<T>(f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(BOUND, f)
+        .await
+        .expect("test ran past its time bound")
+}
+
+struct Idp {
+    url: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Idp {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("the IdP stops when cancelled")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// (id, tenant, secret) of the clients registered in every test IdP.
+const CLIENTS: &[(&str, &str, &str)] = &[
+    ("ctl-dinah", "dinah", "dinah-secret"),
+    ("ctl-eliza", "eliza", "eliza-secret"),
+];
+
+async fn start(data_dir: &std::path::Path, max_token_lifetime_secs: i64) -> Idp {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    // Hashed once per test binary: Argon2 is slow in debug builds.
+    static REGISTERED: std::sync::OnceLock<Vec<ClientConfig>> = std::sync::OnceLock::new();
+    let clients = REGISTERED
+        .get_or_init(|| {
+            CLIENTS
+                .iter()
+                .map(|(id, tenant, secret)| ClientConfig {
+                    id: (*id).into(),
+                    tenant: (*tenant).into(),
+                    secret_hash: hash_secret(secret),
+                })
+                .collect()
+        })
+        .clone();
+    let config = Config {
+        listen: "127.0.0.1:0".into(),
+        data_dir: data_dir.to_path_buf(),
+        issuer: None,
+        max_token_lifetime_secs,
+        clients,
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(quorum_idp::run(listener, config, shutdown.clone()));
+    Idp {
+        url,
+        shutdown,
+        task,
+    }
+}
+
+fn client(idp: &Idp, n: usize) -> IdpClient {
+    let (id, _, secret) = CLIENTS[n];
+    IdpClient::new(&idp.url, id, secret)
+}
+
+fn token_for(token_type: &'static str, audience: &str, build: &str) -> TokenFor {
+    TokenFor {
+        token_type,
+        audience: audience.into(),
+        build: build.into(),
+        job: Some("compile".into()),
+        assignment: Some("a-1".into()),
+        lifetime_secs: 600,
+    }
+}
+
+/// Posts a raw form, as a client that does not use `IdpClient` would.
+async fn post_form(
+    idp: &Idp,
+    id: &str,
+    secret: &str,
+    form: &[(&str, &str)],
+) -> (u16, serde_json::Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/token", idp.url))
+        .basic_auth(id, Some(secret))
+        .form(form)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+/// The exchange `IdpClient::exchange` makes, answered with the full OAuth error: the client's
+/// error type keeps only the error code of an RFC 6749 body.
+async fn exchange_raw(idp: &Idp, n: usize, subject: &str, what: &TokenFor) -> (u16, OAuthError) {
+    let (id, _, secret) = CLIENTS[n];
+    let lifetime = what.lifetime_secs.to_string();
+    let mut form = vec![
+        ("grant_type", GRANT_TOKEN_EXCHANGE),
+        ("subject_token", subject),
+        ("subject_token_type", TOKEN_TYPE_ACCESS),
+        ("requested_token_type", what.token_type),
+        ("audience", &what.audience),
+        ("build", &what.build),
+        ("lifetime_secs", &lifetime),
+    ];
+    form.extend(what.job.as_deref().map(|j| ("job", j)));
+    form.extend(what.assignment.as_deref().map(|a| ("assignment", a)));
+    let (status, body) = post_form(idp, id, secret, &form).await;
+    (status, oauth_error(body))
+}
+
+fn oauth_error(body: serde_json::Value) -> OAuthError {
+    serde_json::from_value(body).expect("an RFC 6749 error body")
+}
+
+#[tokio::test]
+async fn discovery_and_jwks_publish_the_issuer_and_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = start(dir.path(), 3600).await;
+    bounded(async {
+        let http = reqwest::Client::new();
+        let d: Discovery = http
+            .get(format!("{}/.well-known/openid-configuration", idp.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(d.issuer, idp.url);
+        assert_eq!(d.jwks_uri, format!("{}/jwks", idp.url));
+        assert_eq!(d.token_endpoint, format!("{}/token", idp.url));
+        assert_eq!(
+            d.id_token_signing_alg_values_supported,
+            vec!["EdDSA".to_string()]
+        );
+        assert!(
+            d.grant_types_supported
+                .contains(&GRANT_TOKEN_EXCHANGE.to_string())
+        );
+        let jwks: Jwks = http
+            .get(&d.jwks_uri)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(jwks.keys.len(), 1);
+        let key = jwks.keys[0].verifying_key().unwrap();
+        assert_eq!(jwks.keys[0].kid, quorum_token::Jwk::thumbprint(&key));
+        assert!(dir.path().join("idp-signing.key").exists());
+    })
+    .await;
+    idp.stop().await;
+}
+
+#[tokio::test]
+async fn signing_key_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let kid = |url: String| async move {
+        let jwks: Jwks = reqwest::get(format!("{url}/jwks"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        jwks.keys[0].kid.clone()
+    };
+    let first = start(dir.path(), 3600).await;
+    let before = bounded(kid(first.url.clone())).await;
+    first.stop().await;
+    let second = start(dir.path(), 3600).await;
+    assert_eq!(bounded(kid(second.url.clone())).await, before);
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn client_credentials_and_exchange_give_tokens_that_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = start(dir.path(), 3600).await;
+    bounded(async {
+        let trust = TrustedIssuers::new(vec![TrustedIssuer {
+            issuer: idp.url.clone(),
+        }]);
+        let dinah = client(&idp, 0);
+        let access = dinah.access_token().await.unwrap();
+        assert_eq!(access.issued_token_type, TOKEN_TYPE_ACCESS);
+        assert_eq!(access.expires_in, 3600);
+        let claims = trust
+            .verify(&access.access_token, TYP_ACCESS, &idp.url, 3600)
+            .await
+            .unwrap();
+        assert_eq!(
+            (claims.sub.as_str(), claims.tenant.as_str()),
+            ("ctl-dinah", "dinah")
+        );
+        assert_eq!(claims.aud, idp.url);
+        assert_eq!(claims.scope, None);
+
+        for (token_type, typ, audience) in [
+            (TOKEN_TYPE_JOB, TYP_JOB, "worker:alice-1"),
+            (TOKEN_TYPE_UPLOAD, TYP_UPLOAD, "store:bettina"),
+            (TOKEN_TYPE_READ, TYP_READ, "store:bettina"),
+        ] {
+            let t = dinah
+                .exchange(
+                    &access.access_token,
+                    &token_for(token_type, audience, "b-42"),
+                )
+                .await
+                .unwrap();
+            assert_eq!(t.issued_token_type, token_type);
+            assert_eq!(t.expires_in, 600);
+            let c = trust
+                .verify(&t.access_token, typ, audience, 3600)
+                .await
+                .unwrap();
+            assert_eq!(c.tenant, "dinah");
+            assert_eq!(c.sub, "ctl-dinah");
+            assert_eq!(c.exp - c.iat, 600);
+            assert_eq!(c.nbf, c.iat);
+            assert_ne!(c.jti, claims.jti);
+            let scope = c.scope.expect("exchanged tokens carry a scope");
+            assert_eq!(scope.controller, "ctl-dinah");
+            assert_eq!(scope.build, "b-42");
+            assert_eq!(scope.job.as_deref(), Some("compile"));
+            assert_eq!(scope.assignment.as_deref(), Some("a-1"));
+            // The type is part of what a token is for: a job token is not an upload token.
+            let other = if typ == TYP_JOB { TYP_UPLOAD } else { TYP_JOB };
+            assert!(
+                trust
+                    .verify(&t.access_token, other, audience, 3600)
+                    .await
+                    .is_err()
+            );
+            assert!(
+                trust
+                    .verify(&t.access_token, typ, "store:someone-else", 3600)
+                    .await
+                    .is_err()
+            );
+        }
+    })
+    .await;
+    idp.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_secret_and_unknown_client_get_the_same_401() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = start(dir.path(), 3600).await;
+    bounded(async {
+        let wrong = IdpClient::new(&idp.url, "ctl-dinah", "eliza-secret")
+            .access_token()
+            .await
+            .unwrap_err();
+        let unknown = IdpClient::new(&idp.url, "ctl-nobody", "dinah-secret")
+            .access_token()
+            .await
+            .unwrap_err();
+        assert_eq!(wrong.status(), Some(401));
+        assert_eq!(unknown.status(), Some(401));
+        let form = [("grant_type", GRANT_CLIENT_CREDENTIALS)];
+        let (s1, b1) = post_form(&idp, "ctl-dinah", "nope", &form).await;
+        let (s2, b2) = post_form(&idp, "ctl-nobody", "nope", &form).await;
+        assert_eq!((s1, s2), (401, 401));
+        assert_eq!(
+            b1, b2,
+            "the answer must not reveal whether the client exists"
+        );
+        assert_eq!(oauth_error(b1).error, "invalid_client");
+        let no_auth = reqwest::Client::new()
+            .post(format!("{}/token", idp.url))
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(no_auth.status().as_u16(), 401);
+        assert!(no_auth.headers().contains_key("www-authenticate"));
+    })
+    .await;
+    idp.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_cannot_choose_its_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = start(dir.path(), 3600).await;
+    bounded(async {
+        let trust = TrustedIssuers::new(vec![TrustedIssuer {
+            issuer: idp.url.clone(),
+        }]);
+        let (status, body) = post_form(
+            &idp,
+            "ctl-dinah",
+            "dinah-secret",
+            &[
+                ("grant_type", GRANT_CLIENT_CREDENTIALS),
+                ("tenant", "eliza"),
+            ],
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let access = body["access_token"].as_str().unwrap().to_string();
+        assert_eq!(
+            trust
+                .verify(&access, TYP_ACCESS, &idp.url, 3600)
+                .await
+                .unwrap()
+                .tenant,
+            "dinah"
+        );
+        let (status, body) = post_form(
+            &idp,
+            "ctl-dinah",
+            "dinah-secret",
+            &[
+                ("grant_type", GRANT_TOKEN_EXCHANGE),
+                ("subject_token", &access),
+                ("subject_token_type", TOKEN_TYPE_ACCESS),
+                ("requested_token_type", TOKEN_TYPE_UPLOAD),
+                ("audience", "store:bettina"),
+                ("build", "7"),
+                ("tenant", "eliza"),
+            ],
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let upload = body["access_token"].as_str().unwrap();
+        assert_eq!(
+            trust
+                .verify(upload, TYP_UPLOAD, "store:bettina", 3600)
+                .await
+                .unwrap()
+                .tenant,
+            "dinah"
+        );
+    })
+    .await;
+    idp.stop().await;
+}
+
+#[tokio::test]
+async fn exchange_refuses_another_clients_or_another_idps_access_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let idp = start(dir.path(), 3600).await;
+    let other = start(other_dir.path(), 3600).await;
+    bounded(async {
+        let dinah = client(&idp, 0);
+        let eliza = client(&idp, 1);
+        let elizas = eliza.access_token().await.unwrap().access_token;
+        let err = dinah
+            .exchange(&elizas, &token_for(TOKEN_TYPE_UPLOAD, "store:bettina", "1"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Some(400));
+        assert!(err.to_string().contains("invalid_grant"), "{err}");
+        let (status, err) = exchange_raw(
+            &idp,
+            0,
+            &elizas,
+            &token_for(TOKEN_TYPE_UPLOAD, "store:bettina", "1"),
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert!(err.error_description.contains("another client"), "{err:?}");
+
+        // Same client id and secret at another IdP: its access token is signed with another key.
+        let foreign = client(&other, 0).access_token().await.unwrap().access_token;
+        let (status, err) = exchange_raw(
+            &idp,
+            0,
+            &foreign,
+            &token_for(TOKEN_TYPE_JOB, "worker:w", "1"),
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert_eq!(err.error, "invalid_grant");
+        assert!(err.error_description.contains("signature"), "{err:?}");
+
+        // An exchanged token is not an access token and cannot be exchanged again.
+        let access = dinah.access_token().await.unwrap().access_token;
+        let job = dinah
+            .exchange(&access, &token_for(TOKEN_TYPE_JOB, "worker:w", "1"))
+            .await
+            .unwrap()
+            .access_token;
+        let (status, err) = exchange_raw(
+            &idp,
+            0,
+            &job,
+            &token_for(TOKEN_TYPE_UPLOAD, "store:bettina", "1"),
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert!(err.error_description.contains("token type"), "{err:?}");
+    })
+    .await;
+    idp.stop().await;
+    other.stop().await;
+}
+
+#[tokio::test]
+async fn exchange_checks_its_parameters_and_caps_the_lifetime() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = start(dir.path(), 900).await;
+    bounded(async {
+        let trust = TrustedIssuers::new(vec![TrustedIssuer {
+            issuer: idp.url.clone(),
+        }]);
+        let dinah = client(&idp, 0);
+        let access = dinah.access_token().await.unwrap();
+        assert_eq!(
+            access.expires_in, 900,
+            "the access token is bounded by the configured maximum"
+        );
+        let access = access.access_token;
+
+        let mut long = token_for(TOKEN_TYPE_READ, "store:bettina", "9");
+        long.lifetime_secs = 7 * 24 * 3600;
+        let t = dinah.exchange(&access, &long).await.unwrap();
+        assert_eq!(t.expires_in, 900);
+        let c = trust
+            .verify(&t.access_token, TYP_READ, "store:bettina", 900)
+            .await
+            .unwrap();
+        assert_eq!(c.exp - c.iat, 900);
+
+        let cases: Vec<(TokenFor, &str)> = vec![
+            (
+                TokenFor {
+                    lifetime_secs: 0,
+                    ..token_for(TOKEN_TYPE_JOB, "worker:w", "1")
+                },
+                "lifetime_secs",
+            ),
+            (token_for(TOKEN_TYPE_JOB, "", "1"), "audience"),
+            (token_for(TOKEN_TYPE_JOB, "worker:w", ""), "build"),
+            (
+                token_for(TOKEN_TYPE_ACCESS, "worker:w", "1"),
+                "requested_token_type",
+            ),
+        ];
+        for (what, needle) in cases {
+            let err = dinah.exchange(&access, &what).await.unwrap_err();
+            assert_eq!(err.status(), Some(400), "{err}");
+            let (status, err) = exchange_raw(&idp, 0, &access, &what).await;
+            assert_eq!(status, 400);
+            assert_eq!(err.error, "invalid_request");
+            assert!(err.error_description.contains(needle), "{err:?}");
+        }
+
+        let (status, body) = post_form(
+            &idp,
+            "ctl-dinah",
+            "dinah-secret",
+            &[("grant_type", "password")],
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert_eq!(oauth_error(body).error, "unsupported_grant_type");
+        // Two audiences are refused rather than one of them being picked.
+        let (status, body) = post_form(
+            &idp,
+            "ctl-dinah",
+            "dinah-secret",
+            &[
+                ("grant_type", GRANT_TOKEN_EXCHANGE),
+                ("subject_token", &access),
+                ("subject_token_type", TOKEN_TYPE_ACCESS),
+                ("requested_token_type", TOKEN_TYPE_JOB),
+                ("audience", "worker:a"),
+                ("audience", "worker:b"),
+                ("build", "1"),
+            ],
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert_eq!(oauth_error(body).error, "invalid_request");
+    })
+    .await;
+    idp.stop().await;
+}

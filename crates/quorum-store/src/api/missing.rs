@@ -1,0 +1,45 @@
+//! `POST /api/v1/missing`, upload token: which of the listed blobs this tenant must upload. A
+//! blob stored only for other tenants is missing for this one.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use quorum_api::v1::store::{MissingRequest, MissingResponse};
+use quorum_core::Digest;
+use quorum_service::ApiError;
+
+use crate::Store;
+use crate::auth::Upload;
+use crate::error::Error;
+
+/// Most digests one call may ask about.
+pub const MAX_DIGESTS: usize = 10_000;
+
+pub async fn missing(
+    State(store): State<Arc<Store>>,
+    Upload(slot): Upload,
+    body: Result<Json<MissingRequest>, JsonRejection>,
+) -> Result<Json<MissingResponse>, Error> {
+    let Json(req) = body.map_err(super::bad_json)?;
+    if req.digests.len() > MAX_DIGESTS {
+        let n = req.digests.len();
+        return Err(ApiError::bad_request(format!(
+            "asked about {n} digests; ask about at most {MAX_DIGESTS} per call"
+        ))
+        .into());
+    }
+    let mut conn = store.db.acquire().await?;
+    let stored = crate::db::tenant_blobs(&mut conn, &slot.tenant, &req.digests).await?;
+    let empty = Digest::empty();
+    let mut seen = HashSet::new();
+    let missing: Vec<Digest> = req
+        .digests
+        .into_iter()
+        .filter(|d| *d != empty && !stored.contains_key(d) && seen.insert(*d))
+        .collect();
+    tracing::debug!(tenant = %slot.tenant, build = %slot.build, missing = missing.len(), "answered missing");
+    Ok(Json(MissingResponse { missing }))
+}

@@ -1,0 +1,56 @@
+//! The store's HTTP API (v1): one file per endpoint, each stating its method, route and token.
+
+mod get_blob;
+mod get_manifest;
+mod missing;
+mod put_blob;
+mod put_manifest;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::extract::rejection::JsonRejection;
+use axum::routing::{get, post, put};
+use quorum_service::ApiError;
+
+use crate::Store;
+
+/// Largest manifest body accepted: 100 000 entries with long paths fit.
+const MANIFEST_MAX_BYTES: usize = 64 << 20;
+
+pub fn router(store: Arc<Store>) -> Router {
+    Router::new()
+        .route("/api/v1/missing", post(missing::missing))
+        // Blob bodies stream to disk and are capped by `max_blob_bytes` as they arrive.
+        .route(
+            "/api/v1/blobs/{digest}",
+            put(put_blob::put_blob).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/api/v1/manifest",
+            put(put_manifest::put_manifest).layer(DefaultBodyLimit::max(MANIFEST_MAX_BYTES)),
+        )
+        .route(
+            "/api/v1/builds/{build}/manifests/{digest}",
+            get(get_manifest::get_manifest),
+        )
+        .route(
+            "/api/v1/builds/{build}/blobs/{digest}",
+            get(get_blob::get_blob),
+        )
+        .with_state(store)
+}
+
+fn bad_json(e: JsonRejection) -> ApiError {
+    ApiError::new(
+        e.status(),
+        format!("unreadable request body: {}", e.body_text()),
+    )
+}
+
+/// The one answer for anything a read token cannot see, whether or not it exists for someone
+/// else, so that probing reveals nothing.
+fn not_in_build(what: &str, build: &str, digest: &str) -> ApiError {
+    ApiError::not_found(format!("build `{build}` has no {what} {digest}"))
+}

@@ -1,0 +1,218 @@
+//! The subcommands: roles (`idp`, `store`, `controller`, `worker`), the local federation (`up`,
+//! `run`), and the user's commands against a running controller (`submit`, `status`, `logs`,
+//! `verify`).
+
+mod client;
+mod local;
+mod roles;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "quorum", version, about = "Federated CI in which no single build worker is trusted")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+impl Cli {
+    /// Services log at info; user commands stay quiet unless RUST_LOG says otherwise.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Idp(_) | Command::Store(_) | Command::Controller(_) | Command::Worker(_) => "info",
+            _ => "warn",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The role's TOML config file.
+    #[arg(long)]
+    config: PathBuf,
+    /// Listen here instead of the config's `listen` (for example 127.0.0.1:0).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Once listening, write the bound address to this file (for launchers and tests).
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Check the config and exit without starting anything.
+    #[arg(long)]
+    check_config: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    #[command(subcommand)]
+    admin: Option<ControllerAdmin>,
+    #[command(flatten)]
+    serve: Option<ServeArgs>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ControllerAdmin {
+    /// Create a single-use enrollment token for a worker of OWNER.
+    Enroll {
+        #[arg(long)]
+        config: PathBuf,
+        /// Who runs the worker; one owner's workers never fill one quorum together.
+        #[arg(long)]
+        owner: String,
+        /// The project trusts this worker (policies can require trusted results).
+        #[arg(long)]
+        trusted: bool,
+        /// Labels jobs can select on, as k=v,k=v (for example arch=aarch64).
+        #[arg(long, value_delimiter = ',')]
+        labels: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct IdpArgs {
+    #[command(subcommand)]
+    admin: Option<IdpAdmin>,
+    #[command(flatten)]
+    serve: Option<ServeArgs>,
+}
+
+#[derive(Debug, Subcommand)]
+enum IdpAdmin {
+    /// Read a client secret on standard input and print its Argon2id hash for the config.
+    HashSecret,
+}
+
+#[derive(Debug, Args)]
+pub struct ControllerConn {
+    /// The controller's URL.
+    #[arg(long, env = "QUORUM_CONTROLLER")]
+    controller: String,
+    /// The controller's API token.
+    #[arg(long, env = "QUORUM_API_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run an identity provider.
+    #[command(args_conflicts_with_subcommands = true)]
+    Idp(IdpArgs),
+    /// Run an artifact store.
+    Store(ServeArgs),
+    /// Run a controller, or administer one.
+    #[command(args_conflicts_with_subcommands = true)]
+    Controller(ControllerArgs),
+    /// Run a worker.
+    Worker(ServeArgs),
+    /// Run every role on loopback until interrupted (SQLite, local disk, keys made on first start).
+    Up {
+        /// Where the roles keep their state; reuse it to keep builds, keys and enrollments.
+        #[arg(long, default_value = ".quorum")]
+        data_dir: PathBuf,
+        /// How many workers (each with its own owner; the first is trusted).
+        #[arg(long, default_value_t = 3)]
+        workers: usize,
+    },
+    /// Build a git repository (or a directory) on a local federation and print the verdict.
+    Run {
+        /// A git repository path or URL, or a plain directory to snapshot.
+        repository: String,
+        /// The revision to build.
+        #[arg(long, default_value = "HEAD")]
+        rev: String,
+        /// How many workers to start.
+        #[arg(long, default_value_t = 3)]
+        workers: usize,
+        /// Keep the federation's state here instead of a temporary directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Where verified artifacts and the signed statement are written.
+        #[arg(long, default_value = "quorum-out")]
+        out: PathBuf,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 1800)]
+        timeout: u64,
+        /// Print the final status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Submit a build to a running controller.
+    Submit {
+        #[command(flatten)]
+        conn: ControllerConn,
+        repository: String,
+        #[arg(long, default_value = "HEAD")]
+        rev: String,
+        /// Wait for the verdict; exit 0 only if verified.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a build's state, jobs and results.
+    Status {
+        #[command(flatten)]
+        conn: ControllerConn,
+        build: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a build's logs (all jobs, or one), following them with -f.
+    Logs {
+        #[command(flatten)]
+        conn: ControllerConn,
+        build: String,
+        job: Option<String>,
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+    /// Download a verified build's artifacts and statement, checking every digest.
+    Fetch {
+        #[command(flatten)]
+        conn: ControllerConn,
+        build: String,
+        #[arg(long, default_value = "quorum-out")]
+        out: PathBuf,
+    },
+    /// Check an artifact against a signed statement and the signer's public key.
+    Verify {
+        /// The DSSE envelope (statement.intoto.json).
+        #[arg(long)]
+        statement: PathBuf,
+        /// The signer's public key: a file holding base64 of the raw Ed25519 key.
+        #[arg(long)]
+        key: PathBuf,
+        /// The artifact's subject name (`<job>/<path>`); by default any subject with its digest.
+        #[arg(long)]
+        name: Option<String>,
+        artifact: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Idp(IdpArgs { admin: Some(IdpAdmin::HashSecret), .. }) => roles::hash_secret(),
+        Command::Idp(IdpArgs { serve: Some(s), .. }) => roles::idp(s).await,
+        Command::Idp(_) => anyhow::bail!("`quorum idp` needs --config (or a subcommand such as hash-secret)"),
+        Command::Store(s) => roles::store(s).await,
+        Command::Controller(ControllerArgs { admin: Some(ControllerAdmin::Enroll { config, owner, trusted, labels }), .. }) => {
+            roles::enroll(&config, &owner, trusted, &labels).await
+        }
+        Command::Controller(ControllerArgs { serve: Some(s), .. }) => roles::controller(s).await,
+        Command::Controller(_) => anyhow::bail!("`quorum controller` needs --config (or a subcommand such as enroll)"),
+        Command::Worker(s) => roles::worker(s).await,
+        Command::Up { data_dir, workers } => local::up(&data_dir, workers).await,
+        Command::Run { repository, rev, workers, data_dir, out, timeout, json } => {
+            local::run(local::RunArgs { repository, rev, workers, data_dir, out, timeout, json }).await
+        }
+        Command::Submit { conn, repository, rev, wait, json } => client::submit(&conn, &repository, &rev, wait, json).await,
+        Command::Status { conn, build, json } => client::status(&conn, &build, json).await,
+        Command::Logs { conn, build, job, follow } => client::logs(&conn, &build, job.as_deref(), follow).await,
+        Command::Fetch { conn, build, out } => client::fetch(&conn, &build, &out).await,
+        Command::Verify { statement, key, name, artifact, json } => client::verify(&statement, &key, name.as_deref(), &artifact, json),
+    }
+}

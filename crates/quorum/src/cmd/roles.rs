@@ -1,0 +1,93 @@
+//! Serving one role: load and check its config, bind, write the ready file, run until SIGTERM.
+
+use std::collections::BTreeMap;
+use std::io::Read as _;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use super::ServeArgs;
+
+async fn listen(args: &ServeArgs, configured: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = quorum_service::bind(args.listen.as_deref().unwrap_or(configured)).await?;
+    if let Some(ready) = &args.ready_file {
+        quorum_service::write_ready_file(ready, listener.local_addr()?)?;
+    }
+    Ok(listener)
+}
+
+fn shutdown_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    quorum_service::cancel_on_signals(token.clone());
+    token
+}
+
+fn checked() -> anyhow::Result<ExitCode> {
+    println!("config ok");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn idp(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let config: quorum_idp::Config = quorum_service::load_config(&args.config)?;
+    if args.check_config {
+        return checked();
+    }
+    let listener = listen(&args, &config.listen).await?;
+    quorum_idp::run(listener, config, shutdown_token()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn store(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let config: quorum_store::Config = quorum_service::load_config(&args.config)?;
+    if args.check_config {
+        return checked();
+    }
+    let listener = listen(&args, &config.listen).await?;
+    quorum_store::run(listener, config, shutdown_token()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn controller(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let config: quorum_controller::Config = quorum_service::load_config(&args.config)?;
+    if args.check_config {
+        return checked();
+    }
+    let listener = listen(&args, &config.listen).await?;
+    quorum_controller::run(listener, config, shutdown_token()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn worker(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let config: quorum_worker::Config = quorum_service::load_config(&args.config)?;
+    if args.check_config {
+        return checked();
+    }
+    if let Some(ready) = &args.ready_file {
+        std::fs::write(ready, "worker").with_context(|| format!("cannot write {}", ready.display()))?;
+    }
+    quorum_worker::run(config, shutdown_token()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn enroll(config: &Path, owner: &str, trusted: bool, labels: &[String]) -> anyhow::Result<ExitCode> {
+    let config: quorum_controller::Config = quorum_service::load_config(config)?;
+    let mut map = BTreeMap::new();
+    for l in labels {
+        let (k, v) = l.split_once('=').with_context(|| format!("label `{l}` is not k=v"))?;
+        map.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    let token = quorum_controller::create_enrollment(&config.data_dir, owner, trusted, &map).await?;
+    println!("{token}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn hash_secret() -> anyhow::Result<ExitCode> {
+    let mut secret = String::new();
+    std::io::stdin().read_to_string(&mut secret).context("cannot read the secret from standard input")?;
+    let secret = secret.trim_end_matches(['\n', '\r']);
+    anyhow::ensure!(!secret.is_empty(), "the secret on standard input is empty");
+    println!("{}", quorum_idp::hash_secret(secret));
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,322 @@
+//! A local federation: one IdP, one store, one controller and N workers, each a separate
+//! `quorum <role>` process on loopback with its own config and data directory.
+//!
+//! Roles run as separate processes, not tasks in one process, so that the controller's signing
+//! key never shares an address space with a worker that runs build code, and so that tests can
+//! kill one role with SIGKILL exactly as a crash would.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+/// One worker to start: its name, its owner (as the controller's operator records it), whether
+/// it is trusted, and which IdPs it trusts (`None`: the federation's IdP).
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    pub name: String,
+    pub owner: String,
+    pub trusted: bool,
+    pub trusted_issuers: Option<Vec<String>>,
+}
+
+impl WorkerSpec {
+    pub fn new(name: &str, owner: &str, trusted: bool) -> WorkerSpec {
+        WorkerSpec { name: name.into(), owner: owner.into(), trusted, trusted_issuers: None }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub data_dir: PathBuf,
+    /// The `quorum` executable to run for each role.
+    pub exe: PathBuf,
+    pub workers: Vec<WorkerSpec>,
+    pub lease_secs: u64,
+    /// `RUST_LOG` for the role processes.
+    pub log_filter: String,
+}
+
+impl Spec {
+    /// `n` workers of distinct owners, the first of them trusted.
+    pub fn local(data_dir: &Path, exe: &Path, n: usize) -> Spec {
+        Spec {
+            data_dir: data_dir.to_path_buf(),
+            exe: exe.to_path_buf(),
+            workers: (1..=n).map(|i| WorkerSpec::new(&format!("worker-{i}"), &format!("owner-{i}"), i == 1)).collect(),
+            lease_secs: 15,
+            log_filter: "info".into(),
+        }
+    }
+}
+
+/// Secrets and addresses kept across restarts of the same data directory.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+struct Saved {
+    api_token: String,
+    client_secret: String,
+    #[serde(default)]
+    addresses: BTreeMap<String, String>,
+}
+
+struct RoleProcess {
+    child: Child,
+}
+
+pub struct Federation {
+    spec: Spec,
+    saved: Saved,
+    processes: BTreeMap<String, RoleProcess>,
+    pub idp_url: String,
+    pub store_url: String,
+    pub controller_url: String,
+    pub api_token: String,
+    pub store_audience: String,
+}
+
+impl std::fmt::Debug for Federation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Federation").field("controller", &self.controller_url).finish_non_exhaustive()
+    }
+}
+
+fn random_secret() -> String {
+    use rand_core::RngCore as _;
+    let mut b = [0u8; 24];
+    rand_core::OsRng.fill_bytes(&mut b);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+impl Federation {
+    /// Starts every role and waits until the IdP, store and controller listen.
+    pub async fn start(spec: Spec) -> anyhow::Result<Federation> {
+        std::fs::create_dir_all(&spec.data_dir).with_context(|| format!("cannot create {}", spec.data_dir.display()))?;
+        let saved_path = spec.data_dir.join("federation.json");
+        let saved: Saved = match std::fs::read(&saved_path) {
+            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{} is damaged", saved_path.display()))?,
+            Err(_) => Saved { api_token: random_secret(), client_secret: random_secret(), addresses: BTreeMap::new() },
+        };
+        let mut fed = Federation {
+            spec,
+            api_token: saved.api_token.clone(),
+            saved,
+            processes: BTreeMap::new(),
+            idp_url: String::new(),
+            store_url: String::new(),
+            controller_url: String::new(),
+            store_audience: "store:local".into(),
+        };
+        fed.start_role("idp").await?;
+        fed.start_role("store").await?;
+        fed.start_role("controller").await?;
+        for w in fed.spec.workers.clone() {
+            fed.start_worker(&w).await?;
+        }
+        quorum_service::write_private(&saved_path, &serde_json::to_vec_pretty(&fed.saved)?)?;
+        Ok(fed)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.spec.data_dir
+    }
+
+    pub fn role_dir(&self, role: &str) -> PathBuf {
+        self.spec.data_dir.join(role)
+    }
+
+    fn config_text(&self, role: &str) -> anyhow::Result<String> {
+        let dir = self.role_dir(role);
+        let listen = self.saved.addresses.get(role).cloned().unwrap_or_else(|| "127.0.0.1:0".into());
+        let text = match role {
+            "idp" => toml::to_string(&quorum_idp::Config {
+                listen,
+                data_dir: dir,
+                issuer: None,
+                max_token_lifetime_secs: 24 * 3600,
+                clients: vec![quorum_idp::ClientConfig {
+                    id: "controller".into(),
+                    tenant: "local".into(),
+                    secret_hash: quorum_idp::hash_secret(&self.saved.client_secret),
+                }],
+            })?,
+            "store" => toml::to_string(&quorum_store::Config {
+                listen,
+                data_dir: dir,
+                audience: self.store_audience.clone(),
+                trusted_issuers: vec![quorum_client::trust::TrustedIssuer { issuer: self.idp_url.clone() }],
+                max_blob_bytes: quorum_store::DEFAULT_MAX_BLOB_BYTES,
+            })?,
+            "controller" => toml::to_string(&quorum_controller::Config {
+                listen,
+                data_dir: dir,
+                name: None,
+                api_token: Some(self.saved.api_token.clone()),
+                idp: quorum_controller::IdpConfig {
+                    url: self.idp_url.clone(),
+                    client_id: "controller".into(),
+                    client_secret: Some(self.saved.client_secret.clone()),
+                },
+                store: quorum_controller::StoreConfig { url: self.store_url.clone(), audience: self.store_audience.clone() },
+                lease_secs: self.spec.lease_secs,
+            })?,
+            _ => bail!("unknown role {role}"),
+        };
+        Ok(text)
+    }
+
+    /// Starts (or restarts) the IdP, store or controller and waits for it to listen.
+    pub async fn start_role(&mut self, role: &str) -> anyhow::Result<()> {
+        let dir = self.role_dir(role);
+        std::fs::create_dir_all(&dir)?;
+        let config = self.spec.data_dir.join(format!("{role}.toml"));
+        std::fs::write(&config, self.config_text(role)?)?;
+        let ready = self.spec.data_dir.join(format!("{role}.ready"));
+        let _ = std::fs::remove_file(&ready);
+        let child = self.spawn(role, &[role, "--config", path_str(&config)?, "--ready-file", path_str(&ready)?])?;
+        self.processes.insert(role.to_string(), RoleProcess { child });
+        let addr = self.wait_ready(role, &ready).await?;
+        let url = format!("http://{addr}");
+        self.saved.addresses.insert(role.to_string(), addr);
+        match role {
+            "idp" => self.idp_url = url,
+            "store" => self.store_url = url,
+            _ => self.controller_url = url,
+        }
+        Ok(())
+    }
+
+    /// Enrolls (on first start) and starts one worker.
+    pub async fn start_worker(&mut self, w: &WorkerSpec) -> anyhow::Result<()> {
+        let dir = self.role_dir(&w.name);
+        std::fs::create_dir_all(&dir)?;
+        let enrolled = dir.join("enrollments.json").exists();
+        let token = if enrolled {
+            None
+        } else {
+            Some(quorum_controller::create_enrollment(&self.role_dir("controller"), &w.owner, w.trusted, &BTreeMap::new()).await?)
+        };
+        let issuers = w.trusted_issuers.clone().unwrap_or_else(|| vec![self.idp_url.clone()]);
+        let config = quorum_worker::Config {
+            name: w.name.clone(),
+            data_dir: dir,
+            controllers: vec![quorum_worker::ControllerConfig { url: self.controller_url.clone(), enrollment_token: token }],
+            trusted_issuers: issuers.into_iter().map(|issuer| quorum_client::trust::TrustedIssuer { issuer }).collect(),
+            max_jobs: 2,
+        };
+        let path = self.spec.data_dir.join(format!("{}.toml", w.name));
+        std::fs::write(&path, toml::to_string(&config)?)?;
+        let child = self.spawn(&w.name, &["worker", "--config", path_str(&path)?])?;
+        self.processes.insert(w.name.clone(), RoleProcess { child });
+        Ok(())
+    }
+
+    #[allow(clippy::disallowed_methods)] // role processes, not build processes
+    fn spawn(&self, name: &str, args: &[&str]) -> anyhow::Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.spec.data_dir.join(format!("{name}.log")))?;
+        Command::new(&self.spec.exe)
+            .args(args)
+            .env("RUST_LOG", &self.spec.log_filter)
+            .env_remove("QUORUM_API_TOKEN")
+            .env_remove("QUORUM_IDP_CLIENT_SECRET")
+            .env_remove("QUORUM_ENROLLMENT_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {} for {name}", self.spec.exe.display()))
+    }
+
+    async fn wait_ready(&mut self, role: &str, ready: &Path) -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(addr) = std::fs::read_to_string(ready) {
+                return Ok(addr.trim().to_string());
+            }
+            if let Some(p) = self.processes.get_mut(role)
+                && let Some(status) = p.child.try_wait()?
+            {
+                bail!(
+                    "the {role} exited ({status}) before listening; its log is {}:\n{}",
+                    self.spec.data_dir.join(format!("{role}.log")).display(),
+                    tail(&self.spec.data_dir.join(format!("{role}.log")))
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("the {role} did not start listening within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills a role's process with SIGKILL, as a crash would.
+    pub fn kill(&mut self, name: &str) -> anyhow::Result<()> {
+        if let Some(mut p) = self.processes.remove(name) {
+            p.child.kill()?;
+            p.child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Whether a role's process is still running.
+    pub fn is_running(&mut self, name: &str) -> bool {
+        self.processes.get_mut(name).is_some_and(|p| matches!(p.child.try_wait(), Ok(None)))
+    }
+
+    /// Stops every role with SIGTERM, then SIGKILL after a grace period.
+    pub fn shutdown(&mut self) {
+        for p in self.processes.values_mut() {
+            // SAFETY-free: kill(2) through libc, only on our own children's pids.
+            terminate(p.child.id());
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for p in self.processes.values_mut() {
+            while matches!(p.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        self.processes.clear();
+    }
+
+    /// The controller's signing public key, base64 of the raw 32 bytes.
+    pub fn signer_public_key(&self) -> anyhow::Result<String> {
+        let key = quorum_controller::signer_public_key(&self.role_dir("controller"))?;
+        Ok(base64::engine::general_purpose::STANDARD.encode(key.as_bytes()))
+    }
+
+    pub fn user_client(&self) -> quorum_client::user::UserClient {
+        quorum_client::user::UserClient::new(&self.controller_url, &self.api_token)
+    }
+}
+
+impl Drop for Federation {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn terminate(pid: u32) {
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).expect("child pids are positive"),
+        rustix::process::Signal::TERM,
+    );
+}
+
+fn path_str(p: &Path) -> anyhow::Result<&str> {
+    p.to_str().with_context(|| format!("path {} is not UTF-8", p.display()))
+}
+
+/// The last lines of a log file, for error messages.
+pub fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}

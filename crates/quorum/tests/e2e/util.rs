@@ -1,0 +1,136 @@
+//! Test helpers: git repositories made on the fly, a federation of real role processes in a
+//! temporary directory, and the `quorum` CLI as a user runs it.
+
+#![allow(clippy::disallowed_methods)] // tests run git and the quorum binary
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use quorum::federation::{Federation, Spec, WorkerSpec};
+use quorum_api::v1::controller::BuildStatus;
+
+pub fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_quorum"))
+}
+
+pub fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+fn sh(dir: &Path, script: &str) {
+    let out = Command::new("sh").arg("-c").arg(script).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A git repository holding `files`, committed once.
+pub fn repo_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (path, text) in files {
+        let p = dir.path().join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    commit_all(dir.path());
+    dir
+}
+
+/// A git repository holding a copy of `examples/<name>`.
+pub fn example_repo(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = examples().join(name);
+    sh(dir.path(), &format!("cp -a {}/. .", src.display()));
+    sh(dir.path(), "rm -rf dist");
+    commit_all(dir.path());
+    dir
+}
+
+fn commit_all(dir: &Path) {
+    sh(dir, "git init -q -b main && git add -A && git -c user.name=t -c user.email=t@example.invalid commit -qm test");
+}
+
+pub struct Fixture {
+    // Field order matters: the federation stops before its directory is removed.
+    pub fed: Federation,
+    pub dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    pub async fn start(workers: Vec<WorkerSpec>, lease_secs: u64) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = Spec::local(dir.path(), &exe(), 0);
+        spec.workers = workers;
+        spec.lease_secs = lease_secs;
+        spec.log_filter = "info,sqlx=warn".into();
+        let fed = Federation::start(spec).await.unwrap();
+        Fixture { fed, dir }
+    }
+
+    pub async fn with_workers(n: usize) -> Fixture {
+        Fixture::start((1..=n).map(|i| WorkerSpec::new(&format!("w{i}"), &format!("owner{i}"), i == 1)).collect(), 3).await
+    }
+
+    /// Runs the CLI against this federation's controller.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(exe())
+            .args(args)
+            .env("QUORUM_CONTROLLER", &self.fed.controller_url)
+            .env("QUORUM_API_TOKEN", &self.fed.api_token)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    }
+
+    pub async fn submit(&self, repo: &Path) -> String {
+        let created = self.fed.user_client().submit(repo.to_str().unwrap(), "HEAD").await.unwrap();
+        created.build_id
+    }
+
+    /// Waits (bounded) for the build to reach a final state.
+    pub async fn wait_final(&self, build: &str, limit: Duration) -> BuildStatus {
+        let c = self.fed.user_client();
+        let start = Instant::now();
+        loop {
+            let s = c.status(build).await.unwrap();
+            if s.state.is_final() {
+                return s;
+            }
+            assert!(start.elapsed() < limit, "build did not finish in {limit:?}: {s:#?}\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits (bounded) until `pred` holds for the build's status.
+    pub async fn wait_until(&self, build: &str, limit: Duration, what: &str, pred: impl Fn(&BuildStatus) -> bool) -> BuildStatus {
+        let c = self.fed.user_client();
+        let start = Instant::now();
+        loop {
+            let s = c.status(build).await.unwrap();
+            if pred(&s) {
+                return s;
+            }
+            assert!(start.elapsed() < limit, "{what} did not happen in {limit:?}: {s:#?}\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every role's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for entry in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+            let p = entry.path();
+            if p.extension().is_some_and(|e| e == "log") {
+                out.push_str(&format!("--- {} ---\n{}\n", p.display(), quorum::federation::tail(&p)));
+            }
+        }
+        out
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
