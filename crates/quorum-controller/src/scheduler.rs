@@ -192,7 +192,10 @@ async fn decide_job(
         })
         .collect();
     let active: Vec<&&AssignmentRow> = mine.iter().filter(|a| matches!(a.state.as_str(), "offered" | "running")).collect();
-    let verdict = job_verdict(spec.policy, &results, active.len());
+    // Slots not yet filled count as outstanding: a dispute is declared only once `quorum`
+    // results are in, so the record holds as many witnesses as the policy asked for.
+    let unfilled = (spec.policy.quorum as usize).saturating_sub(results.len() + active.len());
+    let verdict = job_verdict(spec.policy, &results, active.len() + unfilled);
     match verdict {
         JobVerdict::Verified { manifest, workers: agreeing } => {
             withdraw_extra(state, &active).await?;

@@ -38,7 +38,9 @@ pub async fn enroll(AxState(state): AxState<Arc<State>>, Json(req): Json<EnrollR
         return Err(ApiError::bad_request("public_key is not a base64 Ed25519 public key"));
     }
     let hash = quorum_core::Digest::of(req.enrollment_token.as_bytes()).to_string();
-    let mut tx = state.pool.begin().await.map_err(ApiError::internal)?;
+    // IMMEDIATE: this transaction reads then writes, and must hold the write lock from the
+    // start so that concurrent enrollments queue instead of failing with SQLITE_BUSY.
+    let mut tx = state.pool.begin_with("BEGIN IMMEDIATE").await.map_err(ApiError::internal)?;
     let row = sqlx::query("SELECT owner, trusted, labels, used_by FROM enrollments WHERE token_hash = ?")
         .bind(&hash)
         .fetch_optional(&mut *tx)
@@ -95,8 +97,19 @@ pub async fn poll(
         {
             return Ok(Json(a).into_response());
         }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            return Ok(StatusCode::NO_CONTENT.into_response());
+        // Wake at least every third of a lease to mark the worker as still online: a worker
+        // waiting in a long poll is available, even though it sends nothing.
+        let beat = tokio::time::Instant::now() + Duration::from_millis(state.lease_secs * 1000 / 3);
+        if tokio::time::timeout_at(deadline.min(beat), notified).await.is_err() {
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(StatusCode::NO_CONTENT.into_response());
+            }
+            sqlx::query("UPDATE workers SET last_seen = ? WHERE id = ?")
+                .bind(now_unix())
+                .bind(&w.id)
+                .execute(&state.pool)
+                .await
+                .map_err(ApiError::internal)?;
         }
     }
 }
