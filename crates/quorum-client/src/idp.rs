@@ -16,7 +16,10 @@ pub struct IdpClient {
 
 impl std::fmt::Debug for IdpClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdpClient").field("base", &self.base).field("client_id", &self.client_id).finish()
+        f.debug_struct("IdpClient")
+            .field("base", &self.base)
+            .field("client_id", &self.client_id)
+            .finish()
     }
 }
 
@@ -56,11 +59,19 @@ impl IdpClient {
 
     /// The client's own access token (client credentials grant).
     pub async fn access_token(&self) -> Result<TokenResponse, ClientError> {
-        self.token(&TokenRequest { grant_type: GRANT_CLIENT_CREDENTIALS.into(), ..Default::default() }).await
+        self.token(&TokenRequest {
+            grant_type: GRANT_CLIENT_CREDENTIALS.into(),
+            ..Default::default()
+        })
+        .await
     }
 
     /// Exchanges the client's access token for a token scoped to one assignment (RFC 8693).
-    pub async fn exchange(&self, access_token: &str, what: &TokenFor) -> Result<TokenResponse, ClientError> {
+    pub async fn exchange(
+        &self,
+        access_token: &str,
+        what: &TokenFor,
+    ) -> Result<TokenResponse, ClientError> {
         self.token(&TokenRequest {
             grant_type: GRANT_TOKEN_EXCHANGE.into(),
             subject_token: Some(access_token.to_string()),

@@ -13,7 +13,11 @@ pub enum ClientError {
     #[error("cannot reach {url}: {source}")]
     Transport { url: String, source: reqwest::Error },
     #[error("{url} answered {status}: {message}")]
-    Status { url: String, status: u16, message: String },
+    Status {
+        url: String,
+        status: u16,
+        message: String,
+    },
     #[error("{url} answered with an unreadable body: {message}")]
     Body { url: String, message: String },
 }
@@ -37,7 +41,10 @@ pub fn http_client() -> reqwest::Client {
 }
 
 /// Turns a non-success response into [`ClientError::Status`] with the server's message.
-pub(crate) async fn check(url: &str, resp: reqwest::Response) -> Result<reqwest::Response, ClientError> {
+pub(crate) async fn check(
+    url: &str,
+    resp: reqwest::Response,
+) -> Result<reqwest::Response, ClientError> {
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);
@@ -48,15 +55,28 @@ pub(crate) async fn check(url: &str, resp: reqwest::Response) -> Result<reqwest:
         .map(|e| format!("{}: {}", e.error, e.error_description))
         .or_else(|_| serde_json::from_str::<quorum_api::ErrorBody>(&text).map(|b| b.error))
         .unwrap_or(text);
-    Err(ClientError::Status { url: url.to_string(), status: status.as_u16(), message })
+    Err(ClientError::Status {
+        url: url.to_string(),
+        status: status.as_u16(),
+        message,
+    })
 }
 
 pub(crate) fn transport(url: &str) -> impl FnOnce(reqwest::Error) -> ClientError + '_ {
-    move |source| ClientError::Transport { url: url.to_string(), source }
+    move |source| ClientError::Transport {
+        url: url.to_string(),
+        source,
+    }
 }
 
-pub(crate) async fn json<T: serde::de::DeserializeOwned>(url: &str, resp: reqwest::Response) -> Result<T, ClientError> {
+pub(crate) async fn json<T: serde::de::DeserializeOwned>(
+    url: &str,
+    resp: reqwest::Response,
+) -> Result<T, ClientError> {
     let resp = check(url, resp).await?;
     let bytes = resp.bytes().await.map_err(transport(url))?;
-    serde_json::from_slice(&bytes).map_err(|e| ClientError::Body { url: url.to_string(), message: e.to_string() })
+    serde_json::from_slice(&bytes).map_err(|e| ClientError::Body {
+        url: url.to_string(),
+        message: e.to_string(),
+    })
 }

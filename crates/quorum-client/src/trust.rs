@@ -28,7 +28,10 @@ pub enum TrustError {
     #[error("cannot fetch the keys of issuer {issuer}: {source}")]
     Fetch { issuer: String, source: ClientError },
     #[error("issuer {configured} publishes discovery for `{published}`; refusing its keys")]
-    IssuerMismatch { configured: String, published: String },
+    IssuerMismatch {
+        configured: String,
+        published: String,
+    },
 }
 
 /// How long a fetched key set is used before it is fetched again.
@@ -50,13 +53,19 @@ pub struct TrustedIssuers {
 
 impl std::fmt::Debug for TrustedIssuers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrustedIssuers").field("issuers", &self.issuers).finish()
+        f.debug_struct("TrustedIssuers")
+            .field("issuers", &self.issuers)
+            .finish()
     }
 }
 
 impl TrustedIssuers {
     pub fn new(issuers: Vec<TrustedIssuer>) -> TrustedIssuers {
-        TrustedIssuers { issuers, http: crate::http_client(), cache: Mutex::default() }
+        TrustedIssuers {
+            issuers,
+            http: crate::http_client(),
+            cache: Mutex::default(),
+        }
     }
 
     pub fn issuers(&self) -> &[TrustedIssuer] {
@@ -65,7 +74,13 @@ impl TrustedIssuers {
 
     /// Verifies `token` as a token of type `typ` for `audience`, issued by one of the trusted
     /// issuers with a key from that issuer's own JWKS.
-    pub async fn verify(&self, token: &str, typ: &str, audience: &str, max_lifetime_secs: i64) -> Result<Claims, TrustError> {
+    pub async fn verify(
+        &self,
+        token: &str,
+        typ: &str,
+        audience: &str,
+        max_lifetime_secs: i64,
+    ) -> Result<Claims, TrustError> {
         let peeked = quorum_token::peek(token)?;
         let Some(trusted) = self.issuers.iter().find(|i| i.issuer == peeked.iss) else {
             return Err(TokenError::UntrustedIssuer(peeked.iss).into());
@@ -74,7 +89,12 @@ impl TrustedIssuers {
         let claims = quorum_token::verify(
             token,
             &key,
-            &Expect { typ, issuer: &trusted.issuer, audience, max_lifetime_secs },
+            &Expect {
+                typ,
+                issuer: &trusted.issuer,
+                audience,
+                max_lifetime_secs,
+            },
         )?;
         Ok(claims)
     }
@@ -86,28 +106,53 @@ impl TrustedIssuers {
         if fresh && let Some(k) = entry.keys.get(kid) {
             return Ok(*k);
         }
-        let may_refresh = entry.fetched.is_none_or(|t| t.elapsed() >= REFRESH_MIN_INTERVAL);
+        let may_refresh = entry
+            .fetched
+            .is_none_or(|t| t.elapsed() >= REFRESH_MIN_INTERVAL);
         if may_refresh {
             entry.keys = self.fetch(issuer).await?;
             entry.fetched = Some(Instant::now());
         }
-        entry
-            .keys
-            .get(kid)
-            .copied()
-            .ok_or_else(|| TokenError::UnknownKey { iss: issuer.to_string(), kid: kid.to_string() }.into())
+        entry.keys.get(kid).copied().ok_or_else(|| {
+            TokenError::UnknownKey {
+                iss: issuer.to_string(),
+                kid: kid.to_string(),
+            }
+            .into()
+        })
     }
 
     async fn fetch(&self, issuer: &str) -> Result<HashMap<String, VerifyingKey>, TrustError> {
-        let fetch_err = |source| TrustError::Fetch { issuer: issuer.to_string(), source };
-        let url = format!("{}/.well-known/openid-configuration", issuer.trim_end_matches('/'));
-        let resp = self.http.get(&url).send().await.map_err(transport(&url)).map_err(fetch_err)?;
+        let fetch_err = |source| TrustError::Fetch {
+            issuer: issuer.to_string(),
+            source,
+        };
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            issuer.trim_end_matches('/')
+        );
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(transport(&url))
+            .map_err(fetch_err)?;
         let discovery: Discovery = json(&url, resp).await.map_err(fetch_err)?;
         if discovery.issuer != issuer {
-            return Err(TrustError::IssuerMismatch { configured: issuer.to_string(), published: discovery.issuer });
+            return Err(TrustError::IssuerMismatch {
+                configured: issuer.to_string(),
+                published: discovery.issuer,
+            });
         }
         let url = discovery.jwks_uri;
-        let resp = self.http.get(&url).send().await.map_err(transport(&url)).map_err(fetch_err)?;
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(transport(&url))
+            .map_err(fetch_err)?;
         let jwks: Jwks = json(&url, resp).await.map_err(fetch_err)?;
         let mut keys = HashMap::new();
         for jwk in jwks.keys {
@@ -115,7 +160,9 @@ impl TrustedIssuers {
                 Ok(k) => {
                     keys.insert(jwk.kid.clone(), k);
                 }
-                Err(e) => tracing::warn!(issuer, kid = %jwk.kid, error = %e, "ignoring unusable key in JWKS"),
+                Err(e) => {
+                    tracing::warn!(issuer, kid = %jwk.kid, error = %e, "ignoring unusable key in JWKS")
+                }
             }
         }
         Ok(keys)

@@ -5,7 +5,9 @@ use axum::http::{HeaderMap, Method, Uri};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
-use quorum_api::v1::worker_auth::{HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WORKER, MAX_SKEW_SECS, message};
+use quorum_api::v1::worker_auth::{
+    HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WORKER, MAX_SKEW_SECS, message,
+};
 use quorum_service::ApiError;
 
 use crate::State;
@@ -19,7 +21,13 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
 }
 
 /// Checks the worker's request signature and records that the worker was seen.
-pub async fn worker(state: &State, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Result<WorkerRow, ApiError> {
+pub async fn worker(
+    state: &State,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<WorkerRow, ApiError> {
     let id = header(headers, HEADER_WORKER)?;
     let ts: i64 = header(headers, HEADER_TIMESTAMP)?
         .parse()
@@ -35,14 +43,25 @@ pub async fn worker(state: &State, method: &Method, uri: &Uri, headers: &HeaderM
         .decode(header(headers, HEADER_SIGNATURE)?)
         .ok()
         .and_then(|b| Signature::from_slice(&b).ok())
-        .ok_or_else(|| ApiError::unauthorized("request signature is not a base64 Ed25519 signature"))?;
+        .ok_or_else(|| {
+            ApiError::unauthorized("request signature is not a base64 Ed25519 signature")
+        })?;
     let unknown = || ApiError::unauthorized("unknown worker or bad signature");
     let w = db::worker(&state.pool, id).await?.ok_or_else(unknown)?;
     let key = public_key(&w.public_key).ok_or_else(unknown)?;
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or(uri.path());
-    key.verify(&message(method.as_str(), path, ts, body), &sig).map_err(|_| unknown())?;
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or(uri.path());
+    key.verify(&message(method.as_str(), path, ts, body), &sig)
+        .map_err(|_| unknown())?;
     let was_offline = w.last_seen < now - state.lease_secs as i64;
-    sqlx::query("UPDATE workers SET last_seen = ? WHERE id = ?").bind(now).bind(id).execute(&state.pool).await.map_err(ApiError::internal)?;
+    sqlx::query("UPDATE workers SET last_seen = ? WHERE id = ?")
+        .bind(now)
+        .bind(id)
+        .execute(&state.pool)
+        .await
+        .map_err(ApiError::internal)?;
     if was_offline {
         // A worker coming (back) online may be what a waiting job needs.
         state.wake.notify_one();
@@ -61,10 +80,16 @@ pub fn user(state: &State, headers: &HeaderMap) -> Result<(), ApiError> {
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError::unauthorized("missing bearer token; pass the controller's API token"))?;
+        .ok_or_else(|| {
+            ApiError::unauthorized("missing bearer token; pass the controller's API token")
+        })?;
     let a = quorum_core::Digest::of(given.as_bytes());
     let b = quorum_core::Digest::of(state.api_token.as_bytes());
-    let diff = a.as_bytes().iter().zip(b.as_bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    let diff = a
+        .as_bytes()
+        .iter()
+        .zip(b.as_bytes())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
     if diff != 0 {
         return Err(ApiError::unauthorized("wrong API token"));
     }

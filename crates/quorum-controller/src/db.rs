@@ -12,7 +12,8 @@ use sqlx::{Row as _, SqlitePool};
 pub type Pool = SqlitePool;
 
 pub async fn open(data_dir: &Path) -> anyhow::Result<Pool> {
-    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let path = data_dir.join("controller.db");
     let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
         .create_if_missing(true)
@@ -54,7 +55,10 @@ pub fn worker_from_row(r: &sqlx::sqlite::SqliteRow) -> WorkerRow {
 }
 
 pub async fn worker(pool: &Pool, id: &str) -> anyhow::Result<Option<WorkerRow>> {
-    let row = sqlx::query("SELECT * FROM workers WHERE id = ?").bind(id).fetch_optional(pool).await?;
+    let row = sqlx::query("SELECT * FROM workers WHERE id = ?")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
     Ok(row.as_ref().map(worker_from_row))
 }
 
@@ -86,7 +90,10 @@ pub fn assignment_from_row(r: &sqlx::sqlite::SqliteRow) -> AssignmentRow {
 }
 
 pub async fn assignment(pool: &Pool, id: &str) -> anyhow::Result<Option<AssignmentRow>> {
-    let row = sqlx::query("SELECT * FROM assignments WHERE id = ?").bind(id).fetch_optional(pool).await?;
+    let row = sqlx::query("SELECT * FROM assignments WHERE id = ?")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
     Ok(row.as_ref().map(assignment_from_row))
 }
 
@@ -114,7 +121,10 @@ pub fn build_from_row(r: &sqlx::sqlite::SqliteRow) -> BuildRow {
 }
 
 pub async fn build(pool: &Pool, id: &str) -> anyhow::Result<Option<BuildRow>> {
-    let row = sqlx::query("SELECT * FROM builds WHERE id = ?").bind(id).fetch_optional(pool).await?;
+    let row = sqlx::query("SELECT * FROM builds WHERE id = ?")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
     Ok(row.as_ref().map(build_from_row))
 }
 
@@ -137,17 +147,22 @@ pub async fn jobs(pool: &Pool, build_id: &str) -> anyhow::Result<Vec<JobRow>> {
         .map(|r| {
             Ok(JobRow {
                 name: r.get("name"),
-                spec: serde_json::from_str(&r.get::<String, _>("spec")).context("stored job spec")?,
+                spec: serde_json::from_str(&r.get::<String, _>("spec"))
+                    .context("stored job spec")?,
                 state: r.get("state"),
                 detail: r.get("detail"),
                 manifest: r.get("manifest"),
-                differing_paths: serde_json::from_str(&r.get::<String, _>("differing_paths")).unwrap_or_default(),
+                differing_paths: serde_json::from_str(&r.get::<String, _>("differing_paths"))
+                    .unwrap_or_default(),
             })
         })
         .collect()
 }
 
-pub async fn assignments_of_build(pool: &Pool, build_id: &str) -> anyhow::Result<Vec<AssignmentRow>> {
+pub async fn assignments_of_build(
+    pool: &Pool,
+    build_id: &str,
+) -> anyhow::Result<Vec<AssignmentRow>> {
     let rows = sqlx::query("SELECT * FROM assignments WHERE build_id = ? ORDER BY created_at, id")
         .bind(build_id)
         .fetch_all(pool)

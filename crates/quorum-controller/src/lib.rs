@@ -89,7 +89,12 @@ pub(crate) struct State {
 
 impl State {
     pub fn worker_notify(&self, worker: &str) -> Arc<Notify> {
-        self.worker_wake.lock().expect("worker notify map").entry(worker.to_string()).or_default().clone()
+        self.worker_wake
+            .lock()
+            .expect("worker notify map")
+            .entry(worker.to_string())
+            .or_default()
+            .clone()
     }
 
     /// The controller's own access token from its IdP, renewed a minute before it expires.
@@ -101,16 +106,27 @@ impl State {
         {
             return Ok(token.clone());
         }
-        let resp = self.idp.access_token().await.context("cannot get an access token from the IdP")?;
+        let resp = self
+            .idp
+            .access_token()
+            .await
+            .context("cannot get an access token from the IdP")?;
         *cached = Some((resp.access_token.clone(), now + resp.expires_in));
         Ok(resp.access_token)
     }
 }
 
 /// Runs the controller on `listener` until `shutdown` is cancelled.
-pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    let name = config.name.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let name = config
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
     let api_token = std::env::var("QUORUM_API_TOKEN")
         .ok()
         .or(config.api_token.clone())
@@ -139,7 +155,8 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     scheduler::resume_after_restart(&state).await?;
     tracing::info!(%addr, controller = %state.name, signer_key = %state.signer.key_id(), "controller listening");
     let sched = tokio::spawn(scheduler::run(state.clone(), shutdown.clone()));
-    let result = quorum_service::serve(listener, api::router(state.clone()), shutdown.clone()).await;
+    let result =
+        quorum_service::serve(listener, api::router(state.clone()), shutdown.clone()).await;
     shutdown.cancel();
     let _ = sched.await;
     result
@@ -160,7 +177,10 @@ pub async fn create_enrollment(
     let pool = db::open(data_dir).await?;
     let mut raw = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut raw);
-    let token = format!("qe_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw));
+    let token = format!(
+        "qe_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    );
     sqlx::query("INSERT INTO enrollments (token_hash, owner, trusted, labels, created_at) VALUES (?, ?, ?, ?, ?)")
         .bind(quorum_core::Digest::of(token.as_bytes()).to_string())
         .bind(owner)
@@ -174,13 +194,18 @@ pub async fn create_enrollment(
 }
 
 /// The signer's public key for this data dir, creating the key if needed (for `up` to print).
-pub fn signer_public_key(data_dir: &std::path::Path) -> anyhow::Result<ed25519_dalek::VerifyingKey> {
+pub fn signer_public_key(
+    data_dir: &std::path::Path,
+) -> anyhow::Result<ed25519_dalek::VerifyingKey> {
     Ok(Signer::load_or_create(&data_dir.join("signer.key"))?.public_key())
 }
 
 pub(crate) fn rfc3339(t: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(t)
         .ok()
-        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }

@@ -62,14 +62,19 @@ async fn pass(state: &State) -> anyhow::Result<()> {
     .execute(&state.pool)
     .await?;
     if lost.rows_affected() > 0 {
-        tracing::warn!(count = lost.rows_affected(), "assignments lost to expired leases");
+        tracing::warn!(
+            count = lost.rows_affected(),
+            "assignments lost to expired leases"
+        );
     }
-    let builds: Vec<(String, String)> = sqlx::query("SELECT id, state FROM builds WHERE state IN ('running', 'cancelling') ORDER BY created_at")
-        .fetch_all(&state.pool)
-        .await?
-        .iter()
-        .map(|r| (r.get("id"), r.get("state")))
-        .collect();
+    let builds: Vec<(String, String)> = sqlx::query(
+        "SELECT id, state FROM builds WHERE state IN ('running', 'cancelling') ORDER BY created_at",
+    )
+    .fetch_all(&state.pool)
+    .await?
+    .iter()
+    .map(|r| (r.get("id"), r.get("state")))
+    .collect();
     if builds.is_empty() {
         return Ok(());
     }
@@ -102,14 +107,21 @@ async fn cancel_build(state: &State, id: &str) -> anyhow::Result<()> {
         .bind(id)
         .execute(&mut *tx)
         .await?;
-    sqlx::query("UPDATE builds SET state = 'cancelled', finished_at = ? WHERE id = ?").bind(now).bind(id).execute(&mut *tx).await?;
+    sqlx::query("UPDATE builds SET state = 'cancelled', finished_at = ? WHERE id = ?")
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     tracing::info!(build = %id, "build cancelled");
     Ok(())
 }
 
 fn is_final(state: &str) -> bool {
-    matches!(state, "verified" | "disputed" | "failed" | "skipped" | "cancelled")
+    matches!(
+        state,
+        "verified" | "disputed" | "failed" | "skipped" | "cancelled"
+    )
 }
 
 /// What one pass decides for one job.
@@ -123,24 +135,33 @@ struct JobUpdate {
 async fn evaluate_build(state: &State, build_id: &str, online: &[WorkerRow]) -> anyhow::Result<()> {
     let jobs = db::jobs(&state.pool, build_id).await?;
     let assignments = db::assignments_of_build(&state.pool, build_id).await?;
-    let workers: BTreeMap<String, WorkerRow> = sqlx::query("SELECT * FROM workers WHERE id IN (SELECT worker_id FROM assignments WHERE build_id = ?)")
-        .bind(build_id)
-        .fetch_all(&state.pool)
-        .await?
+    let workers: BTreeMap<String, WorkerRow> = sqlx::query(
+        "SELECT * FROM workers WHERE id IN (SELECT worker_id FROM assignments WHERE build_id = ?)",
+    )
+    .bind(build_id)
+    .fetch_all(&state.pool)
+    .await?
+    .iter()
+    .map(|r| {
+        let w = db::worker_from_row(r);
+        (w.id.clone(), w)
+    })
+    .collect();
+    let mut states: BTreeMap<String, String> = jobs
         .iter()
-        .map(|r| {
-            let w = db::worker_from_row(r);
-            (w.id.clone(), w)
-        })
+        .map(|j| (j.name.clone(), j.state.clone()))
         .collect();
-    let mut states: BTreeMap<String, String> = jobs.iter().map(|j| (j.name.clone(), j.state.clone())).collect();
     for job in &jobs {
         if is_final(&job.state) {
             continue;
         }
         let mine: Vec<&AssignmentRow> = assignments.iter().filter(|a| a.job == job.name).collect();
         let update = decide_job(state, build_id, job, &mine, &workers, &states, online).await?;
-        if update.state != job.state || update.detail != job.detail || update.manifest != job.manifest || update.differing != job.differing_paths {
+        if update.state != job.state
+            || update.detail != job.detail
+            || update.manifest != job.manifest
+            || update.differing != job.differing_paths
+        {
             sqlx::query("UPDATE jobs SET state = ?, detail = ?, manifest = ?, differing_paths = ? WHERE build_id = ? AND name = ?")
                 .bind(update.state)
                 .bind(&update.detail)
@@ -172,12 +193,22 @@ async fn decide_job(
     online: &[WorkerRow],
 ) -> anyhow::Result<JobUpdate> {
     let spec = &job.spec;
-    let waiting = |detail: String| JobUpdate { state: "queued", detail, manifest: None, differing: vec![] };
+    let waiting = |detail: String| JobUpdate {
+        state: "queued",
+        detail,
+        manifest: None,
+        differing: vec![],
+    };
     for need in &spec.needs {
         match states.get(need).map(String::as_str) {
             Some("verified") => {}
             Some(s) if is_final(s) => {
-                return Ok(JobUpdate { state: "skipped", detail: format!("needs `{need}`, which is {s}"), manifest: None, differing: vec![] });
+                return Ok(JobUpdate {
+                    state: "skipped",
+                    detail: format!("needs `{need}`, which is {s}"),
+                    manifest: None,
+                    differing: vec![],
+                });
             }
             _ => return Ok(waiting(format!("waiting for `{need}`"))),
         }
@@ -188,30 +219,56 @@ async fn decide_job(
         .filter_map(|a| {
             let w = workers.get(&a.worker_id)?;
             let outcome: Outcome = serde_json::from_str(a.outcome.as_deref()?).ok()?;
-            Some(ResultView { worker: w.id.clone(), owner: w.owner.clone(), trusted: w.trusted, outcome })
+            Some(ResultView {
+                worker: w.id.clone(),
+                owner: w.owner.clone(),
+                trusted: w.trusted,
+                outcome,
+            })
         })
         .collect();
-    let active: Vec<&&AssignmentRow> = mine.iter().filter(|a| matches!(a.state.as_str(), "offered" | "running")).collect();
+    let active: Vec<&&AssignmentRow> = mine
+        .iter()
+        .filter(|a| matches!(a.state.as_str(), "offered" | "running"))
+        .collect();
     // Slots not yet filled count as outstanding: a dispute is declared only once `quorum`
     // results are in, so the record holds as many witnesses as the policy asked for.
     let unfilled = (spec.policy.quorum as usize).saturating_sub(results.len() + active.len());
     let verdict = job_verdict(spec.policy, &results, active.len() + unfilled);
     match verdict {
-        JobVerdict::Verified { manifest, workers: agreeing } => {
+        JobVerdict::Verified {
+            manifest,
+            workers: agreeing,
+        } => {
             withdraw_extra(state, &active).await?;
             return Ok(JobUpdate {
                 state: "verified",
-                detail: format!("{} identical results from {}", agreeing.len(), agreeing.join(", ")),
+                detail: format!(
+                    "{} identical results from {}",
+                    agreeing.len(),
+                    agreeing.join(", ")
+                ),
                 manifest: Some(manifest.to_string()),
                 differing: vec![],
             });
         }
         JobVerdict::Failed { workers: agreeing } => {
             withdraw_extra(state, &active).await?;
-            let reason = mine.iter().find_map(|a| (a.state == "reported").then_some(a.detail.clone()).flatten()).unwrap_or_default();
+            let reason = mine
+                .iter()
+                .find_map(|a| {
+                    (a.state == "reported")
+                        .then_some(a.detail.clone())
+                        .flatten()
+                })
+                .unwrap_or_default();
             return Ok(JobUpdate {
                 state: "failed",
-                detail: format!("{} workers agree the job fails ({}): {reason}", agreeing.len(), agreeing.join(", ")),
+                detail: format!(
+                    "{} workers agree the job fails ({}): {reason}",
+                    agreeing.len(),
+                    agreeing.join(", ")
+                ),
                 manifest: None,
                 differing: vec![],
             });
@@ -226,7 +283,12 @@ async fn decide_job(
                 .collect::<Vec<_>>()
                 .join("; ");
             let differing = differing_paths(mine);
-            return Ok(JobUpdate { state: "disputed", detail: format!("results differ: {detail}"), manifest: None, differing });
+            return Ok(JobUpdate {
+                state: "disputed",
+                detail: format!("results differ: {detail}"),
+                manifest: None,
+                differing,
+            });
         }
         JobVerdict::Pending { .. } => {}
     }
@@ -240,7 +302,11 @@ async fn decide_job(
             .collect();
         return Ok(JobUpdate {
             state: "failed",
-            detail: format!("gave up after {} assignments; {}", mine.len(), reasons.join("; ")),
+            detail: format!(
+                "gave up after {} assignments; {}",
+                mine.len(),
+                reasons.join("; ")
+            ),
             manifest: None,
             differing: vec![],
         });
@@ -255,14 +321,18 @@ async fn decide_job(
         .collect();
     let trusted_have = counted.iter().filter(|w| w.trusted).count() as u32;
     let trusted_need = spec.policy.trusted.saturating_sub(trusted_have) as usize;
-    let slots = (spec.policy.quorum as usize).saturating_sub(counted.len()).max(trusted_need);
+    let slots = (spec.policy.quorum as usize)
+        .saturating_sub(counted.len())
+        .max(trusted_need);
     let mut detail = String::new();
     if slots > 0 {
         let used_workers: HashSet<&str> = mine.iter().map(|a| a.worker_id.as_str()).collect();
         let used_owners: HashSet<&str> = counted.iter().map(|w| w.owner.as_str()).collect();
         let eligible: Vec<&WorkerRow> = online
             .iter()
-            .filter(|w| !used_workers.contains(w.id.as_str()) && !used_owners.contains(w.owner.as_str()))
+            .filter(|w| {
+                !used_workers.contains(w.id.as_str()) && !used_owners.contains(w.owner.as_str())
+            })
             .filter(|w| spec.labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
             .collect();
         let picked = pick(&eligible, slots, trusted_need);
@@ -273,12 +343,23 @@ async fn decide_job(
             let labels = if spec.labels.is_empty() {
                 String::new()
             } else {
-                format!(" with labels {}", spec.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
+                format!(
+                    " with labels {}",
+                    spec.labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
             };
             detail = format!(
                 "waiting for {} more online workers of distinct owners{}{labels}",
                 slots - picked.len(),
-                if trusted_need > 0 { format!(" ({trusted_need} of them trusted)") } else { String::new() },
+                if trusted_need > 0 {
+                    format!(" ({trusted_need} of them trusted)")
+                } else {
+                    String::new()
+                },
             );
         }
     }
@@ -294,7 +375,12 @@ async fn decide_job(
     if detail.is_empty() {
         detail = format!("{reported} of {} results in", spec.policy.quorum);
     }
-    Ok(JobUpdate { state: state_name, detail, manifest: None, differing: vec![] })
+    Ok(JobUpdate {
+        state: state_name,
+        detail,
+        manifest: None,
+        differing: vec![],
+    })
 }
 
 /// Picks `slots` workers, one per owner, `trusted_need` of them trusted when possible. Owners are
@@ -335,7 +421,6 @@ fn pick<'a>(eligible: &[&'a WorkerRow], slots: usize, trusted_need: usize) -> Ve
     }
     picked
 }
-
 
 async fn offer(state: &State, build_id: &str, spec: &JobSpec, w: &WorkerRow) -> anyhow::Result<()> {
     let id = uuid::Uuid::new_v4().simple().to_string();
@@ -387,7 +472,11 @@ fn differing_paths(mine: &[&AssignmentRow]) -> Vec<String> {
     out
 }
 
-async fn finish_build(state: &State, build_id: &str, states: &BTreeMap<String, String>) -> anyhow::Result<()> {
+async fn finish_build(
+    state: &State,
+    build_id: &str,
+    states: &BTreeMap<String, String>,
+) -> anyhow::Result<()> {
     let all_verified = states.values().all(|s| s == "verified");
     let final_state = if all_verified {
         "verified"
@@ -400,12 +489,14 @@ async fn finish_build(state: &State, build_id: &str, states: &BTreeMap<String, S
     };
     let now = now_unix();
     if !all_verified {
-        sqlx::query("UPDATE builds SET state = ?, finished_at = ? WHERE id = ? AND state = 'running'")
-            .bind(final_state)
-            .bind(now)
-            .bind(build_id)
-            .execute(&state.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE builds SET state = ?, finished_at = ? WHERE id = ? AND state = 'running'",
+        )
+        .bind(final_state)
+        .bind(now)
+        .bind(build_id)
+        .execute(&state.pool)
+        .await?;
         tracing::info!(build = %build_id, state = final_state, "build finished");
         return Ok(());
     }
@@ -447,14 +538,21 @@ async fn finish_build(state: &State, build_id: &str, states: &BTreeMap<String, S
 
 /// Everything the signer re-checks, read straight from the database.
 async fn gather_evidence(state: &State, build_id: &str, now: i64) -> anyhow::Result<Evidence> {
-    let b = db::build(&state.pool, build_id).await?.context("build vanished")?;
+    let b = db::build(&state.pool, build_id)
+        .await?
+        .context("build vanished")?;
     let jobs = db::jobs(&state.pool, build_id).await?;
     let assignments = db::assignments_of_build(&state.pool, build_id).await?;
     let mut out = Vec::new();
     for j in jobs {
         let mut results = Vec::new();
-        for a in assignments.iter().filter(|a| a.job == j.name && a.state == "reported") {
-            let w = db::worker(&state.pool, &a.worker_id).await?.context("worker vanished")?;
+        for a in assignments
+            .iter()
+            .filter(|a| a.job == j.name && a.state == "reported")
+        {
+            let w = db::worker(&state.pool, &a.worker_id)
+                .await?
+                .context("worker vanished")?;
             let key = auth::public_key(&w.public_key).context("stored worker key is invalid")?;
             results.push(ResultEvidence {
                 assignment: a.id.clone(),
@@ -466,7 +564,11 @@ async fn gather_evidence(state: &State, build_id: &str, now: i64) -> anyhow::Res
                 signature: a.signature.clone().unwrap_or_default(),
             });
         }
-        out.push(JobEvidence { name: j.name, policy: j.spec.policy, results });
+        out.push(JobEvidence {
+            name: j.name,
+            policy: j.spec.policy,
+            results,
+        });
     }
     Ok(Evidence {
         controller: state.name.clone(),

@@ -33,7 +33,13 @@ pub struct EnvelopeSignature {
 
 /// DSSE pre-authentication encoding: what a signature actually covers.
 pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
-    let mut out = format!("DSSEv1 {} {} {} ", payload_type.len(), payload_type, payload.len()).into_bytes();
+    let mut out = format!(
+        "DSSEv1 {} {} {} ",
+        payload_type.len(),
+        payload_type,
+        payload.len()
+    )
+    .into_bytes();
     out.extend_from_slice(payload);
     out
 }
@@ -51,7 +57,9 @@ pub enum VerifyError {
     PayloadEncoding,
     #[error("no signature in the envelope was made by key {0}")]
     NoSignatureByKey(String),
-    #[error("the signature by key {0} does not verify: the statement was altered or signed by another key")]
+    #[error(
+        "the signature by key {0} does not verify: the statement was altered or signed by another key"
+    )]
     BadSignature(String),
     #[error("statement is not an in-toto Statement v1: {0}")]
     Statement(String),
@@ -76,18 +84,24 @@ pub fn verify_envelope(envelope: &Envelope, key: &VerifyingKey) -> Result<Value,
     if envelope.payload_type != PAYLOAD_TYPE {
         return Err(VerifyError::PayloadType(envelope.payload_type.clone()));
     }
-    let payload = B64.decode(&envelope.payload).map_err(|_| VerifyError::PayloadEncoding)?;
+    let payload = B64
+        .decode(&envelope.payload)
+        .map_err(|_| VerifyError::PayloadEncoding)?;
     let id = key_id(key);
     let sig = envelope
         .signatures
         .iter()
         .find(|s| s.keyid == id)
         .ok_or_else(|| VerifyError::NoSignatureByKey(id.clone()))?;
-    let sig_bytes = B64.decode(&sig.sig).map_err(|_| VerifyError::BadSignature(id.clone()))?;
-    let sig = Signature::from_slice(&sig_bytes).map_err(|_| VerifyError::BadSignature(id.clone()))?;
+    let sig_bytes = B64
+        .decode(&sig.sig)
+        .map_err(|_| VerifyError::BadSignature(id.clone()))?;
+    let sig =
+        Signature::from_slice(&sig_bytes).map_err(|_| VerifyError::BadSignature(id.clone()))?;
     key.verify(&pae(&envelope.payload_type, &payload), &sig)
         .map_err(|_| VerifyError::BadSignature(id.clone()))?;
-    let statement: Value = serde_json::from_slice(&payload).map_err(|e| VerifyError::Statement(e.to_string()))?;
+    let statement: Value =
+        serde_json::from_slice(&payload).map_err(|e| VerifyError::Statement(e.to_string()))?;
     if statement.get("_type").and_then(Value::as_str) != Some(STATEMENT_TYPE) {
         return Err(VerifyError::Statement("`_type` is missing or wrong".into()));
     }
@@ -96,7 +110,10 @@ pub fn verify_envelope(envelope: &Envelope, key: &VerifyingKey) -> Result<Value,
 
 /// The subjects of a verified statement.
 pub fn subjects(statement: &Value) -> Result<Vec<Subject>, VerifyError> {
-    let subjects = statement.get("subject").cloned().ok_or_else(|| VerifyError::Statement("no `subject`".into()))?;
+    let subjects = statement
+        .get("subject")
+        .cloned()
+        .ok_or_else(|| VerifyError::Statement("no `subject`".into()))?;
     serde_json::from_value(subjects).map_err(|e| VerifyError::Statement(format!("`subject`: {e}")))
 }
 
@@ -183,13 +200,20 @@ pub fn provenance_statement(facts: &BuildFacts) -> Value {
 }
 
 /// Wraps a signature made elsewhere into an envelope. `sign` receives the PAE bytes.
-pub fn envelope_with(statement: &Value, keyid: String, sign: impl FnOnce(&[u8]) -> [u8; 64]) -> Envelope {
+pub fn envelope_with(
+    statement: &Value,
+    keyid: String,
+    sign: impl FnOnce(&[u8]) -> [u8; 64],
+) -> Envelope {
     let payload = serde_json::to_vec(statement).expect("statements serialize");
     let sig = sign(&pae(PAYLOAD_TYPE, &payload));
     Envelope {
         payload: B64.encode(&payload),
         payload_type: PAYLOAD_TYPE.to_string(),
-        signatures: vec![EnvelopeSignature { keyid, sig: B64.encode(sig) }],
+        signatures: vec![EnvelopeSignature {
+            keyid,
+            sig: B64.encode(sig),
+        }],
     }
 }
 
@@ -208,7 +232,10 @@ mod tests {
             finished_on: "2026-01-01T00:01:00Z".into(),
             jobs: vec![JobFacts {
                 name: "build".into(),
-                policy: Policy { quorum: 2, trusted: 0 },
+                policy: Policy {
+                    quorum: 2,
+                    trusted: 0,
+                },
                 manifest: Digest::of(b"m"),
                 builders: vec![],
                 artifacts: vec![("out/a".into(), Digest::of(b"a"))],
@@ -229,18 +256,29 @@ mod tests {
     fn signed_statement_verifies_and_tampering_is_caught() {
         let key = SigningKey::from_bytes(&[7u8; 32]);
         let statement = provenance_statement(&facts());
-        let env = envelope_with(&statement, key_id(&key.verifying_key()), |m| key.sign(m).to_bytes());
+        let env = envelope_with(&statement, key_id(&key.verifying_key()), |m| {
+            key.sign(m).to_bytes()
+        });
         let back = verify_envelope(&env, &key.verifying_key()).unwrap();
         assert_eq!(subjects(&back).unwrap()[0].name, "build/out/a");
-        assert_eq!(subjects(&back).unwrap()[0].digest.sha256, Digest::of(b"a").hex());
+        assert_eq!(
+            subjects(&back).unwrap()[0].digest.sha256,
+            Digest::of(b"a").hex()
+        );
 
         let mut tampered = env.clone();
         let mut s = statement.clone();
         s["subject"][0]["digest"]["sha256"] = json!(Digest::of(b"evil").hex());
         tampered.payload = B64.encode(serde_json::to_vec(&s).unwrap());
-        assert!(matches!(verify_envelope(&tampered, &key.verifying_key()), Err(VerifyError::BadSignature(_))));
+        assert!(matches!(
+            verify_envelope(&tampered, &key.verifying_key()),
+            Err(VerifyError::BadSignature(_))
+        ));
 
         let other = SigningKey::from_bytes(&[8u8; 32]);
-        assert!(matches!(verify_envelope(&env, &other.verifying_key()), Err(VerifyError::NoSignatureByKey(_))));
+        assert!(matches!(
+            verify_envelope(&env, &other.verifying_key()),
+            Err(VerifyError::NoSignatureByKey(_))
+        ));
     }
 }

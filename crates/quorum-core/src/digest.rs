@@ -77,7 +77,11 @@ impl FromStr for Digest {
         let hex_part = s
             .strip_prefix("sha256:")
             .ok_or_else(|| DigestError::Algorithm(s.to_string()))?;
-        if hex_part.len() != 64 || hex_part.bytes().any(|b| !matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if hex_part.len() != 64
+            || hex_part
+                .bytes()
+                .any(|b| !matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
             return Err(DigestError::Hex(s.to_string()));
         }
         let mut out = [0u8; 32];
@@ -111,10 +115,19 @@ mod tests {
             "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
         );
         assert_eq!(d.to_string().parse::<Digest>().unwrap(), d);
-        assert!(matches!("blake3:00".parse::<Digest>(), Err(DigestError::Algorithm(_))));
-        assert!(matches!("sha256:ABCD".parse::<Digest>(), Err(DigestError::Hex(_))));
+        assert!(matches!(
+            "blake3:00".parse::<Digest>(),
+            Err(DigestError::Algorithm(_))
+        ));
+        assert!(matches!(
+            "sha256:ABCD".parse::<Digest>(),
+            Err(DigestError::Hex(_))
+        ));
         let upper = d.to_string().to_uppercase().replace("SHA256", "sha256");
-        assert!(upper.parse::<Digest>().is_err(), "uppercase hex must be refused: one spelling per digest");
+        assert!(
+            upper.parse::<Digest>().is_err(),
+            "uppercase hex must be refused: one spelling per digest"
+        );
     }
 
     #[test]

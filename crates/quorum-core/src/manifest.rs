@@ -55,14 +55,21 @@ impl Manifest {
         for (index, e) in self.entries.iter().enumerate() {
             check_relative_path(&e.path).map_err(|source| ManifestError::Path { index, source })?;
             if e.mode & !0o777 != 0 {
-                return Err(ManifestError::Mode { index, mode: e.mode });
+                return Err(ManifestError::Mode {
+                    index,
+                    mode: e.mode,
+                });
             }
             if index > 0 {
                 let prev = &self.entries[index - 1].path;
                 match prev.cmp(&e.path) {
                     std::cmp::Ordering::Less => {}
-                    std::cmp::Ordering::Equal => return Err(ManifestError::Duplicate(e.path.clone())),
-                    std::cmp::Ordering::Greater => return Err(ManifestError::Unsorted(e.path.clone())),
+                    std::cmp::Ordering::Equal => {
+                        return Err(ManifestError::Duplicate(e.path.clone()));
+                    }
+                    std::cmp::Ordering::Greater => {
+                        return Err(ManifestError::Unsorted(e.path.clone()));
+                    }
                 }
             }
         }
@@ -93,7 +100,11 @@ impl Manifest {
             .filter(|(p, e)| b.get(*p) != Some(*e))
             .map(|(p, _)| (*p).clone())
             .collect();
-        out.extend(b.keys().filter(|p| !a.contains_key(*p)).map(|p| (*p).clone()));
+        out.extend(
+            b.keys()
+                .filter(|p| !a.contains_key(*p))
+                .map(|p| (*p).clone()),
+        );
         out.sort();
         out
     }
@@ -104,7 +115,12 @@ mod tests {
     use super::*;
 
     fn entry(path: &str, content: &[u8]) -> ManifestEntry {
-        ManifestEntry { path: path.into(), mode: 0o644, size: content.len() as u64, digest: Digest::of(content) }
+        ManifestEntry {
+            path: path.into(),
+            mode: 0o644,
+            size: content.len() as u64,
+            digest: Digest::of(content),
+        }
     }
 
     #[test]
@@ -119,19 +135,36 @@ mod tests {
 
     #[test]
     fn refuses_untrusted_shapes() {
-        assert!(matches!(Manifest::new(vec![entry("../x", b"")]), Err(ManifestError::Path { .. })));
-        assert!(matches!(Manifest::new(vec![entry("a", b""), entry("a", b"")]), Err(ManifestError::Duplicate(_))));
-        let unsorted = Manifest { entries: vec![entry("b", b""), entry("a", b"")] };
-        assert!(matches!(unsorted.validate(), Err(ManifestError::Unsorted(_))));
+        assert!(matches!(
+            Manifest::new(vec![entry("../x", b"")]),
+            Err(ManifestError::Path { .. })
+        ));
+        assert!(matches!(
+            Manifest::new(vec![entry("a", b""), entry("a", b"")]),
+            Err(ManifestError::Duplicate(_))
+        ));
+        let unsorted = Manifest {
+            entries: vec![entry("b", b""), entry("a", b"")],
+        };
+        assert!(matches!(
+            unsorted.validate(),
+            Err(ManifestError::Unsorted(_))
+        ));
         let mut setuid = entry("a", b"");
         setuid.mode = 0o4755;
-        assert!(matches!(Manifest::new(vec![setuid]), Err(ManifestError::Mode { .. })));
+        assert!(matches!(
+            Manifest::new(vec![setuid]),
+            Err(ManifestError::Mode { .. })
+        ));
     }
 
     #[test]
     fn differing_paths_covers_one_sided_entries() {
         let a = Manifest::new(vec![entry("x", b"1"), entry("only-a", b"")]).unwrap();
         let b = Manifest::new(vec![entry("x", b"1"), entry("only-b", b"")]).unwrap();
-        assert_eq!(a.differing_paths(&b), vec!["only-a".to_string(), "only-b".to_string()]);
+        assert_eq!(
+            a.differing_paths(&b),
+            vec!["only-a".to_string(), "only-b".to_string()]
+        );
     }
 }

@@ -31,7 +31,10 @@ pub fn check_relative_path(path: &str) -> Result<(), PathError> {
     if path.chars().any(|c| c == '\\' || c.is_control()) {
         return Err(PathError::BadCharacter(path.escape_debug().to_string()));
     }
-    if path.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+    if path
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
         return Err(PathError::NotNormal(path.to_string()));
     }
     Ok(())
@@ -67,7 +70,20 @@ mod tests {
 
     #[test]
     fn refuses_every_escape() {
-        for p in ["", "/etc/passwd", "../x", "a/../../x", "a/./b", "a//b", "a/", "./a", "a\\..\\b", "a\0b", "..", "."] {
+        for p in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a/./b",
+            "a//b",
+            "a/",
+            "./a",
+            "a\\..\\b",
+            "a\0b",
+            "..",
+            ".",
+        ] {
             assert!(check_relative_path(p).is_err(), "{p:?} must be refused");
         }
     }

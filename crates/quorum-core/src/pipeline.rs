@@ -29,7 +29,10 @@ fn default_quorum() -> u32 {
 
 impl Default for Policy {
     fn default() -> Policy {
-        Policy { quorum: default_quorum(), trusted: 0 }
+        Policy {
+            quorum: default_quorum(),
+            trusted: 0,
+        }
     }
 }
 
@@ -82,12 +85,18 @@ fn parse_duration(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("timeout `{text}` is not like `90`, `90s`, `10m` or `2h`"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("timeout `{text}` is not like `90`, `90s`, `10m` or `2h`"))?;
     let mult = match unit {
         "" | "s" => 1,
         "m" => 60,
         "h" => 3600,
-        _ => return Err(format!("timeout `{text}` has unknown unit `{unit}`; use s, m or h")),
+        _ => {
+            return Err(format!(
+                "timeout `{text}` has unknown unit `{unit}`; use s, m or h"
+            ));
+        }
     };
     Ok(n.saturating_mul(mult))
 }
@@ -123,21 +132,29 @@ impl std::error::Error for PipelineError {}
 
 impl Pipeline {
     pub fn parse(text: &str) -> Result<Pipeline, PipelineError> {
-        let raw: RawPipeline = serde_yaml_ng::from_str(text).map_err(|e| PipelineError(e.to_string()))?;
+        let raw: RawPipeline =
+            serde_yaml_ng::from_str(text).map_err(|e| PipelineError(e.to_string()))?;
         let default_policy = raw.policy.unwrap_or_default();
         check_policy("policy", default_policy)?;
         if raw.jobs.is_empty() {
-            return Err(PipelineError("`jobs` is empty; define at least one job".into()));
+            return Err(PipelineError(
+                "`jobs` is empty; define at least one job".into(),
+            ));
         }
         let mut jobs = BTreeMap::new();
         for (name, job) in raw.jobs {
             check_job_name(&name).map_err(PipelineError)?;
             let script = job.script.unwrap_or_default();
             if script.is_empty() {
-                return Err(PipelineError(format!("job `{name}` has no `script`; give it at least one step")));
+                return Err(PipelineError(format!(
+                    "job `{name}` has no `script`; give it at least one step"
+                )));
             }
             if let Some(i) = script.iter().position(|s| s.trim().is_empty()) {
-                return Err(PipelineError(format!("job `{name}`: script step {} is empty", i + 1)));
+                return Err(PipelineError(format!(
+                    "job `{name}`: script step {} is empty",
+                    i + 1
+                )));
             }
             for glob in &job.artifacts {
                 if glob.starts_with('/') || glob.split('/').any(|s| s == "..") || glob.is_empty() {
@@ -157,22 +174,37 @@ impl Pipeline {
             let mut needs = job.needs.clone();
             needs.sort();
             if needs.windows(2).any(|w| w[0] == w[1]) {
-                return Err(PipelineError(format!("job `{name}` lists the same job twice in `needs`")));
+                return Err(PipelineError(format!(
+                    "job `{name}` lists the same job twice in `needs`"
+                )));
             }
             jobs.insert(
                 name.clone(),
-                JobSpec { name, script, artifacts: job.artifacts, needs, timeout_secs, labels: job.labels, policy },
+                JobSpec {
+                    name,
+                    script,
+                    artifacts: job.artifacts,
+                    needs,
+                    timeout_secs,
+                    labels: job.labels,
+                    policy,
+                },
             );
         }
         for job in jobs.values() {
             for need in &job.needs {
                 if !jobs.contains_key(need) {
-                    return Err(PipelineError(format!("job `{}` needs `{need}`, which is not defined", job.name)));
+                    return Err(PipelineError(format!(
+                        "job `{}` needs `{need}`, which is not defined",
+                        job.name
+                    )));
                 }
             }
         }
         let order = topological_order(&jobs)?;
-        Ok(Pipeline { jobs: order.into_iter().map(|n| jobs[&n].clone()).collect() })
+        Ok(Pipeline {
+            jobs: order.into_iter().map(|n| jobs[&n].clone()).collect(),
+        })
     }
 
     pub fn job(&self, name: &str) -> Option<&JobSpec> {
@@ -182,7 +214,10 @@ impl Pipeline {
 
 fn check_policy(context: &str, p: Policy) -> Result<(), PipelineError> {
     if p.quorum == 0 || p.quorum > 16 {
-        return Err(PipelineError(format!("{context}: `quorum` must be between 1 and 16, not {}", p.quorum)));
+        return Err(PipelineError(format!(
+            "{context}: `quorum` must be between 1 and 16, not {}",
+            p.quorum
+        )));
     }
     if p.trusted > p.quorum {
         return Err(PipelineError(format!(
@@ -216,15 +251,26 @@ fn topological_order(jobs: &BTreeMap<String, JobSpec>) -> Result<Vec<String>, Pi
         return Ok(order);
     }
     // Walk `needs` among the remaining jobs until a job repeats: that is the cycle.
-    let start = jobs.keys().find(|n| !done.contains(*n)).expect("some job is left");
+    let start = jobs
+        .keys()
+        .find(|n| !done.contains(*n))
+        .expect("some job is left");
     let mut path = vec![start.clone()];
     let mut current = start.clone();
     loop {
-        let next = jobs[&current].needs.iter().find(|n| !done.contains(*n)).expect("a left job needs a left job").clone();
+        let next = jobs[&current]
+            .needs
+            .iter()
+            .find(|n| !done.contains(*n))
+            .expect("a left job needs a left job")
+            .clone();
         if let Some(pos) = path.iter().position(|p| *p == next) {
             let mut cycle: Vec<String> = path[pos..].to_vec();
             cycle.push(next);
-            return Err(PipelineError(format!("`needs` form a cycle: {}", cycle.join(" -> "))));
+            return Err(PipelineError(format!(
+                "`needs` form a cycle: {}",
+                cycle.join(" -> ")
+            )));
         }
         path.push(next.clone());
         current = next;
@@ -258,28 +304,40 @@ jobs:
         assert_eq!(names, ["build", "test"]);
         let build = p.job("build").unwrap();
         assert_eq!(build.timeout_secs, 600);
-        assert_eq!(build.policy, Policy { quorum: 3, trusted: 0 });
+        assert_eq!(
+            build.policy,
+            Policy {
+                quorum: 3,
+                trusted: 0
+            }
+        );
         assert_eq!(build.labels["arch"], "x86_64");
         assert_eq!(p.job("test").unwrap().timeout_secs, DEFAULT_TIMEOUT_SECS);
     }
 
     #[test]
     fn unknown_key_names_key_and_line() {
-        let err = Pipeline::parse("jobs:\n  build:\n    scripts: [make]\n").unwrap_err().to_string();
+        let err = Pipeline::parse("jobs:\n  build:\n    scripts: [make]\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("scripts"), "{err}");
         assert!(err.contains("line 3"), "{err}");
     }
 
     #[test]
     fn syntax_error_is_reported() {
-        let err = Pipeline::parse("jobs:\n  build: [unclosed\n").unwrap_err().to_string();
+        let err = Pipeline::parse("jobs:\n  build: [unclosed\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(".quorum.yml"), "{err}");
         assert!(err.contains("line"), "{err}");
     }
 
     #[test]
     fn missing_script_is_refused() {
-        let err = Pipeline::parse("jobs:\n  build:\n    artifacts: [a]\n").unwrap_err().to_string();
+        let err = Pipeline::parse("jobs:\n  build:\n    artifacts: [a]\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("job `build` has no `script`"), "{err}");
     }
 
@@ -292,13 +350,21 @@ jobs:
 
     #[test]
     fn unknown_need_and_bad_policy() {
-        let err = Pipeline::parse("jobs:\n  a: {script: [x], needs: [nope]}\n").unwrap_err().to_string();
+        let err = Pipeline::parse("jobs:\n  a: {script: [x], needs: [nope]}\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("needs `nope`"), "{err}");
-        let err = Pipeline::parse("policy: {quorum: 1, trusted: 2}\njobs:\n  a: {script: [x]}\n").unwrap_err().to_string();
+        let err = Pipeline::parse("policy: {quorum: 1, trusted: 2}\njobs:\n  a: {script: [x]}\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cannot exceed"), "{err}");
-        let err = Pipeline::parse("jobs:\n  a: {script: [x], timeout: 5d}\n").unwrap_err().to_string();
+        let err = Pipeline::parse("jobs:\n  a: {script: [x], timeout: 5d}\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown unit"), "{err}");
-        let err = Pipeline::parse("jobs:\n  a: {script: [x], artifacts: [../etc]}\n").unwrap_err().to_string();
+        let err = Pipeline::parse("jobs:\n  a: {script: [x], artifacts: [../etc]}\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("must be relative"), "{err}");
     }
 }

@@ -33,7 +33,10 @@ pub enum JobVerdict {
     /// Not enough results yet. `agreeing` is the size of the largest group of identical results.
     Pending { results: usize, agreeing: usize },
     /// `quorum` identical successful results with enough trusted workers among them.
-    Verified { manifest: Digest, workers: Vec<String> },
+    Verified {
+        manifest: Digest,
+        workers: Vec<String>,
+    },
     /// `quorum` workers agree that the job fails.
     Failed { workers: Vec<String> },
     /// Results differ and every assignment has reported: the record shows who produced what.
@@ -64,7 +67,10 @@ pub fn job_verdict(policy: Policy, results: &[ResultView], outstanding: usize) -
             let workers: Vec<String> = members.iter().map(|m| m.worker.clone()).collect();
             match outcome {
                 Outcome::Success { manifest } if trusted >= policy.trusted => {
-                    return JobVerdict::Verified { manifest: *manifest, workers };
+                    return JobVerdict::Verified {
+                        manifest: *manifest,
+                        workers,
+                    };
                 }
                 Outcome::Failed => return JobVerdict::Failed { workers },
                 Outcome::Success { .. } => {}
@@ -79,7 +85,10 @@ pub fn job_verdict(policy: Policy, results: &[ResultView], outstanding: usize) -
                 .collect(),
         };
     }
-    JobVerdict::Pending { results: results.len(), agreeing: groups.values().map(Vec::len).max().unwrap_or(0) }
+    JobVerdict::Pending {
+        results: results.len(),
+        agreeing: groups.values().map(Vec::len).max().unwrap_or(0),
+    }
 }
 
 #[cfg(test)]
@@ -87,30 +96,49 @@ mod tests {
     use super::*;
 
     fn r(worker: &str, owner: &str, trusted: bool, outcome: &Outcome) -> ResultView {
-        ResultView { worker: worker.into(), owner: owner.into(), trusted, outcome: outcome.clone() }
+        ResultView {
+            worker: worker.into(),
+            owner: owner.into(),
+            trusted,
+            outcome: outcome.clone(),
+        }
     }
 
     fn ok(b: &[u8]) -> Outcome {
-        Outcome::Success { manifest: Digest::of(b) }
+        Outcome::Success {
+            manifest: Digest::of(b),
+        }
     }
 
     #[test]
     fn identical_results_reach_quorum() {
-        let p = Policy { quorum: 3, trusted: 0 };
+        let p = Policy {
+            quorum: 3,
+            trusted: 0,
+        };
         let a = ok(b"a");
         let rs = vec![r("w1", "o1", false, &a), r("w2", "o2", false, &a)];
-        assert!(matches!(job_verdict(p, &rs, 1), JobVerdict::Pending { agreeing: 2, .. }));
+        assert!(matches!(
+            job_verdict(p, &rs, 1),
+            JobVerdict::Pending { agreeing: 2, .. }
+        ));
         let mut rs3 = rs.clone();
         rs3.push(r("w3", "o3", false, &a));
         assert_eq!(
             job_verdict(p, &rs3, 0),
-            JobVerdict::Verified { manifest: Digest::of(b"a"), workers: vec!["w1".into(), "w2".into(), "w3".into()] }
+            JobVerdict::Verified {
+                manifest: Digest::of(b"a"),
+                workers: vec!["w1".into(), "w2".into(), "w3".into()]
+            }
         );
     }
 
     #[test]
     fn one_owner_is_one_witness() {
-        let p = Policy { quorum: 2, trusted: 0 };
+        let p = Policy {
+            quorum: 2,
+            trusted: 0,
+        };
         let a = ok(b"a");
         let rs = vec![r("w1", "mallory", false, &a), r("w2", "mallory", false, &a)];
         assert!(matches!(job_verdict(p, &rs, 0), JobVerdict::Pending { .. }));
@@ -118,32 +146,67 @@ mod tests {
 
     #[test]
     fn trusted_requirement_holds_back_verification() {
-        let p = Policy { quorum: 2, trusted: 1 };
+        let p = Policy {
+            quorum: 2,
+            trusted: 1,
+        };
         let a = ok(b"a");
         let untrusted = vec![r("w1", "o1", false, &a), r("w2", "o2", false, &a)];
-        assert!(matches!(job_verdict(p, &untrusted, 0), JobVerdict::Pending { .. }));
+        assert!(matches!(
+            job_verdict(p, &untrusted, 0),
+            JobVerdict::Pending { .. }
+        ));
         let with_trusted = vec![r("w1", "o1", false, &a), r("t", "us", true, &a)];
-        assert!(matches!(job_verdict(p, &with_trusted, 0), JobVerdict::Verified { .. }));
+        assert!(matches!(
+            job_verdict(p, &with_trusted, 0),
+            JobVerdict::Verified { .. }
+        ));
     }
 
     #[test]
     fn differing_results_are_disputed_once_all_reported() {
-        let p = Policy { quorum: 3, trusted: 0 };
-        let rs = vec![r("w1", "o1", false, &ok(b"a")), r("w2", "o2", false, &ok(b"a")), r("w3", "o3", false, &ok(b"evil"))];
-        assert!(matches!(job_verdict(p, &rs[..2], 1), JobVerdict::Pending { .. }));
+        let p = Policy {
+            quorum: 3,
+            trusted: 0,
+        };
+        let rs = vec![
+            r("w1", "o1", false, &ok(b"a")),
+            r("w2", "o2", false, &ok(b"a")),
+            r("w3", "o3", false, &ok(b"evil")),
+        ];
+        assert!(matches!(
+            job_verdict(p, &rs[..2], 1),
+            JobVerdict::Pending { .. }
+        ));
         let v = job_verdict(p, &rs, 0);
-        let JobVerdict::Disputed { groups } = v else { panic!("expected dispute, got {v:?}") };
+        let JobVerdict::Disputed { groups } = v else {
+            panic!("expected dispute, got {v:?}")
+        };
         assert_eq!(groups.len(), 2);
-        assert!(groups.iter().any(|(o, w)| *o == ok(b"evil") && w == &vec!["w3".to_string()]));
+        assert!(
+            groups
+                .iter()
+                .any(|(o, w)| *o == ok(b"evil") && w == &vec!["w3".to_string()])
+        );
     }
 
     #[test]
     fn agreed_failure_fails_and_mixed_failure_disputes() {
-        let p = Policy { quorum: 2, trusted: 0 };
+        let p = Policy {
+            quorum: 2,
+            trusted: 0,
+        };
         let f = Outcome::Failed;
-        assert!(matches!(job_verdict(p, &[r("w1", "o1", false, &f), r("w2", "o2", false, &f)], 0), JobVerdict::Failed { .. }));
         assert!(matches!(
-            job_verdict(p, &[r("w1", "o1", false, &f), r("w2", "o2", false, &ok(b"a"))], 0),
+            job_verdict(p, &[r("w1", "o1", false, &f), r("w2", "o2", false, &f)], 0),
+            JobVerdict::Failed { .. }
+        ));
+        assert!(matches!(
+            job_verdict(
+                p,
+                &[r("w1", "o1", false, &f), r("w2", "o2", false, &ok(b"a"))],
+                0
+            ),
             JobVerdict::Disputed { .. }
         ));
     }

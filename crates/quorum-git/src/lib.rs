@@ -15,7 +15,11 @@ pub enum GitError {
     #[error("cannot run git ({0}); install git and make sure it is on PATH")]
     Spawn(std::io::Error),
     #[error("git {what} failed for {repo}: {stderr}")]
-    Failed { what: String, repo: String, stderr: String },
+    Failed {
+        what: String,
+        repo: String,
+        stderr: String,
+    },
     #[error("revision `{rev}` does not name a commit in {repo}")]
     UnknownRevision { repo: String, rev: String },
     #[error("revision `{0}` is not allowed: it must not start with `-` or contain whitespace")]
@@ -37,7 +41,10 @@ pub struct Mirrors {
 
 impl Mirrors {
     pub fn new(dir: impl Into<PathBuf>) -> Mirrors {
-        Mirrors { dir: dir.into(), locks: Arc::default() }
+        Mirrors {
+            dir: dir.into(),
+            locks: Arc::default(),
+        }
     }
 
     /// Brings the mirror of `url` up to date and returns its path.
@@ -50,12 +57,35 @@ impl Mirrors {
         let name = quorum_core::Digest::of(url.as_bytes()).hex();
         let path = self.dir.join(&name[..32]);
         if path.join("HEAD").exists() {
-            run(git(Some(&path)).args(["fetch", "--prune", "--quiet", "--force", "origin", "+refs/*:refs/*"]), "fetch", url)?;
+            run(
+                git(Some(&path)).args([
+                    "fetch",
+                    "--prune",
+                    "--quiet",
+                    "--force",
+                    "origin",
+                    "+refs/*:refs/*",
+                ]),
+                "fetch",
+                url,
+            )?;
         } else {
             std::fs::create_dir_all(&self.dir)?;
-            let tmp = self.dir.join(format!("{}.tmp-{}", &name[..32], std::process::id()));
+            let tmp = self
+                .dir
+                .join(format!("{}.tmp-{}", &name[..32], std::process::id()));
             let _ = std::fs::remove_dir_all(&tmp);
-            run(git(None).arg("clone").arg("--mirror").arg("--quiet").arg("--").arg(url).arg(&tmp), "clone", url)?;
+            run(
+                git(None)
+                    .arg("clone")
+                    .arg("--mirror")
+                    .arg("--quiet")
+                    .arg("--")
+                    .arg(url)
+                    .arg(&tmp),
+                "clone",
+                url,
+            )?;
             std::fs::rename(&tmp, &path)?;
         }
         Ok(path)
@@ -73,7 +103,10 @@ pub fn resolve(repo: &Path, rev: &str) -> Result<String, GitError> {
         .output()
         .map_err(GitError::Spawn)?;
     if !out.status.success() {
-        return Err(GitError::UnknownRevision { repo: repo.display().to_string(), rev: rev.to_string() });
+        return Err(GitError::UnknownRevision {
+            repo: repo.display().to_string(),
+            rev: rev.to_string(),
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -95,29 +128,47 @@ pub fn has_commit(repo: &Path, commit: &str) -> Result<bool, GitError> {
 /// The contents of `path` at `commit`, or `None` when the commit has no such file.
 pub fn read_file(repo: &Path, commit: &str, path: &str) -> Result<Option<Vec<u8>>, GitError> {
     let spec = format!("{commit}:{path}");
-    let exists = git(Some(repo)).args(["cat-file", "-e", &spec]).stderr(Stdio::null()).status().map_err(GitError::Spawn)?;
+    let exists = git(Some(repo))
+        .args(["cat-file", "-e", &spec])
+        .stderr(Stdio::null())
+        .status()
+        .map_err(GitError::Spawn)?;
     if !exists.success() {
         return Ok(None);
     }
-    let out = run(git(Some(repo)).args(["cat-file", "blob", &spec]), "cat-file", &repo.display().to_string())?;
+    let out = run(
+        git(Some(repo)).args(["cat-file", "blob", &spec]),
+        "cat-file",
+        &repo.display().to_string(),
+    )?;
     Ok(Some(out.stdout))
 }
 
 /// The committer time of `commit`, in seconds since the epoch: the build's SOURCE_DATE_EPOCH.
 pub fn commit_time(repo: &Path, commit: &str) -> Result<i64, GitError> {
-    let out = run(git(Some(repo)).args(["show", "-s", "--format=%ct", commit]), "show", &repo.display().to_string())?;
-    String::from_utf8_lossy(&out.stdout).trim().parse().map_err(|_| GitError::Failed {
-        what: "show".into(),
-        repo: repo.display().to_string(),
-        stderr: "commit time is not a number".into(),
-    })
+    let out = run(
+        git(Some(repo)).args(["show", "-s", "--format=%ct", commit]),
+        "show",
+        &repo.display().to_string(),
+    )?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| GitError::Failed {
+            what: "show".into(),
+            repo: repo.display().to_string(),
+            stderr: "commit time is not a number".into(),
+        })
 }
 
 /// Writes the tree of `commit` into `dest` (which must be empty or absent). `git archive` gives
 /// every file the commit time as mtime, so the tree is the same on every worker.
 pub fn export(repo: &Path, commit: &str, dest: &Path) -> Result<(), GitError> {
     if !has_commit(repo, commit)? {
-        return Err(GitError::MissingCommit { repo: repo.display().to_string(), commit: commit.to_string() });
+        return Err(GitError::MissingCommit {
+            repo: repo.display().to_string(),
+            commit: commit.to_string(),
+        });
     }
     std::fs::create_dir_all(dest)?;
     let mut child = git(Some(repo))
@@ -131,7 +182,10 @@ pub fn export(repo: &Path, commit: &str, dest: &Path) -> Result<(), GitError> {
     archive.set_preserve_mtime(true);
     archive.set_preserve_permissions(true);
     archive.set_overwrite(false);
-    let unpacked = archive.unpack(dest).map_err(|source| GitError::Unpack { dir: dest.display().to_string(), source });
+    let unpacked = archive.unpack(dest).map_err(|source| GitError::Unpack {
+        dir: dest.display().to_string(),
+        source,
+    });
     let out = child.wait_with_output()?;
     unpacked?;
     if !out.status.success() {
@@ -171,13 +225,54 @@ fn run(cmd: &mut Command, what: &str, repo: &str) -> Result<Output, GitError> {
     Ok(out)
 }
 
+/// Commits the files of `dir` (honouring its `.gitignore` files) into a new repository at
+/// `dest`, for `quorum run` on a directory that is not itself a repository. Returns the commit.
+pub fn snapshot(dir: &Path, dest: &Path) -> Result<String, GitError> {
+    let repo = dest.display().to_string();
+    std::fs::create_dir_all(dest)?;
+    run(
+        git(None).arg("init").arg("--quiet").arg("--bare").arg(dest),
+        "init",
+        &repo,
+    )?;
+    let with_tree = || {
+        let mut c = git(Some(dest));
+        c.arg("--work-tree").arg(dir);
+        c
+    };
+    run(with_tree().args(["add", "--all", "."]), "add", &repo)?;
+    run(
+        with_tree()
+            .args([
+                "-c",
+                "user.name=quorum run",
+                "-c",
+                "user.email=run@quorum.invalid",
+                "commit",
+                "--quiet",
+                "--allow-empty",
+                "-m",
+            ])
+            .arg(format!("snapshot of {}", dir.display())),
+        "commit",
+        &repo,
+    )?;
+    resolve(dest, "HEAD")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[allow(clippy::disallowed_methods)]
     fn sh(dir: &Path, script: &str) {
-        let ok = Command::new("sh").arg("-c").arg(script).current_dir(dir).status().unwrap().success();
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "{script}");
     }
 
@@ -186,13 +281,19 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let src = tmp.path().join("src");
         std::fs::create_dir(&src).unwrap();
-        sh(&src, "git init -q -b main && printf 'jobs: {}\\n' > .quorum.yml && mkdir d && echo hi > d/f && chmod +x d/f \
-                  && git add -A && GIT_COMMITTER_DATE='2020-01-01T00:00:00Z' git -c user.name=t -c user.email=t@t commit -qm one");
+        sh(
+            &src,
+            "git init -q -b main && printf 'jobs: {}\\n' > .quorum.yml && mkdir d && echo hi > d/f && chmod +x d/f \
+                  && git add -A && GIT_COMMITTER_DATE='2020-01-01T00:00:00Z' git -c user.name=t -c user.email=t@t commit -qm one",
+        );
         let mirrors = Mirrors::new(tmp.path().join("mirrors"));
         let repo = mirrors.update(src.to_str().unwrap()).unwrap();
         let commit = resolve(&repo, "main").unwrap();
         assert_eq!(commit.len(), 40);
-        assert_eq!(read_file(&repo, &commit, ".quorum.yml").unwrap().unwrap(), b"jobs: {}\n");
+        assert_eq!(
+            read_file(&repo, &commit, ".quorum.yml").unwrap().unwrap(),
+            b"jobs: {}\n"
+        );
         assert_eq!(read_file(&repo, &commit, "nope").unwrap(), None);
         assert_eq!(commit_time(&repo, &commit).unwrap(), 1577836800);
         let dest = tmp.path().join("out");
@@ -201,13 +302,40 @@ mod tests {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         assert_eq!(meta.mtime(), 1577836800);
         assert_eq!(meta.permissions().mode() & 0o111, 0o111);
-        assert!(matches!(resolve(&repo, "--upload-pack=x"), Err(GitError::BadRevision(_))));
-        assert!(matches!(resolve(&repo, "nosuchbranch"), Err(GitError::UnknownRevision { .. })));
+        assert!(matches!(
+            resolve(&repo, "--upload-pack=x"),
+            Err(GitError::BadRevision(_))
+        ));
+        assert!(matches!(
+            resolve(&repo, "nosuchbranch"),
+            Err(GitError::UnknownRevision { .. })
+        ));
 
         // A new commit upstream shows up after the next update.
-        sh(&src, "echo two > g && git add g && git -c user.name=t -c user.email=t@t commit -qm two");
+        sh(
+            &src,
+            "echo two > g && git add g && git -c user.name=t -c user.email=t@t commit -qm two",
+        );
         mirrors.update(src.to_str().unwrap()).unwrap();
         assert_ne!(resolve(&repo, "main").unwrap(), commit);
+    }
+
+    #[test]
+    fn snapshot_commits_a_plain_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("plain");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/a"), "a").unwrap();
+        std::fs::write(dir.join(".gitignore"), "ignored\n").unwrap();
+        std::fs::write(dir.join("ignored"), "x").unwrap();
+        let repo = tmp.path().join("snap.git");
+        let commit = snapshot(&dir, &repo).unwrap();
+        assert_eq!(read_file(&repo, &commit, "sub/a").unwrap().unwrap(), b"a");
+        assert_eq!(
+            read_file(&repo, &commit, "ignored").unwrap(),
+            None,
+            ".gitignore is honoured"
+        );
     }
 
     #[test]
@@ -218,26 +346,4 @@ mod tests {
         assert!(Mirrors::new(tmp.path().join("m")).update(&url).is_err());
         assert!(!marker.exists());
     }
-}
-
-/// Commits the files of `dir` (honouring its `.gitignore` files) into a new repository at
-/// `dest`, for `quorum run` on a directory that is not itself a repository. Returns the commit.
-pub fn snapshot(dir: &Path, dest: &Path) -> Result<String, GitError> {
-    let repo = dest.display().to_string();
-    std::fs::create_dir_all(dest)?;
-    run(git(None).arg("init").arg("--quiet").arg("--bare").arg(dest), "init", &repo)?;
-    let with_tree = || {
-        let mut c = git(Some(dest));
-        c.arg("--work-tree").arg(dir);
-        c
-    };
-    run(with_tree().args(["add", "--all", "."]), "add", &repo)?;
-    run(
-        with_tree()
-            .args(["-c", "user.name=quorum run", "-c", "user.email=run@quorum.invalid", "commit", "--quiet", "--allow-empty", "-m"])
-            .arg(format!("snapshot of {}", dir.display())),
-        "commit",
-        &repo,
-    )?;
-    resolve(dest, "HEAD")
 }

@@ -20,12 +20,28 @@ use quorum_core::verdict::{JobVerdict, ResultView, job_verdict};
 pub enum SignError {
     #[error("cannot read signing key {path}: {message}")]
     Key { path: String, message: String },
-    #[error("job `{job}`: the report of assignment {assignment} does not verify with worker {worker}'s key")]
-    BadReportSignature { job: String, assignment: String, worker: String },
-    #[error("job `{job}`: the report of assignment {assignment} is about {about}, not this build and job")]
-    ReportMismatch { job: String, assignment: String, about: String },
+    #[error(
+        "job `{job}`: the report of assignment {assignment} does not verify with worker {worker}'s key"
+    )]
+    BadReportSignature {
+        job: String,
+        assignment: String,
+        worker: String,
+    },
+    #[error(
+        "job `{job}`: the report of assignment {assignment} is about {about}, not this build and job"
+    )]
+    ReportMismatch {
+        job: String,
+        assignment: String,
+        about: String,
+    },
     #[error("job `{job}`: the report of assignment {assignment} is not valid: {message}")]
-    BadReport { job: String, assignment: String, message: String },
+    BadReport {
+        job: String,
+        assignment: String,
+        message: String,
+    },
     #[error("job `{job}` is not verified by its evidence: {verdict}")]
     NotVerified { job: String, verdict: String },
     #[error("the build has no jobs")]
@@ -71,7 +87,9 @@ pub struct Signer {
 
 impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Signer").field("key_id", &self.key_id()).finish_non_exhaustive()
+        f.debug_struct("Signer")
+            .field("key_id", &self.key_id())
+            .finish_non_exhaustive()
     }
 }
 
@@ -80,11 +98,19 @@ impl Signer {
     pub fn load_or_create(path: &Path) -> Result<Signer, SignError> {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
-        let err = |message: String| SignError::Key { path: path.display().to_string(), message };
+        let err = |message: String| SignError::Key {
+            path: path.display().to_string(),
+            message,
+        };
         match std::fs::read(path) {
             Ok(bytes) => {
-                let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| err("not a 32-byte key".into()))?;
-                Ok(Signer { key: SigningKey::from_bytes(&arr) })
+                let arr: [u8; 32] = bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| err("not a 32-byte key".into()))?;
+                Ok(Signer {
+                    key: SigningKey::from_bytes(&arr),
+                })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = SigningKey::generate(&mut rand_core::OsRng);
@@ -99,7 +125,9 @@ impl Signer {
                     .mode(0o600)
                     .open(&tmp)
                     .map_err(|e| err(e.to_string()))?;
-                f.write_all(key.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| err(e.to_string()))?;
+                f.write_all(key.as_bytes())
+                    .and_then(|_| f.sync_all())
+                    .map_err(|e| err(e.to_string()))?;
                 std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))?;
                 Ok(Signer { key })
             }
@@ -135,7 +163,9 @@ impl Signer {
             jobs,
         };
         let statement = attest::provenance_statement(&facts);
-        Ok(attest::envelope_with(&statement, self.key_id(), |m| self.key.sign(m).to_bytes()))
+        Ok(attest::envelope_with(&statement, self.key_id(), |m| {
+            self.key.sign(m).to_bytes()
+        }))
     }
 }
 
@@ -150,20 +180,33 @@ fn check_job(build_id: &str, job: &JobEvidence) -> Result<JobFacts, SignError> {
         };
         let sig = B64.decode(&r.signature).map_err(|_| bad_sig())?;
         let sig = Signature::from_slice(&sig).map_err(|_| bad_sig())?;
-        r.worker_key.verify(&report_message(r.report.as_bytes()), &sig).map_err(|_| bad_sig())?;
-        let report: ResultReport = serde_json::from_str(&r.report).map_err(|e| SignError::BadReport {
-            job: job.name.clone(),
-            assignment: r.assignment.clone(),
-            message: e.to_string(),
-        })?;
-        if report.build_id != build_id || report.job != job.name || report.assignment != r.assignment || report.worker != r.worker {
+        r.worker_key
+            .verify(&report_message(r.report.as_bytes()), &sig)
+            .map_err(|_| bad_sig())?;
+        let report: ResultReport =
+            serde_json::from_str(&r.report).map_err(|e| SignError::BadReport {
+                job: job.name.clone(),
+                assignment: r.assignment.clone(),
+                message: e.to_string(),
+            })?;
+        if report.build_id != build_id
+            || report.job != job.name
+            || report.assignment != r.assignment
+            || report.worker != r.worker
+        {
             return Err(SignError::ReportMismatch {
                 job: job.name.clone(),
                 assignment: r.assignment.clone(),
-                about: format!("build {} job {} assignment {} worker {}", report.build_id, report.job, report.assignment, report.worker),
+                about: format!(
+                    "build {} job {} assignment {} worker {}",
+                    report.build_id, report.job, report.assignment, report.worker
+                ),
             });
         }
-        if let ReportedResult::Success { manifest, manifest_digest } = &report.result
+        if let ReportedResult::Success {
+            manifest,
+            manifest_digest,
+        } = &report.result
             && (manifest.validate().is_err() || manifest.digest() != *manifest_digest)
         {
             return Err(SignError::BadReport {
@@ -181,14 +224,23 @@ fn check_job(build_id: &str, job: &JobEvidence) -> Result<JobFacts, SignError> {
         reports.push((r, report));
     }
     let verdict = job_verdict(job.policy, &views, 0);
-    let JobVerdict::Verified { manifest: digest, workers } = verdict else {
-        return Err(SignError::NotVerified { job: job.name.clone(), verdict: format!("{verdict:?}") });
+    let JobVerdict::Verified {
+        manifest: digest,
+        workers,
+    } = verdict
+    else {
+        return Err(SignError::NotVerified {
+            job: job.name.clone(),
+            verdict: format!("{verdict:?}"),
+        });
     };
     let (_, agreed) = reports
         .iter()
         .find(|(_, rep)| matches!(&rep.result, ReportedResult::Success { manifest_digest, .. } if *manifest_digest == digest))
         .expect("a verified digest comes from some report");
-    let ReportedResult::Success { manifest, .. } = &agreed.result else { unreachable!("matched above") };
+    let ReportedResult::Success { manifest, .. } = &agreed.result else {
+        unreachable!("matched above")
+    };
     let builders = reports
         .iter()
         .filter(|(_, rep)| workers.contains(&rep.worker))
@@ -204,7 +256,11 @@ fn check_job(build_id: &str, job: &JobEvidence) -> Result<JobFacts, SignError> {
         policy: job.policy,
         manifest: digest,
         builders,
-        artifacts: manifest.entries.iter().map(|e| (e.path.clone(), e.digest)).collect(),
+        artifacts: manifest
+            .entries
+            .iter()
+            .map(|e| (e.path.clone(), e.digest))
+            .collect(),
     })
 }
 
@@ -227,7 +283,10 @@ mod tests {
             build_id: "b1".into(),
             job: "build".into(),
             worker: id.into(),
-            result: ReportedResult::Success { manifest_digest: manifest.digest(), manifest },
+            result: ReportedResult::Success {
+                manifest_digest: manifest.digest(),
+                manifest,
+            },
             usage: Usage::default(),
             environment: EnvironmentFacts::default(),
         };
@@ -252,19 +311,36 @@ mod tests {
             commit: "0".repeat(40),
             started_on: "t0".into(),
             finished_on: "t1".into(),
-            jobs: vec![JobEvidence { name: "build".into(), policy: Policy { quorum: 2, trusted: 0 }, results }],
+            jobs: vec![JobEvidence {
+                name: "build".into(),
+                policy: Policy {
+                    quorum: 2,
+                    trusted: 0,
+                },
+                results,
+            }],
         }
     }
 
     fn signer() -> Signer {
-        Signer { key: SigningKey::from_bytes(&[9; 32]) }
+        Signer {
+            key: SigningKey::from_bytes(&[9; 32]),
+        }
     }
 
     #[test]
     fn signs_agreeing_evidence() {
-        let (w1, w2) = (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[2; 32]));
+        let (w1, w2) = (
+            SigningKey::from_bytes(&[1; 32]),
+            SigningKey::from_bytes(&[2; 32]),
+        );
         let s = signer();
-        let env = s.sign_build(&evidence(vec![report(&w1, "w1", "a1", b"x"), report(&w2, "w2", "a2", b"x")])).unwrap();
+        let env = s
+            .sign_build(&evidence(vec![
+                report(&w1, "w1", "a1", b"x"),
+                report(&w2, "w2", "a2", b"x"),
+            ]))
+            .unwrap();
         let statement = attest::verify_envelope(&env, &s.public_key()).unwrap();
         let subjects = attest::subjects(&statement).unwrap();
         assert_eq!(subjects[0].digest.sha256, Digest::of(b"x").hex());
@@ -272,21 +348,36 @@ mod tests {
 
     #[test]
     fn refuses_disagreement_forged_reports_and_swapped_keys() {
-        let (w1, w2) = (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[2; 32]));
+        let (w1, w2) = (
+            SigningKey::from_bytes(&[1; 32]),
+            SigningKey::from_bytes(&[2; 32]),
+        );
         let s = signer();
-        let differ = evidence(vec![report(&w1, "w1", "a1", b"x"), report(&w2, "w2", "a2", b"evil")]);
-        assert!(matches!(s.sign_build(&differ), Err(SignError::NotVerified { .. })));
+        let differ = evidence(vec![
+            report(&w1, "w1", "a1", b"x"),
+            report(&w2, "w2", "a2", b"evil"),
+        ]);
+        assert!(matches!(
+            s.sign_build(&differ),
+            Err(SignError::NotVerified { .. })
+        ));
 
         // The controller's database claims w2 agreed, but the report was signed by someone else.
         let mut forged = report(&w1, "w2", "a2", b"x");
         forged.worker_key = w2.verifying_key();
         let e = evidence(vec![report(&w1, "w1", "a1", b"x"), forged]);
-        assert!(matches!(s.sign_build(&e), Err(SignError::BadReportSignature { .. })));
+        assert!(matches!(
+            s.sign_build(&e),
+            Err(SignError::BadReportSignature { .. })
+        ));
 
         // A report for another assignment cannot be counted twice.
         let mut replayed = report(&w1, "w1", "a1", b"x");
         replayed.assignment = "a2".into();
         let e = evidence(vec![report(&w1, "w1", "a1", b"x"), replayed]);
-        assert!(matches!(s.sign_build(&e), Err(SignError::ReportMismatch { .. })));
+        assert!(matches!(
+            s.sign_build(&e),
+            Err(SignError::ReportMismatch { .. })
+        ));
     }
 }

@@ -102,9 +102,13 @@ pub fn mint(typ: &str, claims: &Claims, key: &IssuerKey) -> String {
     let mut header = Header::new(Algorithm::EdDSA);
     header.typ = Some(typ.to_string());
     header.kid = Some(key.kid.clone());
-    let der = key.key.to_pkcs8_der().expect("an Ed25519 key encodes as PKCS#8");
+    let der = key
+        .key
+        .to_pkcs8_der()
+        .expect("an Ed25519 key encodes as PKCS#8");
     let enc = EncodingKey::from_ed_der(der.as_bytes());
-    jsonwebtoken::encode(&header, claims, &enc).expect("claims serialize and Ed25519 signing cannot fail")
+    jsonwebtoken::encode(&header, claims, &enc)
+        .expect("claims serialize and Ed25519 signing cannot fail")
 }
 
 /// What can be read from a token before its signature is checked: enough to pick the key.
@@ -117,20 +121,31 @@ pub struct Unverified {
 }
 
 pub fn peek(token: &str) -> Result<Unverified, TokenError> {
-    let header = jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+    let header =
+        jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
     if header.alg != Algorithm::EdDSA {
         return Err(TokenError::Algorithm);
     }
     let kid = header.kid.ok_or(TokenError::NoKeyId)?;
     let typ = header.typ.unwrap_or_default();
-    let payload = token.split('.').nth(1).ok_or_else(|| TokenError::Malformed("no payload".into()))?;
-    let bytes = B64URL.decode(payload).map_err(|e| TokenError::Malformed(e.to_string()))?;
+    let payload = token
+        .split('.')
+        .nth(1)
+        .ok_or_else(|| TokenError::Malformed("no payload".into()))?;
+    let bytes = B64URL
+        .decode(payload)
+        .map_err(|e| TokenError::Malformed(e.to_string()))?;
     #[derive(Deserialize)]
     struct Iss {
         iss: String,
     }
-    let iss: Iss = serde_json::from_slice(&bytes).map_err(|e| TokenError::Malformed(format!("payload: {e}")))?;
-    Ok(Unverified { typ, kid, iss: iss.iss })
+    let iss: Iss = serde_json::from_slice(&bytes)
+        .map_err(|e| TokenError::Malformed(format!("payload: {e}")))?;
+    Ok(Unverified {
+        typ,
+        kid,
+        iss: iss.iss,
+    })
 }
 
 /// What the verifier expects of a token.
@@ -146,13 +161,17 @@ pub struct Expect<'a> {
 /// Verifies the signature with `key` (the key the *verifier* found for the token's issuer and
 /// kid), then type, issuer, audience, time window and lifetime.
 pub fn verify(token: &str, key: &VerifyingKey, expect: &Expect<'_>) -> Result<Claims, TokenError> {
-    let header = jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+    let header =
+        jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
     if header.alg != Algorithm::EdDSA {
         return Err(TokenError::Algorithm);
     }
     let typ = header.typ.unwrap_or_default();
     if typ != expect.typ {
-        return Err(TokenError::WrongType { expected: expect.typ.to_string(), got: typ });
+        return Err(TokenError::WrongType {
+            expected: expect.typ.to_string(),
+            got: typ,
+        });
     }
     let mut v = Validation::new(Algorithm::EdDSA);
     v.leeway = LEEWAY_SECS;
@@ -160,7 +179,8 @@ pub fn verify(token: &str, key: &VerifyingKey, expect: &Expect<'_>) -> Result<Cl
     v.set_issuer(&[expect.issuer]);
     v.set_audience(&[expect.audience]);
     v.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
-    let dec = DecodingKey::from_ed_components(&B64URL.encode(key.as_bytes())).map_err(|_| TokenError::Signature)?;
+    let dec = DecodingKey::from_ed_components(&B64URL.encode(key.as_bytes()))
+        .map_err(|_| TokenError::Signature)?;
     let data = jsonwebtoken::decode::<Claims>(token, &dec, &v).map_err(|e| {
         use jsonwebtoken::errors::ErrorKind as K;
         match e.kind() {
@@ -177,10 +197,15 @@ pub fn verify(token: &str, key: &VerifyingKey, expect: &Expect<'_>) -> Result<Cl
     let c = data.claims;
     let lifetime = c.exp - c.iat;
     if lifetime > expect.max_lifetime_secs || lifetime <= 0 {
-        return Err(TokenError::Lifetime { lifetime, max: expect.max_lifetime_secs });
+        return Err(TokenError::Lifetime {
+            lifetime,
+            max: expect.max_lifetime_secs,
+        });
     }
     if c.tenant.is_empty() || c.jti.is_empty() {
-        return Err(TokenError::Claims("`tenant` and `jti` must not be empty".into()));
+        return Err(TokenError::Claims(
+            "`tenant` and `jti` must not be empty".into(),
+        ));
     }
     Ok(c)
 }
@@ -218,7 +243,10 @@ impl Jwk {
     /// RFC 7638 thumbprint of an Ed25519 key.
     pub fn thumbprint(key: &VerifyingKey) -> String {
         use sha2::Digest as _;
-        let canonical = format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#, B64URL.encode(key.as_bytes()));
+        let canonical = format!(
+            r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#,
+            B64URL.encode(key.as_bytes())
+        );
         B64URL.encode(sha2::Sha256::digest(canonical.as_bytes()))
     }
 
@@ -229,9 +257,14 @@ impl Jwk {
         if self.alg.as_deref().is_some_and(|a| a != "EdDSA") {
             return Err(TokenError::Algorithm);
         }
-        let bytes = B64URL.decode(&self.x).map_err(|e| TokenError::Malformed(format!("jwk x: {e}")))?;
-        let arr: [u8; 32] = bytes.try_into().map_err(|_| TokenError::Malformed("jwk x is not 32 bytes".into()))?;
-        VerifyingKey::from_bytes(&arr).map_err(|_| TokenError::Malformed("jwk x is not an Ed25519 point".into()))
+        let bytes = B64URL
+            .decode(&self.x)
+            .map_err(|e| TokenError::Malformed(format!("jwk x: {e}")))?;
+        let arr: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| TokenError::Malformed("jwk x is not 32 bytes".into()))?;
+        VerifyingKey::from_bytes(&arr)
+            .map_err(|_| TokenError::Malformed("jwk x is not an Ed25519 point".into()))
     }
 }
 
@@ -249,7 +282,10 @@ mod tests {
     }
 
     fn now() -> i64 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
     }
 
     fn claims(lifetime: i64) -> Claims {
@@ -263,12 +299,22 @@ mod tests {
             iat: t,
             jti: new_jti(),
             tenant: "dinah".into(),
-            scope: Some(Scope { controller: "d".into(), build: "b".into(), job: Some("build".into()), assignment: None }),
+            scope: Some(Scope {
+                controller: "d".into(),
+                build: "b".into(),
+                job: Some("build".into()),
+                assignment: None,
+            }),
         }
     }
 
     fn expect() -> Expect<'static> {
-        Expect { typ: TYP_JOB, issuer: "http://idp", audience: "worker:alice-1", max_lifetime_secs: 3600 }
+        Expect {
+            typ: TYP_JOB,
+            issuer: "http://idp",
+            audience: "worker:alice-1",
+            max_lifetime_secs: 3600,
+        }
     }
 
     #[test]
@@ -288,9 +334,15 @@ mod tests {
         let k = key(1);
         let vk = k.key.verifying_key();
         let t = mint(TYP_UPLOAD, &claims(60), &k);
-        assert!(matches!(verify(&t, &vk, &expect()), Err(TokenError::WrongType { .. })));
+        assert!(matches!(
+            verify(&t, &vk, &expect()),
+            Err(TokenError::WrongType { .. })
+        ));
         let t = mint(TYP_JOB, &claims(60), &k);
-        assert_eq!(verify(&t, &key(2).key.verifying_key(), &expect()), Err(TokenError::Signature));
+        assert_eq!(
+            verify(&t, &key(2).key.verifying_key(), &expect()),
+            Err(TokenError::Signature)
+        );
         let mut e = expect();
         e.audience = "worker:bob";
         assert_eq!(verify(&t, &vk, &e), Err(TokenError::WrongAudience));
@@ -301,12 +353,21 @@ mod tests {
         old.exp = now() - 120;
         old.iat = old.exp - 60;
         old.nbf = old.iat;
-        assert_eq!(verify(&mint(TYP_JOB, &old, &k), &vk, &expect()), Err(TokenError::Expired));
+        assert_eq!(
+            verify(&mint(TYP_JOB, &old, &k), &vk, &expect()),
+            Err(TokenError::Expired)
+        );
         let mut future = claims(600);
         future.nbf = now() + 300;
-        assert_eq!(verify(&mint(TYP_JOB, &future, &k), &vk, &expect()), Err(TokenError::NotYetValid));
+        assert_eq!(
+            verify(&mint(TYP_JOB, &future, &k), &vk, &expect()),
+            Err(TokenError::NotYetValid)
+        );
         let long = claims(7200);
-        assert!(matches!(verify(&mint(TYP_JOB, &long, &k), &vk, &expect()), Err(TokenError::Lifetime { .. })));
+        assert!(matches!(
+            verify(&mint(TYP_JOB, &long, &k), &vk, &expect()),
+            Err(TokenError::Lifetime { .. })
+        ));
     }
 
     #[test]
@@ -316,7 +377,15 @@ mod tests {
         let parts: Vec<&str> = t.split('.').collect();
         let mut c = claims(60);
         c.tenant = "eliza".into();
-        let forged = format!("{}.{}.{}", parts[0], B64URL.encode(serde_json::to_vec(&c).unwrap()), parts[2]);
-        assert_eq!(verify(&forged, &k.key.verifying_key(), &expect()), Err(TokenError::Signature));
+        let forged = format!(
+            "{}.{}.{}",
+            parts[0],
+            B64URL.encode(serde_json::to_vec(&c).unwrap()),
+            parts[2]
+        );
+        assert_eq!(
+            verify(&forged, &k.key.verifying_key(), &expect()),
+            Err(TokenError::Signature)
+        );
     }
 }

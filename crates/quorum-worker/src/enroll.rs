@@ -66,11 +66,12 @@ pub(crate) async fn ensure(config: &Config, key: &SigningKey) -> anyhow::Result<
         // A controller that is still starting, or busy, is worth a few more tries; a refused
         // token is not.
         let never = tokio_util::sync::CancellationToken::new();
-        let resp = crate::retry::with_retry("enroll", std::time::Duration::from_secs(30), &never, || {
-            WorkerClient::enroll(&url, &req)
-        })
-        .await
-        .with_context(|| format!("cannot enroll with controller {url}"))?;
+        let resp =
+            crate::retry::with_retry("enroll", std::time::Duration::from_secs(30), &never, || {
+                WorkerClient::enroll(&url, &req)
+            })
+            .await
+            .with_context(|| format!("cannot enroll with controller {url}"))?;
         tracing::info!(controller = %url, worker_id = %resp.worker_id, owner = %resp.owner, "enrolled");
         ids.push(resp.worker_id.clone());
         known.controllers.insert(

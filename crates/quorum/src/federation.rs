@@ -26,7 +26,12 @@ pub struct WorkerSpec {
 
 impl WorkerSpec {
     pub fn new(name: &str, owner: &str, trusted: bool) -> WorkerSpec {
-        WorkerSpec { name: name.into(), owner: owner.into(), trusted, trusted_issuers: None }
+        WorkerSpec {
+            name: name.into(),
+            owner: owner.into(),
+            trusted,
+            trusted_issuers: None,
+        }
     }
 }
 
@@ -47,7 +52,9 @@ impl Spec {
         Spec {
             data_dir: data_dir.to_path_buf(),
             exe: exe.to_path_buf(),
-            workers: (1..=n).map(|i| WorkerSpec::new(&format!("worker-{i}"), &format!("owner-{i}"), i == 1)).collect(),
+            workers: (1..=n)
+                .map(|i| WorkerSpec::new(&format!("worker-{i}"), &format!("owner-{i}"), i == 1))
+                .collect(),
             lease_secs: 15,
             log_filter: "info".into(),
         }
@@ -80,7 +87,9 @@ pub struct Federation {
 
 impl std::fmt::Debug for Federation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Federation").field("controller", &self.controller_url).finish_non_exhaustive()
+        f.debug_struct("Federation")
+            .field("controller", &self.controller_url)
+            .finish_non_exhaustive()
     }
 }
 
@@ -94,11 +103,17 @@ fn random_secret() -> String {
 impl Federation {
     /// Starts every role and waits until the IdP, store and controller listen.
     pub async fn start(spec: Spec) -> anyhow::Result<Federation> {
-        std::fs::create_dir_all(&spec.data_dir).with_context(|| format!("cannot create {}", spec.data_dir.display()))?;
+        std::fs::create_dir_all(&spec.data_dir)
+            .with_context(|| format!("cannot create {}", spec.data_dir.display()))?;
         let saved_path = spec.data_dir.join("federation.json");
         let saved: Saved = match std::fs::read(&saved_path) {
-            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{} is damaged", saved_path.display()))?,
-            Err(_) => Saved { api_token: random_secret(), client_secret: random_secret(), addresses: BTreeMap::new() },
+            Ok(b) => serde_json::from_slice(&b)
+                .with_context(|| format!("{} is damaged", saved_path.display()))?,
+            Err(_) => Saved {
+                api_token: random_secret(),
+                client_secret: random_secret(),
+                addresses: BTreeMap::new(),
+            },
         };
         let mut fed = Federation {
             spec,
@@ -130,7 +145,12 @@ impl Federation {
 
     fn config_text(&self, role: &str) -> anyhow::Result<String> {
         let dir = self.role_dir(role);
-        let listen = self.saved.addresses.get(role).cloned().unwrap_or_else(|| "127.0.0.1:0".into());
+        let listen = self
+            .saved
+            .addresses
+            .get(role)
+            .cloned()
+            .unwrap_or_else(|| "127.0.0.1:0".into());
         let text = match role {
             "idp" => toml::to_string(&quorum_idp::Config {
                 listen,
@@ -147,7 +167,9 @@ impl Federation {
                 listen,
                 data_dir: dir,
                 audience: self.store_audience.clone(),
-                trusted_issuers: vec![quorum_client::trust::TrustedIssuer { issuer: self.idp_url.clone() }],
+                trusted_issuers: vec![quorum_client::trust::TrustedIssuer {
+                    issuer: self.idp_url.clone(),
+                }],
                 max_blob_bytes: quorum_store::DEFAULT_MAX_BLOB_BYTES,
             })?,
             "controller" => toml::to_string(&quorum_controller::Config {
@@ -160,7 +182,10 @@ impl Federation {
                     client_id: "controller".into(),
                     client_secret: Some(self.saved.client_secret.clone()),
                 },
-                store: quorum_controller::StoreConfig { url: self.store_url.clone(), audience: self.store_audience.clone() },
+                store: quorum_controller::StoreConfig {
+                    url: self.store_url.clone(),
+                    audience: self.store_audience.clone(),
+                },
                 lease_secs: self.spec.lease_secs,
             })?,
             _ => bail!("unknown role {role}"),
@@ -176,8 +201,18 @@ impl Federation {
         std::fs::write(&config, self.config_text(role)?)?;
         let ready = self.spec.data_dir.join(format!("{role}.ready"));
         let _ = std::fs::remove_file(&ready);
-        let child = self.spawn(role, &[role, "--config", path_str(&config)?, "--ready-file", path_str(&ready)?])?;
-        self.processes.insert(role.to_string(), RoleProcess { child });
+        let child = self.spawn(
+            role,
+            &[
+                role,
+                "--config",
+                path_str(&config)?,
+                "--ready-file",
+                path_str(&ready)?,
+            ],
+        )?;
+        self.processes
+            .insert(role.to_string(), RoleProcess { child });
         let addr = self.wait_ready(role, &ready).await?;
         let url = format!("http://{addr}");
         self.saved.addresses.insert(role.to_string(), addr);
@@ -197,14 +232,31 @@ impl Federation {
         let token = if enrolled {
             None
         } else {
-            Some(quorum_controller::create_enrollment(&self.role_dir("controller"), &w.owner, w.trusted, &BTreeMap::new()).await?)
+            Some(
+                quorum_controller::create_enrollment(
+                    &self.role_dir("controller"),
+                    &w.owner,
+                    w.trusted,
+                    &BTreeMap::new(),
+                )
+                .await?,
+            )
         };
-        let issuers = w.trusted_issuers.clone().unwrap_or_else(|| vec![self.idp_url.clone()]);
+        let issuers = w
+            .trusted_issuers
+            .clone()
+            .unwrap_or_else(|| vec![self.idp_url.clone()]);
         let config = quorum_worker::Config {
             name: w.name.clone(),
             data_dir: dir,
-            controllers: vec![quorum_worker::ControllerConfig { url: self.controller_url.clone(), enrollment_token: token }],
-            trusted_issuers: issuers.into_iter().map(|issuer| quorum_client::trust::TrustedIssuer { issuer }).collect(),
+            controllers: vec![quorum_worker::ControllerConfig {
+                url: self.controller_url.clone(),
+                enrollment_token: token,
+            }],
+            trusted_issuers: issuers
+                .into_iter()
+                .map(|issuer| quorum_client::trust::TrustedIssuer { issuer })
+                .collect(),
             max_jobs: 2,
         };
         let path = self.spec.data_dir.join(format!("{}.toml", w.name));
@@ -266,7 +318,9 @@ impl Federation {
 
     /// Whether a role's process is still running.
     pub fn is_running(&mut self, name: &str) -> bool {
-        self.processes.get_mut(name).is_some_and(|p| matches!(p.child.try_wait(), Ok(None)))
+        self.processes
+            .get_mut(name)
+            .is_some_and(|p| matches!(p.child.try_wait(), Ok(None)))
     }
 
     /// Stops every role with SIGTERM, then SIGKILL after a grace period.
@@ -311,7 +365,8 @@ fn terminate(pid: u32) {
 }
 
 fn path_str(p: &Path) -> anyhow::Result<&str> {
-    p.to_str().with_context(|| format!("path {} is not UTF-8", p.display()))
+    p.to_str()
+        .with_context(|| format!("path {} is not UTF-8", p.display()))
 }
 
 /// The last lines of a log file, for error messages.

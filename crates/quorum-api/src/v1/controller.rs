@@ -98,7 +98,10 @@ pub struct ResultReport {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ReportedResult {
     /// Every step exited 0; the outputs were uploaded and recorded under this manifest.
-    Success { manifest: Manifest, manifest_digest: Digest },
+    Success {
+        manifest: Manifest,
+        manifest_digest: Digest,
+    },
     /// A step failed or the job timed out.
     Failed { reason: String },
 }
@@ -106,7 +109,11 @@ pub enum ReportedResult {
 impl ReportedResult {
     pub fn outcome(&self) -> Outcome {
         match self {
-            ReportedResult::Success { manifest_digest, .. } => Outcome::Success { manifest: *manifest_digest },
+            ReportedResult::Success {
+                manifest_digest, ..
+            } => Outcome::Success {
+                manifest: *manifest_digest,
+            },
             ReportedResult::Failed { .. } => Outcome::Failed,
         }
     }
@@ -192,7 +199,11 @@ impl JobState {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            JobState::Verified | JobState::Disputed | JobState::Failed | JobState::Skipped | JobState::Cancelled
+            JobState::Verified
+                | JobState::Disputed
+                | JobState::Failed
+                | JobState::Skipped
+                | JobState::Cancelled
         )
     }
 }

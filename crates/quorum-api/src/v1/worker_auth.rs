@@ -12,7 +12,8 @@ pub const MAX_SKEW_SECS: i64 = 60;
 /// The bytes a worker signs for one request.
 pub fn message(method: &str, path_and_query: &str, timestamp: i64, body: &[u8]) -> Vec<u8> {
     let body_digest = quorum_core::Digest::of(body);
-    format!("quorum-worker-request-v1\n{method}\n{path_and_query}\n{timestamp}\n{body_digest}").into_bytes()
+    format!("quorum-worker-request-v1\n{method}\n{path_and_query}\n{timestamp}\n{body_digest}")
+        .into_bytes()
 }
 
 /// The bytes a worker signs for a result report: the report JSON behind a context string, so a

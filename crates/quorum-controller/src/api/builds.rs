@@ -10,8 +10,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use quorum_api::v1::controller::{
-    Artifact, ArtifactList, AssignmentStatus, BuildCreated, BuildState, BuildStatus, HEADER_LOG_COMPLETE, JobState,
-    JobStatus, ReportedResult, ResultReport, SignerKeys, SubmitBuild,
+    Artifact, ArtifactList, AssignmentStatus, BuildCreated, BuildState, BuildStatus,
+    HEADER_LOG_COMPLETE, JobState, JobStatus, ReportedResult, ResultReport, SignerKeys,
+    SubmitBuild,
 };
 use quorum_api::v1::idp::TOKEN_TYPE_READ;
 use quorum_client::idp::TokenFor;
@@ -35,18 +36,28 @@ pub async fn submit(
     let repo_url = req.repository.clone();
     let rev = req.rev.clone();
     let (commit, text, sde) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
-        let mirror = mirrors.update(&repo_url).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let commit = quorum_git::resolve(&mirror, &rev).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let mirror = mirrors
+            .update(&repo_url)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let commit =
+            quorum_git::resolve(&mirror, &rev).map_err(|e| ApiError::bad_request(e.to_string()))?;
         let text = quorum_git::read_file(&mirror, &commit, PIPELINE_FILE)
             .map_err(|e| ApiError::bad_request(e.to_string()))?
-            .ok_or_else(|| ApiError::bad_request(format!("commit {commit} of {repo_url} has no {PIPELINE_FILE}")))?;
-        let sde = quorum_git::commit_time(&mirror, &commit).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "commit {commit} of {repo_url} has no {PIPELINE_FILE}"
+                ))
+            })?;
+        let sde = quorum_git::commit_time(&mirror, &commit)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
         Ok((commit, text, sde))
     })
     .await
     .map_err(ApiError::internal)??;
-    let text = String::from_utf8(text).map_err(|_| ApiError::bad_request(format!("{PIPELINE_FILE} is not UTF-8")))?;
-    let pipeline = Pipeline::parse(&text).map_err(|e| ApiError::bad_request(format!("commit {commit}: {e}")))?;
+    let text = String::from_utf8(text)
+        .map_err(|_| ApiError::bad_request(format!("{PIPELINE_FILE} is not UTF-8")))?;
+    let pipeline = Pipeline::parse(&text)
+        .map_err(|e| ApiError::bad_request(format!("commit {commit}: {e}")))?;
 
     let id = uuid::Uuid::new_v4().simple().to_string();
     let now = now_unix();
@@ -73,7 +84,13 @@ pub async fn submit(
     tx.commit().await.map_err(ApiError::internal)?;
     tracing::info!(build = %id, repository = %req.repository, %commit, jobs = pipeline.jobs.len(), "build created");
     state.wake.notify_one();
-    Ok((StatusCode::CREATED, Json(BuildCreated { build_id: id, commit })))
+    Ok((
+        StatusCode::CREATED,
+        Json(BuildCreated {
+            build_id: id,
+            commit,
+        }),
+    ))
 }
 
 fn build_state(s: &str) -> BuildState {
@@ -100,22 +117,35 @@ pub(crate) fn job_state(s: &str) -> JobState {
 }
 
 async fn found_build(state: &State, id: &str) -> Result<db::BuildRow, ApiError> {
-    db::build(&state.pool, id).await?.ok_or_else(|| ApiError::not_found(format!("no build {id}")))
+    db::build(&state.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no build {id}")))
 }
 
 /// `GET /api/v1/builds/{id}`, API token.
-pub async fn status(AxState(state): AxState<Arc<State>>, Path(id): Path<String>, headers: HeaderMap) -> Result<Json<BuildStatus>, ApiError> {
+pub async fn status(
+    AxState(state): AxState<Arc<State>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<BuildStatus>, ApiError> {
     auth::user(&state, &headers)?;
     let b = found_build(&state, &id).await?;
     let jobs = db::jobs(&state.pool, &id).await?;
     let assignments = db::assignments_of_build(&state.pool, &id).await?;
-    let workers = sqlx::query("SELECT * FROM workers WHERE id IN (SELECT worker_id FROM assignments WHERE build_id = ?)")
-        .bind(&id)
-        .fetch_all(&state.pool)
-        .await
-        .map_err(ApiError::internal)?;
+    let workers = sqlx::query(
+        "SELECT * FROM workers WHERE id IN (SELECT worker_id FROM assignments WHERE build_id = ?)",
+    )
+    .bind(&id)
+    .fetch_all(&state.pool)
+    .await
+    .map_err(ApiError::internal)?;
     let workers: Vec<db::WorkerRow> = workers.iter().map(db::worker_from_row).collect();
-    let signed = sqlx::query("SELECT 1 FROM statements WHERE build_id = ?").bind(&id).fetch_optional(&state.pool).await.map_err(ApiError::internal)?.is_some();
+    let signed = sqlx::query("SELECT 1 FROM statements WHERE build_id = ?")
+        .bind(&id)
+        .fetch_optional(&state.pool)
+        .await
+        .map_err(ApiError::internal)?
+        .is_some();
     let jobs = jobs
         .into_iter()
         .map(|j| JobStatus {
@@ -129,14 +159,20 @@ pub async fn status(AxState(state): AxState<Arc<State>>, Path(id): Path<String>,
                 .filter(|a| a.job == j.name)
                 .map(|a| {
                     let w = workers.iter().find(|w| w.id == a.worker_id);
-                    let report: Option<ResultReport> = a.report.as_deref().and_then(|r| serde_json::from_str(r).ok());
+                    let report: Option<ResultReport> = a
+                        .report
+                        .as_deref()
+                        .and_then(|r| serde_json::from_str(r).ok());
                     AssignmentStatus {
                         id: a.id.clone(),
                         worker: a.worker_id.clone(),
                         owner: w.map(|w| w.owner.clone()).unwrap_or_default(),
                         trusted: w.is_some_and(|w| w.trusted),
                         state: a.state.clone(),
-                        outcome: a.outcome.as_deref().and_then(|o| serde_json::from_str(o).ok()),
+                        outcome: a
+                            .outcome
+                            .as_deref()
+                            .and_then(|o| serde_json::from_str(o).ok()),
                         detail: a.detail.clone(),
                         usage: report.map(|r| r.usage),
                     }
@@ -159,62 +195,128 @@ pub async fn status(AxState(state): AxState<Arc<State>>, Path(id): Path<String>,
 
 /// `POST /api/v1/builds/{id}/cancel`, API token: running assignments are told to stop at their
 /// next heartbeat; unfinished jobs end cancelled.
-pub async fn cancel(AxState(state): AxState<Arc<State>>, Path(id): Path<String>, headers: HeaderMap) -> Result<StatusCode, ApiError> {
+pub async fn cancel(
+    AxState(state): AxState<Arc<State>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
     auth::user(&state, &headers)?;
     let b = found_build(&state, &id).await?;
     if b.state != "running" {
-        return Err(ApiError::conflict(format!("build {id} is already {}", b.state)));
+        return Err(ApiError::conflict(format!(
+            "build {id} is already {}",
+            b.state
+        )));
     }
-    sqlx::query("UPDATE builds SET state = 'cancelling' WHERE id = ? AND state = 'running'").bind(&id).execute(&state.pool).await.map_err(ApiError::internal)?;
+    sqlx::query("UPDATE builds SET state = 'cancelling' WHERE id = ? AND state = 'running'")
+        .bind(&id)
+        .execute(&state.pool)
+        .await
+        .map_err(ApiError::internal)?;
     state.wake.notify_one();
     Ok(StatusCode::ACCEPTED)
 }
 
 /// `GET /api/v1/builds/{id}/statement`, API token: the signed DSSE envelope of a verified build.
-pub async fn statement(AxState(state): AxState<Arc<State>>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn statement(
+    AxState(state): AxState<Arc<State>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     auth::user(&state, &headers)?;
     let row = sqlx::query("SELECT envelope FROM statements WHERE build_id = ?")
         .bind(&id)
         .fetch_optional(&state.pool)
         .await
         .map_err(ApiError::internal)?
-        .ok_or_else(|| ApiError::not_found(format!("build {id} has no signed statement; only verified builds are signed")))?;
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "build {id} has no signed statement; only verified builds are signed"
+            ))
+        })?;
     let env: String = row.get("envelope");
-    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], env).into_response())
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        env,
+    )
+        .into_response())
 }
 
 /// `GET /api/v1/builds/{id}/artifacts`, API token: the verified artifacts, and a read token to
 /// fetch them from the store.
-pub async fn artifacts(AxState(state): AxState<Arc<State>>, Path(id): Path<String>, headers: HeaderMap) -> Result<Json<ArtifactList>, ApiError> {
+pub async fn artifacts(
+    AxState(state): AxState<Arc<State>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<ArtifactList>, ApiError> {
     auth::user(&state, &headers)?;
     found_build(&state, &id).await?;
     let jobs = db::jobs(&state.pool, &id).await?;
     let assignments = db::assignments_of_build(&state.pool, &id).await?;
     let mut artifacts = Vec::new();
     for j in jobs.iter().filter(|j| j.state == "verified") {
-        let Some(digest) = j.manifest.as_deref().and_then(|m| m.parse::<quorum_core::Digest>().ok()) else { continue };
+        let Some(digest) = j
+            .manifest
+            .as_deref()
+            .and_then(|m| m.parse::<quorum_core::Digest>().ok())
+        else {
+            continue;
+        };
         let manifest = assignments
             .iter()
             .filter(|a| a.job == j.name)
-            .filter_map(|a| a.report.as_deref().and_then(|r| serde_json::from_str::<ResultReport>(r).ok()))
+            .filter_map(|a| {
+                a.report
+                    .as_deref()
+                    .and_then(|r| serde_json::from_str::<ResultReport>(r).ok())
+            })
             .find_map(|r| match r.result {
-                ReportedResult::Success { manifest, manifest_digest } if manifest_digest == digest => Some(manifest),
+                ReportedResult::Success {
+                    manifest,
+                    manifest_digest,
+                } if manifest_digest == digest => Some(manifest),
                 _ => None,
             });
         for e in manifest.into_iter().flat_map(|m| m.entries) {
-            artifacts.push(Artifact { job: j.name.clone(), path: e.path, mode: e.mode, size: e.size, digest: e.digest, manifest: digest });
+            artifacts.push(Artifact {
+                job: j.name.clone(),
+                path: e.path,
+                mode: e.mode,
+                size: e.size,
+                digest: e.digest,
+                manifest: digest,
+            });
         }
     }
-    let access = state.access_token().await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")))?;
+    let access = state
+        .access_token()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")))?;
     let read = state
         .idp
         .exchange(
             &access,
-            &TokenFor { token_type: TOKEN_TYPE_READ, audience: state.store_audience.clone(), build: id.clone(), job: None, assignment: None, lifetime_secs: 900 },
+            &TokenFor {
+                token_type: TOKEN_TYPE_READ,
+                audience: state.store_audience.clone(),
+                build: id.clone(),
+                job: None,
+                assignment: None,
+                lifetime_secs: 900,
+            },
         )
         .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("cannot get a read token from the IdP: {e}")))?;
-    Ok(Json(ArtifactList { store_url: state.store_url.clone(), read_token: read.access_token, artifacts }))
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot get a read token from the IdP: {e}"),
+            )
+        })?;
+    Ok(Json(ArtifactList {
+        store_url: state.store_url.clone(),
+        read_token: read.access_token,
+        artifacts,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -232,7 +334,9 @@ pub async fn read_log(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     auth::user(&state, &headers)?;
-    let a = db::assignment(&state.pool, &id).await?.ok_or_else(|| ApiError::not_found(format!("no assignment {id}")))?;
+    let a = db::assignment(&state.pool, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no assignment {id}")))?;
     let rows = sqlx::query("SELECT offset, data FROM logs WHERE assignment_id = ? AND offset + LENGTH(data) > ? ORDER BY offset")
         .bind(&id)
         .bind(q.offset as i64)
@@ -247,13 +351,20 @@ pub async fn read_log(
         out.extend_from_slice(&data[skip.min(data.len())..]);
     }
     let complete = !matches!(a.state.as_str(), "offered" | "running");
-    Ok(([(HEADER_LOG_COMPLETE, if complete { "true" } else { "false" })], Body::from(out)).into_response())
+    Ok((
+        [(HEADER_LOG_COMPLETE, if complete { "true" } else { "false" })],
+        Body::from(out),
+    )
+        .into_response())
 }
 
 /// `GET /api/v1/signer/keys`, anyone: the keys that sign this controller's statements.
 pub async fn signer_keys(AxState(state): AxState<Arc<State>>) -> Json<SignerKeys> {
     let key = state.signer.public_key();
     let mut keys = std::collections::BTreeMap::new();
-    keys.insert(state.signer.key_id(), base64::engine::general_purpose::STANDARD.encode(key.as_bytes()));
+    keys.insert(
+        state.signer.key_id(),
+        base64::engine::general_purpose::STANDARD.encode(key.as_bytes()),
+    );
     Json(SignerKeys { keys })
 }

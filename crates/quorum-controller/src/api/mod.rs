@@ -16,8 +16,14 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/api/v1/workers/enroll", post(workers::enroll))
         .route("/api/v1/workers/poll", post(workers::poll))
         .route("/api/v1/assignments/{id}/refuse", post(workers::refuse))
-        .route("/api/v1/assignments/{id}/heartbeat", post(workers::heartbeat))
-        .route("/api/v1/assignments/{id}/log", post(workers::log).get(builds::read_log))
+        .route(
+            "/api/v1/assignments/{id}/heartbeat",
+            post(workers::heartbeat),
+        )
+        .route(
+            "/api/v1/assignments/{id}/log",
+            post(workers::log).get(builds::read_log),
+        )
         .route("/api/v1/assignments/{id}/result", post(workers::result))
         .route("/api/v1/builds", post(builds::submit))
         .route("/api/v1/builds/{id}", get(builds::status))

@@ -13,8 +13,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use ed25519_dalek::{Signature, Verifier as _};
 use quorum_api::v1::controller::{
-    Assignment, EnrollRequest, EnrollResponse, HeartbeatResponse, PollRequest, RefuseRequest, ReportedResult, ResultReport,
-    SignedReport,
+    Assignment, EnrollRequest, EnrollResponse, HeartbeatResponse, PollRequest, RefuseRequest,
+    ReportedResult, ResultReport, SignedReport,
 };
 use quorum_api::v1::idp::{TOKEN_TYPE_JOB, TOKEN_TYPE_UPLOAD};
 use quorum_api::v1::worker_auth::report_message;
@@ -31,34 +31,67 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 }
 
 /// `POST /api/v1/workers/enroll`, anyone holding an unused enrollment token.
-pub async fn enroll(AxState(state): AxState<Arc<State>>, Json(req): Json<EnrollRequest>) -> Result<Json<EnrollResponse>, ApiError> {
-    quorum_core::names::check_job_name(&req.name)
-        .map_err(|_| ApiError::bad_request("worker name must be 1-64 letters, digits, `-`, `_` or `.`"))?;
+pub async fn enroll(
+    AxState(state): AxState<Arc<State>>,
+    Json(req): Json<EnrollRequest>,
+) -> Result<Json<EnrollResponse>, ApiError> {
+    quorum_core::names::check_job_name(&req.name).map_err(|_| {
+        ApiError::bad_request("worker name must be 1-64 letters, digits, `-`, `_` or `.`")
+    })?;
     if auth::public_key(&req.public_key).is_none() {
-        return Err(ApiError::bad_request("public_key is not a base64 Ed25519 public key"));
+        return Err(ApiError::bad_request(
+            "public_key is not a base64 Ed25519 public key",
+        ));
     }
     let hash = quorum_core::Digest::of(req.enrollment_token.as_bytes()).to_string();
     // IMMEDIATE: this transaction reads then writes, and must hold the write lock from the
     // start so that concurrent enrollments queue instead of failing with SQLITE_BUSY.
-    let mut tx = state.pool.begin_with("BEGIN IMMEDIATE").await.map_err(ApiError::internal)?;
-    let row = sqlx::query("SELECT owner, trusted, labels, used_by FROM enrollments WHERE token_hash = ?")
-        .bind(&hash)
-        .fetch_optional(&mut *tx)
+    let mut tx = state
+        .pool
+        .begin_with("BEGIN IMMEDIATE")
         .await
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| ApiError::unauthorized("unknown enrollment token; ask the controller's operator for a new one"))?;
+        .map_err(ApiError::internal)?;
+    let row =
+        sqlx::query("SELECT owner, trusted, labels, used_by FROM enrollments WHERE token_hash = ?")
+            .bind(&hash)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(ApiError::internal)?
+            .ok_or_else(|| {
+                ApiError::unauthorized(
+                    "unknown enrollment token; ask the controller's operator for a new one",
+                )
+            })?;
     let used_by: Option<String> = row.get("used_by");
     if let Some(used_by) = used_by {
         // Re-enrolling the same worker with the same key is harmless (it lost its state file).
-        let existing = sqlx::query("SELECT public_key FROM workers WHERE id = ?").bind(&used_by).fetch_optional(&mut *tx).await.map_err(ApiError::internal)?;
-        if used_by == req.name && existing.is_some_and(|r| r.get::<String, _>("public_key") == req.public_key) {
-            return Ok(Json(EnrollResponse { worker_id: used_by, owner: row.get("owner") }));
+        let existing = sqlx::query("SELECT public_key FROM workers WHERE id = ?")
+            .bind(&used_by)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(ApiError::internal)?;
+        if used_by == req.name
+            && existing.is_some_and(|r| r.get::<String, _>("public_key") == req.public_key)
+        {
+            return Ok(Json(EnrollResponse {
+                worker_id: used_by,
+                owner: row.get("owner"),
+            }));
         }
-        return Err(ApiError::unauthorized("this enrollment token was already used"));
+        return Err(ApiError::unauthorized(
+            "this enrollment token was already used",
+        ));
     }
-    let taken = sqlx::query("SELECT 1 FROM workers WHERE id = ?").bind(&req.name).fetch_optional(&mut *tx).await.map_err(ApiError::internal)?;
+    let taken = sqlx::query("SELECT 1 FROM workers WHERE id = ?")
+        .bind(&req.name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(ApiError::internal)?;
     if taken.is_some() {
-        return Err(ApiError::conflict(format!("a worker named `{}` is already enrolled; choose another name", req.name)));
+        return Err(ApiError::conflict(format!(
+            "a worker named `{}` is already enrolled; choose another name",
+            req.name
+        )));
     }
     let owner: String = row.get("owner");
     sqlx::query("INSERT INTO workers (id, owner, trusted, labels, public_key, enrolled_at) VALUES (?, ?, ?, ?, ?, ?)")
@@ -71,10 +104,18 @@ pub async fn enroll(AxState(state): AxState<Arc<State>>, Json(req): Json<EnrollR
         .execute(&mut *tx)
         .await
         .map_err(ApiError::internal)?;
-    sqlx::query("UPDATE enrollments SET used_by = ? WHERE token_hash = ?").bind(&req.name).bind(&hash).execute(&mut *tx).await.map_err(ApiError::internal)?;
+    sqlx::query("UPDATE enrollments SET used_by = ? WHERE token_hash = ?")
+        .bind(&req.name)
+        .bind(&hash)
+        .execute(&mut *tx)
+        .await
+        .map_err(ApiError::internal)?;
     tx.commit().await.map_err(ApiError::internal)?;
     tracing::info!(worker = %req.name, %owner, "worker enrolled");
-    Ok(Json(EnrollResponse { worker_id: req.name, owner }))
+    Ok(Json(EnrollResponse {
+        worker_id: req.name,
+        owner,
+    }))
 }
 
 /// `POST /api/v1/workers/poll`, worker: long poll for the next assignment offered to it.
@@ -100,7 +141,10 @@ pub async fn poll(
         // Wake at least every third of a lease to mark the worker as still online: a worker
         // waiting in a long poll is available, even though it sends nothing.
         let beat = tokio::time::Instant::now() + Duration::from_millis(state.lease_secs * 1000 / 3);
-        if tokio::time::timeout_at(deadline.min(beat), notified).await.is_err() {
+        if tokio::time::timeout_at(deadline.min(beat), notified)
+            .await
+            .is_err()
+        {
             if tokio::time::Instant::now() >= deadline {
                 return Ok(StatusCode::NO_CONTENT.into_response());
             }
@@ -122,13 +166,36 @@ async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, 
         .await
         .map_err(ApiError::internal)?;
     for row in offers.iter().map(db::assignment_from_row) {
-        let Some(build) = db::build(&state.pool, &row.build_id).await? else { continue };
+        let Some(build) = db::build(&state.pool, &row.build_id).await? else {
+            continue;
+        };
         let jobs = db::jobs(&state.pool, &row.build_id).await?;
-        let Some(job) = jobs.into_iter().find(|j| j.name == row.job) else { continue };
+        let Some(job) = jobs.into_iter().find(|j| j.name == row.job) else {
+            continue;
+        };
         let lifetime = (job.spec.timeout_secs + 4 * state.lease_secs + 300) as i64;
-        let access = state.access_token().await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")))?;
-        let job_token = exchange(state, &access, TOKEN_TYPE_JOB, format!("worker:{}", w.id), &row, lifetime).await?;
-        let upload_token = exchange(state, &access, TOKEN_TYPE_UPLOAD, state.store_audience.clone(), &row, lifetime).await?;
+        let access = state
+            .access_token()
+            .await
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")))?;
+        let job_token = exchange(
+            state,
+            &access,
+            TOKEN_TYPE_JOB,
+            format!("worker:{}", w.id),
+            &row,
+            lifetime,
+        )
+        .await?;
+        let upload_token = exchange(
+            state,
+            &access,
+            TOKEN_TYPE_UPLOAD,
+            state.store_audience.clone(),
+            &row,
+            lifetime,
+        )
+        .await?;
         let claimed = sqlx::query("UPDATE assignments SET state = 'running', lease_expires = ? WHERE id = ? AND state = 'offered'")
             .bind(now_unix() + state.lease_secs as i64)
             .bind(&row.id)
@@ -160,7 +227,14 @@ async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, 
     Ok(None)
 }
 
-async fn exchange(state: &State, access: &str, kind: &'static str, audience: String, a: &AssignmentRow, lifetime: i64) -> Result<String, ApiError> {
+async fn exchange(
+    state: &State,
+    access: &str,
+    kind: &'static str,
+    audience: String,
+    a: &AssignmentRow,
+    lifetime: i64,
+) -> Result<String, ApiError> {
     let what = TokenFor {
         token_type: kind,
         audience,
@@ -169,18 +243,21 @@ async fn exchange(state: &State, access: &str, kind: &'static str, audience: Str
         assignment: Some(a.id.clone()),
         lifetime_secs: lifetime,
     };
-    let resp = state
-        .idp
-        .exchange(access, &what)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("cannot get a token from the IdP: {e}")))?;
+    let resp = state.idp.exchange(access, &what).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot get a token from the IdP: {e}"),
+        )
+    })?;
     Ok(resp.access_token)
 }
 
 /// The tenant named in the controller's own access token (issued to it by its IdP).
 fn token_tenant(token: &str) -> Option<String> {
     let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     v.get("tenant")?.as_str().map(str::to_string)
 }
@@ -230,13 +307,16 @@ pub async fn heartbeat(
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     let w = auth::worker(&state, &method, &uri, &headers, &body).await?;
     let a = own_assignment(&state, &w, &id).await?;
-    let renewed = sqlx::query("UPDATE assignments SET lease_expires = ? WHERE id = ? AND state = 'running'")
-        .bind(now_unix() + state.lease_secs as i64)
-        .bind(&a.id)
-        .execute(&state.pool)
-        .await
-        .map_err(ApiError::internal)?;
-    Ok(Json(HeartbeatResponse { stop: renewed.rows_affected() == 0 }))
+    let renewed =
+        sqlx::query("UPDATE assignments SET lease_expires = ? WHERE id = ? AND state = 'running'")
+            .bind(now_unix() + state.lease_secs as i64)
+            .bind(&a.id)
+            .execute(&state.pool)
+            .await
+            .map_err(ApiError::internal)?;
+    Ok(Json(HeartbeatResponse {
+        stop: renewed.rows_affected() == 0,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -260,21 +340,27 @@ pub async fn log(
     if body.is_empty() {
         return Ok(StatusCode::NO_CONTENT);
     }
-    let stored: i64 = sqlx::query("SELECT COALESCE(SUM(LENGTH(data)), 0) AS n FROM logs WHERE assignment_id = ?")
-        .bind(&a.id)
-        .fetch_one(&state.pool)
-        .await
-        .map_err(ApiError::internal)?
-        .get("n");
+    let stored: i64 =
+        sqlx::query("SELECT COALESCE(SUM(LENGTH(data)), 0) AS n FROM logs WHERE assignment_id = ?")
+            .bind(&a.id)
+            .fetch_one(&state.pool)
+            .await
+            .map_err(ApiError::internal)?
+            .get("n");
     let offset = q.offset as i64;
     if offset + body.len() as i64 <= stored {
         return Ok(StatusCode::NO_CONTENT);
     }
     if offset != stored {
-        return Err(ApiError::conflict(format!("log offset {offset} does not follow the {stored} bytes stored")));
+        return Err(ApiError::conflict(format!(
+            "log offset {offset} does not follow the {stored} bytes stored"
+        )));
     }
     if stored + body.len() as i64 > 64 * 1024 * 1024 {
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "a job's log is limited to 64 MiB"));
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "a job's log is limited to 64 MiB",
+        ));
     }
     sqlx::query("INSERT OR IGNORE INTO logs (assignment_id, offset, data) VALUES (?, ?, ?)")
         .bind(&a.id)
@@ -298,22 +384,42 @@ pub async fn result(
     let w = auth::worker(&state, &method, &uri, &headers, &body).await?;
     let a = own_assignment(&state, &w, &id).await?;
     let signed: SignedReport = parse(&body)?;
-    let key = auth::public_key(&w.public_key).ok_or_else(|| ApiError::internal("stored worker key is invalid"))?;
+    let key = auth::public_key(&w.public_key)
+        .ok_or_else(|| ApiError::internal("stored worker key is invalid"))?;
     let sig = B64
         .decode(&signed.signature)
         .ok()
         .and_then(|b| Signature::from_slice(&b).ok())
-        .ok_or_else(|| ApiError::bad_request("report signature is not a base64 Ed25519 signature"))?;
+        .ok_or_else(|| {
+            ApiError::bad_request("report signature is not a base64 Ed25519 signature")
+        })?;
     key.verify(&report_message(signed.report.as_bytes()), &sig)
-        .map_err(|_| ApiError::bad_request("report signature does not verify with this worker's key"))?;
-    let report: ResultReport = serde_json::from_str(&signed.report).map_err(|e| ApiError::bad_request(format!("report: {e}")))?;
-    if report.assignment != a.id || report.build_id != a.build_id || report.job != a.job || report.worker != w.id {
-        return Err(ApiError::bad_request("report names another assignment, build, job or worker"));
+        .map_err(|_| {
+            ApiError::bad_request("report signature does not verify with this worker's key")
+        })?;
+    let report: ResultReport = serde_json::from_str(&signed.report)
+        .map_err(|e| ApiError::bad_request(format!("report: {e}")))?;
+    if report.assignment != a.id
+        || report.build_id != a.build_id
+        || report.job != a.job
+        || report.worker != w.id
+    {
+        return Err(ApiError::bad_request(
+            "report names another assignment, build, job or worker",
+        ));
     }
-    if let ReportedResult::Success { manifest, manifest_digest } = &report.result {
-        manifest.validate().map_err(|e| ApiError::bad_request(format!("report manifest: {e}")))?;
+    if let ReportedResult::Success {
+        manifest,
+        manifest_digest,
+    } = &report.result
+    {
+        manifest
+            .validate()
+            .map_err(|e| ApiError::bad_request(format!("report manifest: {e}")))?;
         if manifest.digest() != *manifest_digest {
-            return Err(ApiError::bad_request("report manifest does not hash to its manifest_digest"));
+            return Err(ApiError::bad_request(
+                "report manifest does not hash to its manifest_digest",
+            ));
         }
     }
     if a.state == "reported" {
@@ -321,7 +427,9 @@ pub async fn result(
         return if a.report.as_deref() == Some(signed.report.as_str()) {
             Ok(StatusCode::NO_CONTENT)
         } else {
-            Err(ApiError::conflict("this assignment already has a different report"))
+            Err(ApiError::conflict(
+                "this assignment already has a different report",
+            ))
         };
     }
     let outcome = serde_json::to_string(&report.result.outcome()).map_err(ApiError::internal)?;

@@ -23,15 +23,22 @@ fn client(conn: &ControllerConn) -> UserClient {
 /// Absolute path for local repositories, so the controller and workers find the same one.
 pub fn normalize_repository(repository: &str) -> String {
     let p = Path::new(repository);
-    if !repository.contains("://") && p.exists() {
-        if let Ok(abs) = std::fs::canonicalize(p) {
-            return abs.display().to_string();
-        }
+    if !repository.contains("://")
+        && p.exists()
+        && let Ok(abs) = std::fs::canonicalize(p)
+    {
+        return abs.display().to_string();
     }
     repository.to_string()
 }
 
-pub async fn submit(conn: &ControllerConn, repository: &str, rev: &str, wait: bool, json: bool) -> anyhow::Result<ExitCode> {
+pub async fn submit(
+    conn: &ControllerConn,
+    repository: &str,
+    rev: &str,
+    wait: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let c = client(conn);
     let created = c.submit(&normalize_repository(repository), rev).await?;
     if !wait {
@@ -53,7 +60,12 @@ pub async fn status(conn: &ControllerConn, build: &str, json: bool) -> anyhow::R
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn logs(conn: &ControllerConn, build: &str, job: Option<&str>, follow: bool) -> anyhow::Result<ExitCode> {
+pub async fn logs(
+    conn: &ControllerConn,
+    build: &str,
+    job: Option<&str>,
+    follow: bool,
+) -> anyhow::Result<ExitCode> {
     use std::io::Write as _;
     let c = client(conn);
     let status = c.status(build).await?;
@@ -68,7 +80,11 @@ pub async fn logs(conn: &ControllerConn, build: &str, job: Option<&str>, follow:
     loop {
         let status = c.status(build).await?;
         let mut all_complete = status.state.is_final();
-        for j in status.jobs.iter().filter(|j| job.is_none_or(|n| n == j.name)) {
+        for j in status
+            .jobs
+            .iter()
+            .filter(|j| job.is_none_or(|n| n == j.name))
+        {
             for a in &j.assignments {
                 let offset = offsets.entry(a.id.clone()).or_insert(0);
                 let (bytes, complete) = c.log(&a.id, *offset).await?;
@@ -98,7 +114,11 @@ pub async fn fetch(conn: &ControllerConn, build: &str, out: &Path) -> anyhow::Re
 }
 
 /// Polls the controller until the build is final, showing progress on a terminal.
-pub async fn wait_for(c: &UserClient, build: &str, timeout: Duration) -> anyhow::Result<BuildStatus> {
+pub async fn wait_for(
+    c: &UserClient,
+    build: &str,
+    timeout: Duration,
+) -> anyhow::Result<BuildStatus> {
     let bar = if std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::new_spinner();
         b.enable_steady_tick(Duration::from_millis(120));
@@ -133,7 +153,10 @@ pub async fn wait_for(c: &UserClient, build: &str, timeout: Duration) -> anyhow:
             if let Some(b) = bar {
                 b.finish_and_clear();
             }
-            bail!("build {build} did not finish within {} s; last state: {line}", timeout.as_secs());
+            bail!(
+                "build {build} did not finish within {} s; last state: {line}",
+                timeout.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -153,7 +176,11 @@ fn state_word(s: JobState) -> &'static str {
 }
 
 pub fn exit_for(status: &BuildStatus) -> ExitCode {
-    if status.state == BuildState::Verified { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if status.state == BuildState::Verified {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 /// Prints a build's verdict: per job, who produced what.
@@ -176,10 +203,25 @@ pub fn report(status: &BuildStatus, json: bool) -> anyhow::Result<()> {
         for a in &j.assignments {
             let what = match &a.outcome {
                 Some(Outcome::Success { manifest }) => manifest.to_string(),
-                Some(Outcome::Failed) => format!("failed: {}", a.detail.clone().unwrap_or_default()),
-                None => format!("{}{}", a.state, a.detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default()),
+                Some(Outcome::Failed) => {
+                    format!("failed: {}", a.detail.clone().unwrap_or_default())
+                }
+                None => format!(
+                    "{}{}",
+                    a.state,
+                    a.detail
+                        .as_ref()
+                        .map(|d| format!(": {d}"))
+                        .unwrap_or_default()
+                ),
             };
-            println!("    {:<12} {:<10}{} {}", a.worker, a.owner, if a.trusted { " trusted" } else { "" }, what);
+            println!(
+                "    {:<12} {:<10}{} {}",
+                a.worker,
+                a.owner,
+                if a.trusted { " trusted" } else { "" },
+                what
+            );
         }
         if !j.differing_paths.is_empty() {
             println!("    differing files: {}", j.differing_paths.join(", "));
@@ -191,10 +233,23 @@ pub fn report(status: &BuildStatus, json: bool) -> anyhow::Result<()> {
 /// Downloads the verified artifacts of `build` into `out/<job>/<path>`, with the signed
 /// statement and the signer's key beside them. Every file is checked against its digest and
 /// against the statement before it is kept.
-pub async fn fetch_verified(c: &UserClient, build: &str, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub async fn fetch_verified(
+    c: &UserClient,
+    build: &str,
+    out: &Path,
+) -> anyhow::Result<Vec<PathBuf>> {
     let envelope = c.statement(build).await?;
     let keys = c.signer_keys().await?;
-    let key_b64 = keys.keys.get(&envelope.signatures.first().map(|s| s.keyid.clone()).unwrap_or_default()).cloned()
+    let key_b64 = keys
+        .keys
+        .get(
+            &envelope
+                .signatures
+                .first()
+                .map(|s| s.keyid.clone())
+                .unwrap_or_default(),
+        )
+        .cloned()
         .context("the statement is signed by a key this controller does not publish")?;
     let key = parse_key(&key_b64)?;
     let statement = attest::verify_envelope(&envelope, &key)?;
@@ -205,20 +260,32 @@ pub async fn fetch_verified(c: &UserClient, build: &str, out: &Path) -> anyhow::
     let mut written = Vec::new();
     for a in &list.artifacts {
         let name = format!("{}/{}", a.job, a.path);
-        if !subjects.iter().any(|s| s.name == name && s.digest.sha256 == a.digest.hex()) {
-            bail!("artifact {name} ({}) is not in the signed statement; refusing it", a.digest);
+        if !subjects
+            .iter()
+            .any(|s| s.name == name && s.digest.sha256 == a.digest.hex())
+        {
+            bail!(
+                "artifact {name} ({}) is not in the signed statement; refusing it",
+                a.digest
+            );
         }
         quorum_core::names::check_relative_path(&name)?;
         let bytes = store.get_blob(&list.read_token, build, &a.digest).await?;
         let got = Digest::of(&bytes);
         if got != a.digest {
-            bail!("artifact {name} from the store has digest {got}, expected {}; refusing it", a.digest);
+            bail!(
+                "artifact {name} from the store has digest {got}, expected {}; refusing it",
+                a.digest
+            );
         }
         let dest = out.join(&name);
         write_file(&dest, &bytes, a.mode)?;
         written.push(dest);
     }
-    quorum_service::write_private(&out.join("statement.intoto.json"), &serde_json::to_vec_pretty(&envelope)?)?;
+    quorum_service::write_private(
+        &out.join("statement.intoto.json"),
+        &serde_json::to_vec_pretty(&envelope)?,
+    )?;
     std::fs::write(out.join("signer.pub"), format!("{key_b64}\n"))?;
     Ok(written)
 }
@@ -231,7 +298,8 @@ fn write_file(dest: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     let tmp = dest.with_extension("part");
     std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode & 0o777))?;
-    std::fs::rename(&tmp, dest).with_context(|| format!("cannot move {} into place", dest.display()))?;
+    std::fs::rename(&tmp, dest)
+        .with_context(|| format!("cannot move {} into place", dest.display()))?;
     Ok(())
 }
 
@@ -239,32 +307,49 @@ fn parse_key(b64: &str) -> anyhow::Result<ed25519_dalek::VerifyingKey> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(b64.trim())
         .context("the public key is not base64")?;
-    let arr: [u8; 32] = bytes.try_into().map_err(|_| anyhow::anyhow!("the public key is not 32 bytes"))?;
+    let arr: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("the public key is not 32 bytes"))?;
     ed25519_dalek::VerifyingKey::from_bytes(&arr).context("the public key is not an Ed25519 key")
 }
 
 /// `quorum verify`: exit 0 when the statement's signature verifies with the key and the
 /// artifact's SHA-256 is one of its subjects (under `name`, if given); 1 otherwise.
-pub fn verify(statement: &Path, key: &Path, name: Option<&str>, artifact: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let key_text = std::fs::read_to_string(key).with_context(|| format!("cannot read key {}", key.display()))?;
+pub fn verify(
+    statement: &Path,
+    key: &Path,
+    name: Option<&str>,
+    artifact: &Path,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let key_text = std::fs::read_to_string(key)
+        .with_context(|| format!("cannot read key {}", key.display()))?;
     let key = parse_key(&key_text).with_context(|| format!("key file {}", key.display()))?;
-    let env_text = std::fs::read(statement).with_context(|| format!("cannot read statement {}", statement.display()))?;
-    let envelope: attest::Envelope =
-        serde_json::from_slice(&env_text).with_context(|| format!("{} is not a DSSE envelope", statement.display()))?;
-    let bytes = std::fs::read(artifact).with_context(|| format!("cannot read artifact {}", artifact.display()))?;
+    let env_text = std::fs::read(statement)
+        .with_context(|| format!("cannot read statement {}", statement.display()))?;
+    let envelope: attest::Envelope = serde_json::from_slice(&env_text)
+        .with_context(|| format!("{} is not a DSSE envelope", statement.display()))?;
+    let bytes = std::fs::read(artifact)
+        .with_context(|| format!("cannot read artifact {}", artifact.display()))?;
     let digest = Digest::of(&bytes);
     let outcome = attest::verify_envelope(&envelope, &key).and_then(|s| {
         let subjects = attest::subjects(&s)?;
         subjects
             .into_iter()
             .find(|s| s.digest.sha256 == digest.hex() && name.is_none_or(|n| n == s.name))
-            .ok_or(attest::VerifyError::NotASubject { digest: digest.to_string() })
+            .ok_or(attest::VerifyError::NotASubject {
+                digest: digest.to_string(),
+            })
     });
     let ok = outcome.is_ok();
     if json {
         let v = match &outcome {
-            Ok(s) => serde_json::json!({"verified": true, "subject": s.name, "digest": digest.to_string()}),
-            Err(e) => serde_json::json!({"verified": false, "error": e.to_string(), "digest": digest.to_string()}),
+            Ok(s) => {
+                serde_json::json!({"verified": true, "subject": s.name, "digest": digest.to_string()})
+            }
+            Err(e) => {
+                serde_json::json!({"verified": false, "error": e.to_string(), "digest": digest.to_string()})
+            }
         };
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -273,5 +358,9 @@ pub fn verify(statement: &Path, key: &Path, name: Option<&str>, artifact: &Path,
             Err(e) => eprintln!("NOT verified: {}: {e}", artifact.display()),
         }
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

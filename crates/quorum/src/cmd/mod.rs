@@ -12,7 +12,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "quorum", version, about = "Federated CI in which no single build worker is trusted")]
+#[command(
+    name = "quorum",
+    version,
+    about = "Federated CI in which no single build worker is trusted"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,7 +26,9 @@ impl Cli {
     /// Services log at info; user commands stay quiet unless RUST_LOG says otherwise.
     pub fn default_log_filter(&self) -> &'static str {
         match self.command {
-            Command::Idp(_) | Command::Store(_) | Command::Controller(_) | Command::Worker(_) => "info",
+            Command::Idp(_) | Command::Store(_) | Command::Controller(_) | Command::Worker(_) => {
+                "info"
+            }
             _ => "warn",
         }
     }
@@ -195,24 +201,72 @@ enum Command {
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Idp(IdpArgs { admin: Some(IdpAdmin::HashSecret), .. }) => roles::hash_secret(),
+        Command::Idp(IdpArgs {
+            admin: Some(IdpAdmin::HashSecret),
+            ..
+        }) => roles::hash_secret(),
         Command::Idp(IdpArgs { serve: Some(s), .. }) => roles::idp(s).await,
-        Command::Idp(_) => anyhow::bail!("`quorum idp` needs --config (or a subcommand such as hash-secret)"),
-        Command::Store(s) => roles::store(s).await,
-        Command::Controller(ControllerArgs { admin: Some(ControllerAdmin::Enroll { config, owner, trusted, labels }), .. }) => {
-            roles::enroll(&config, &owner, trusted, &labels).await
+        Command::Idp(_) => {
+            anyhow::bail!("`quorum idp` needs --config (or a subcommand such as hash-secret)")
         }
+        Command::Store(s) => roles::store(s).await,
+        Command::Controller(ControllerArgs {
+            admin:
+                Some(ControllerAdmin::Enroll {
+                    config,
+                    owner,
+                    trusted,
+                    labels,
+                }),
+            ..
+        }) => roles::enroll(&config, &owner, trusted, &labels).await,
         Command::Controller(ControllerArgs { serve: Some(s), .. }) => roles::controller(s).await,
-        Command::Controller(_) => anyhow::bail!("`quorum controller` needs --config (or a subcommand such as enroll)"),
+        Command::Controller(_) => {
+            anyhow::bail!("`quorum controller` needs --config (or a subcommand such as enroll)")
+        }
         Command::Worker(s) => roles::worker(s).await,
         Command::Up { data_dir, workers } => local::up(&data_dir, workers).await,
-        Command::Run { repository, rev, workers, data_dir, out, timeout, json } => {
-            local::run(local::RunArgs { repository, rev, workers, data_dir, out, timeout, json }).await
+        Command::Run {
+            repository,
+            rev,
+            workers,
+            data_dir,
+            out,
+            timeout,
+            json,
+        } => {
+            local::run(local::RunArgs {
+                repository,
+                rev,
+                workers,
+                data_dir,
+                out,
+                timeout,
+                json,
+            })
+            .await
         }
-        Command::Submit { conn, repository, rev, wait, json } => client::submit(&conn, &repository, &rev, wait, json).await,
+        Command::Submit {
+            conn,
+            repository,
+            rev,
+            wait,
+            json,
+        } => client::submit(&conn, &repository, &rev, wait, json).await,
         Command::Status { conn, build, json } => client::status(&conn, &build, json).await,
-        Command::Logs { conn, build, job, follow } => client::logs(&conn, &build, job.as_deref(), follow).await,
+        Command::Logs {
+            conn,
+            build,
+            job,
+            follow,
+        } => client::logs(&conn, &build, job.as_deref(), follow).await,
         Command::Fetch { conn, build, out } => client::fetch(&conn, &build, &out).await,
-        Command::Verify { statement, key, name, artifact, json } => client::verify(&statement, &key, name.as_deref(), &artifact, json),
+        Command::Verify {
+            statement,
+            key,
+            name,
+            artifact,
+            json,
+        } => client::verify(&statement, &key, name.as_deref(), &artifact, json),
     }
 }

@@ -65,27 +65,38 @@ pub async fn worker(args: ServeArgs) -> anyhow::Result<ExitCode> {
         return checked();
     }
     if let Some(ready) = &args.ready_file {
-        std::fs::write(ready, "worker").with_context(|| format!("cannot write {}", ready.display()))?;
+        std::fs::write(ready, "worker")
+            .with_context(|| format!("cannot write {}", ready.display()))?;
     }
     quorum_worker::run(config, shutdown_token()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn enroll(config: &Path, owner: &str, trusted: bool, labels: &[String]) -> anyhow::Result<ExitCode> {
+pub async fn enroll(
+    config: &Path,
+    owner: &str,
+    trusted: bool,
+    labels: &[String],
+) -> anyhow::Result<ExitCode> {
     let config: quorum_controller::Config = quorum_service::load_config(config)?;
     let mut map = BTreeMap::new();
     for l in labels {
-        let (k, v) = l.split_once('=').with_context(|| format!("label `{l}` is not k=v"))?;
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("label `{l}` is not k=v"))?;
         map.insert(k.trim().to_string(), v.trim().to_string());
     }
-    let token = quorum_controller::create_enrollment(&config.data_dir, owner, trusted, &map).await?;
+    let token =
+        quorum_controller::create_enrollment(&config.data_dir, owner, trusted, &map).await?;
     println!("{token}");
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn hash_secret() -> anyhow::Result<ExitCode> {
     let mut secret = String::new();
-    std::io::stdin().read_to_string(&mut secret).context("cannot read the secret from standard input")?;
+    std::io::stdin()
+        .read_to_string(&mut secret)
+        .context("cannot read the secret from standard input")?;
     let secret = secret.trim_end_matches(['\n', '\r']);
     anyhow::ensure!(!secret.is_empty(), "the secret on standard input is empty");
     println!("{}", quorum_idp::hash_secret(secret));

@@ -9,10 +9,16 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
     let mut g = BTreeMap::new();
     for entry in std::fs::read_dir(&crates).unwrap().flatten() {
         let manifest = entry.path().join("Cargo.toml");
-        let Ok(text) = std::fs::read_to_string(&manifest) else { continue };
+        let Ok(text) = std::fs::read_to_string(&manifest) else {
+            continue;
+        };
         let doc: toml::Table = text.parse().unwrap();
         let name = doc["package"]["name"].as_str().unwrap().to_string();
-        let deps = doc.get("dependencies").and_then(|d| d.as_table()).map(|t| t.keys().cloned().collect()).unwrap_or_default();
+        let deps = doc
+            .get("dependencies")
+            .and_then(|d| d.as_table())
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default();
         g.insert(name, deps);
     }
     g
@@ -34,11 +40,26 @@ fn closure(g: &BTreeMap<String, BTreeSet<String>>, root: &str) -> BTreeSet<Strin
 #[test]
 fn no_worker_side_crate_reaches_the_signing_code() {
     let g = graph();
-    assert!(g.contains_key("quorum-worker") && g.contains_key("quorum-signer"), "crates found: {:?}", g.keys());
-    for worker_side in ["quorum-worker", "quorum-store", "quorum-client", "quorum-git"] {
+    assert!(
+        g.contains_key("quorum-worker") && g.contains_key("quorum-signer"),
+        "crates found: {:?}",
+        g.keys()
+    );
+    for worker_side in [
+        "quorum-worker",
+        "quorum-store",
+        "quorum-client",
+        "quorum-git",
+    ] {
         let deps = closure(&g, worker_side);
-        assert!(!deps.contains("quorum-signer"), "{worker_side} depends on quorum-signer through {deps:?}");
-        assert!(!deps.contains("quorum-controller"), "{worker_side} depends on the controller");
+        assert!(
+            !deps.contains("quorum-signer"),
+            "{worker_side} depends on quorum-signer through {deps:?}"
+        );
+        assert!(
+            !deps.contains("quorum-controller"),
+            "{worker_side} depends on the controller"
+        );
     }
 }
 
@@ -47,7 +68,14 @@ fn the_domain_core_and_tokens_do_no_io() {
     let g = graph();
     for pure in ["quorum-core", "quorum-token", "quorum-api"] {
         let deps = closure(&g, pure);
-        for io in ["tokio", "reqwest", "sqlx", "axum", "quorum-service", "quorum-client"] {
+        for io in [
+            "tokio",
+            "reqwest",
+            "sqlx",
+            "axum",
+            "quorum-service",
+            "quorum-client",
+        ] {
             assert!(!deps.contains(io), "{pure} must not depend on {io}");
         }
     }

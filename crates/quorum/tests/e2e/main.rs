@@ -1,6 +1,8 @@
 //! End-to-end tests: real role processes on 127.0.0.1 port 0, real git, real HTTP, the `quorum`
 //! CLI as a user runs it. The only test doubles are adversaries speaking the real protocol.
 
+#![allow(clippy::disallowed_methods)] // tests run the binaries they build
+
 mod invariants;
 mod util;
 
@@ -21,14 +23,30 @@ async fn reproducible_example_is_verified_signed_and_fetchable() {
     let fx = Fixture::with_workers(3).await;
     let repo = example_repo("reproducible");
     let out = fx.cli(&["submit", "--wait", "--json", repo.path().to_str().unwrap()]);
-    assert!(out.status.success(), "submit --wait failed: {}\n{}\n{}", stdout(&out), stderr(&out), fx.logs());
-    let status: quorum_api::v1::controller::BuildStatus = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(
+        out.status.success(),
+        "submit --wait failed: {}\n{}\n{}",
+        stdout(&out),
+        stderr(&out),
+        fx.logs()
+    );
+    let status: quorum_api::v1::controller::BuildStatus =
+        serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(status.state, BuildState::Verified);
     assert!(status.signed);
     let build = status.jobs.iter().find(|j| j.name == "build").unwrap();
     assert_eq!(build.state, JobState::Verified);
-    let workers: BTreeSet<&str> = build.assignments.iter().filter(|a| a.state == "reported").map(|a| a.worker.as_str()).collect();
-    assert_eq!(workers.len(), 3, "three distinct workers reported: {build:#?}");
+    let workers: BTreeSet<&str> = build
+        .assignments
+        .iter()
+        .filter(|a| a.state == "reported")
+        .map(|a| a.worker.as_str())
+        .collect();
+    assert_eq!(
+        workers.len(),
+        3,
+        "three distinct workers reported: {build:#?}"
+    );
 
     // A consumer fetches the artifacts; the CLI checks them against the signed statement.
     let dest = fx.dir.path().join("fetched");
@@ -42,23 +60,67 @@ async fn reproducible_example_is_verified_signed_and_fetchable() {
     // The signer's key is the one the controller keeps; verify with it, independently of fetch.
     let published = fx.fed.signer_public_key().unwrap();
     assert_eq!(std::fs::read_to_string(&key).unwrap().trim(), published);
-    let out = fx.cli(&["verify", "--statement", statement.to_str().unwrap(), "--key", key.to_str().unwrap(), "--name", "build/dist/hello", hello.to_str().unwrap()]);
-    assert!(out.status.success(), "verify: {}{}", stdout(&out), stderr(&out));
+    let out = fx.cli(&[
+        "verify",
+        "--statement",
+        statement.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--name",
+        "build/dist/hello",
+        hello.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "verify: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
 
     // The downloaded binary runs and is what the statement names.
-    let run = std::process::Command::new(&hello).arg("quorum").output().unwrap();
+    let run = std::process::Command::new(&hello)
+        .arg("quorum")
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "hello, quorum");
 
     // A tampered artifact, or the right artifact under another key, does not verify.
     let evil = fx.dir.path().join("evil");
     std::fs::copy(&hello, &evil).unwrap();
-    std::fs::OpenOptions::new().append(true).open(&evil).map(|mut f| std::io::Write::write_all(&mut f, b"\0")).unwrap().unwrap();
-    let out = fx.cli(&["verify", "--statement", statement.to_str().unwrap(), "--key", key.to_str().unwrap(), evil.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1), "tampered artifact must not verify");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&evil)
+        .map(|mut f| std::io::Write::write_all(&mut f, b"\0"))
+        .unwrap()
+        .unwrap();
+    let out = fx.cli(&[
+        "verify",
+        "--statement",
+        statement.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        evil.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "tampered artifact must not verify"
+    );
     let other_key = fx.dir.path().join("other.pub");
     std::fs::write(&other_key, "O2onvM62pC1io6jQKm8Nc2UyFXcd4kOmOsBIoYtZ2ik=\n").unwrap();
-    let out = fx.cli(&["verify", "--statement", statement.to_str().unwrap(), "--key", other_key.to_str().unwrap(), hello.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1), "a statement checked with another key must not verify");
+    let out = fx.cli(&[
+        "verify",
+        "--statement",
+        statement.to_str().unwrap(),
+        "--key",
+        other_key.to_str().unwrap(),
+        hello.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a statement checked with another key must not verify"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -71,18 +133,35 @@ async fn unreproducible_example_is_disputed_with_every_digest_recorded() {
     assert!(!status.signed);
     let job = &status.jobs[0];
     assert_eq!(job.state, JobState::Disputed);
-    let digests: BTreeMap<&str, &Outcome> =
-        job.assignments.iter().filter_map(|a| a.outcome.as_ref().map(|o| (a.worker.as_str(), o))).collect();
-    assert_eq!(digests.len(), 3, "each worker's result is recorded: {job:#?}");
+    let digests: BTreeMap<&str, &Outcome> = job
+        .assignments
+        .iter()
+        .filter_map(|a| a.outcome.as_ref().map(|o| (a.worker.as_str(), o)))
+        .collect();
+    assert_eq!(
+        digests.len(),
+        3,
+        "each worker's result is recorded: {job:#?}"
+    );
     let distinct: BTreeSet<_> = digests.values().collect();
     assert_eq!(distinct.len(), 3, "every worker produced different bytes");
-    assert_eq!(job.differing_paths, vec!["dist/stamp.txt".to_string()], "the diff names the differing file only");
+    assert_eq!(
+        job.differing_paths,
+        vec!["dist/stamp.txt".to_string()],
+        "the diff names the differing file only"
+    );
     // Nothing is signed for a dispute.
     assert!(fx.fed.user_client().statement(&build).await.is_err());
     // The human report names the workers and their digests.
     let out = fx.cli(&["status", &build]);
     let text = stdout(&out);
-    assert!(text.contains("disputed") && text.contains("w1") && text.contains("w2") && text.contains("w3"), "{text}");
+    assert!(
+        text.contains("disputed")
+            && text.contains("w1")
+            && text.contains("w2")
+            && text.contains("w3"),
+        "{text}"
+    );
 }
 
 /// A worker that runs the real protocol but appends a backdoor to every output before hashing.
@@ -116,16 +195,32 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 #[tokio::test(flavor = "multi_thread")]
 async fn malicious_worker_makes_the_build_disputed_and_nothing_is_signed() {
     let fx = Fixture::with_workers(2).await;
-    let token = quorum_controller::create_enrollment(&fx.fed.role_dir("controller"), "mallory", false, &BTreeMap::new()).await.unwrap();
+    let token = quorum_controller::create_enrollment(
+        &fx.fed.role_dir("controller"),
+        "mallory",
+        false,
+        &BTreeMap::new(),
+    )
+    .await
+    .unwrap();
     let config = quorum_worker::Config {
         name: "mallory-1".into(),
         data_dir: fx.dir.path().join("mallory"),
-        controllers: vec![quorum_worker::ControllerConfig { url: fx.fed.controller_url.clone(), enrollment_token: Some(token) }],
-        trusted_issuers: vec![quorum_client::trust::TrustedIssuer { issuer: fx.fed.idp_url.clone() }],
+        controllers: vec![quorum_worker::ControllerConfig {
+            url: fx.fed.controller_url.clone(),
+            enrollment_token: Some(token),
+        }],
+        trusted_issuers: vec![quorum_client::trust::TrustedIssuer {
+            issuer: fx.fed.idp_url.clone(),
+        }],
         max_jobs: 2,
     };
     let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(quorum_worker::run_with_hooks(config, stop.clone(), Arc::new(Backdoor)));
+    let task = tokio::spawn(quorum_worker::run_with_hooks(
+        config,
+        stop.clone(),
+        Arc::new(Backdoor),
+    ));
 
     let repo = example_repo("reproducible");
     let build = fx.submit(repo.path()).await;
@@ -136,15 +231,40 @@ async fn malicious_worker_makes_the_build_disputed_and_nothing_is_signed() {
     assert_eq!(status.state, BuildState::Disputed, "{status:#?}");
     assert!(!status.signed);
     let job = status.jobs.iter().find(|j| j.name == "build").unwrap();
-    let mallory = job.assignments.iter().find(|a| a.worker == "mallory-1").expect("mallory took part");
-    let honest: Vec<_> = job.assignments.iter().filter(|a| a.worker != "mallory-1" && a.outcome.is_some()).collect();
+    let mallory = job
+        .assignments
+        .iter()
+        .find(|a| a.worker == "mallory-1")
+        .expect("mallory took part");
+    let honest: Vec<_> = job
+        .assignments
+        .iter()
+        .filter(|a| a.worker != "mallory-1" && a.outcome.is_some())
+        .collect();
     assert_eq!(honest.len(), 2);
-    assert_eq!(honest[0].outcome, honest[1].outcome, "the honest workers agree");
-    assert_ne!(mallory.outcome, honest[0].outcome, "the backdoored result differs");
-    assert!(job.differing_paths.contains(&"dist/hello".to_string()), "{:?}", job.differing_paths);
+    assert_eq!(
+        honest[0].outcome, honest[1].outcome,
+        "the honest workers agree"
+    );
+    assert_ne!(
+        mallory.outcome, honest[0].outcome,
+        "the backdoored result differs"
+    );
+    assert!(
+        job.differing_paths.contains(&"dist/hello".to_string()),
+        "{:?}",
+        job.differing_paths
+    );
     let test_job = status.jobs.iter().find(|j| j.name == "test").unwrap();
-    assert_eq!(test_job.state, JobState::Skipped, "a job needing a disputed one does not run");
-    assert!(fx.fed.user_client().statement(&build).await.is_err(), "nothing is signed");
+    assert_eq!(
+        test_job.state,
+        JobState::Skipped,
+        "a job needing a disputed one does not run"
+    );
+    assert!(
+        fx.fed.user_client().statement(&build).await.is_err(),
+        "nothing is signed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -153,20 +273,55 @@ async fn worker_refuses_a_token_from_an_idp_it_does_not_trust_and_the_job_moves_
     // must refuse. A fourth worker started afterwards takes the job over.
     let mut picky = WorkerSpec::new("picky", "owner-p", false);
     picky.trusted_issuers = Some(vec!["http://127.0.0.1:9/untrusted-idp".into()]);
-    let mut fx = Fixture::start(vec![WorkerSpec::new("w1", "o1", false), WorkerSpec::new("w2", "o2", false), picky], 3).await;
-    let repo = repo_with(&[(".quorum.yml", "policy: {quorum: 3}\njobs:\n  build:\n    script: [\"mkdir out && echo same > out/a\"]\n    artifacts: [out/a]\n")]);
+    let mut fx = Fixture::start(
+        vec![
+            WorkerSpec::new("w1", "o1", false),
+            WorkerSpec::new("w2", "o2", false),
+            picky,
+        ],
+        3,
+    )
+    .await;
+    let repo = repo_with(&[(
+        ".quorum.yml",
+        "policy: {quorum: 3}\njobs:\n  build:\n    script: [\"mkdir out && echo same > out/a\"]\n    artifacts: [out/a]\n",
+    )]);
     let build = fx.submit(repo.path()).await;
     let s = fx
-        .wait_until(&build, LIMIT, "picky refusing", |s| s.jobs[0].assignments.iter().any(|a| a.worker == "picky" && a.state == "refused"))
+        .wait_until(&build, LIMIT, "picky refusing", |s| {
+            s.jobs[0]
+                .assignments
+                .iter()
+                .any(|a| a.worker == "picky" && a.state == "refused")
+        })
         .await;
-    let refused = s.jobs[0].assignments.iter().find(|a| a.worker == "picky").unwrap();
-    assert!(refused.detail.as_deref().unwrap_or_default().contains("not trusted"), "{refused:?}");
+    let refused = s.jobs[0]
+        .assignments
+        .iter()
+        .find(|a| a.worker == "picky")
+        .unwrap();
+    assert!(
+        refused
+            .detail
+            .as_deref()
+            .unwrap_or_default()
+            .contains("not trusted"),
+        "{refused:?}"
+    );
     assert_ne!(s.state, BuildState::Verified);
 
-    fx.fed.start_worker(&WorkerSpec::new("w4", "o4", false)).await.unwrap();
+    fx.fed
+        .start_worker(&WorkerSpec::new("w4", "o4", false))
+        .await
+        .unwrap();
     let status = fx.wait_final(&build, LIMIT).await;
     assert_eq!(status.state, BuildState::Verified, "{status:#?}");
-    let reported: BTreeSet<&str> = status.jobs[0].assignments.iter().filter(|a| a.state == "reported").map(|a| a.worker.as_str()).collect();
+    let reported: BTreeSet<&str> = status.jobs[0]
+        .assignments
+        .iter()
+        .filter(|a| a.state == "reported")
+        .map(|a| a.worker.as_str())
+        .collect();
     assert_eq!(reported, BTreeSet::from(["w1", "w2", "w4"]));
 }
 
@@ -177,15 +332,41 @@ async fn killing_a_worker_mid_build_reassigns_its_job() {
     let mut fx = Fixture::with_workers(4).await;
     let repo = repo_with(&[(".quorum.yml", SLOW)]);
     let build = fx.submit(repo.path()).await;
-    let s = fx.wait_until(&build, LIMIT, "three running", |s| s.jobs[0].assignments.iter().filter(|a| a.state == "running").count() == 3).await;
-    let victim = s.jobs[0].assignments.iter().find(|a| a.state == "running").unwrap().worker.clone();
+    let s = fx
+        .wait_until(&build, LIMIT, "three running", |s| {
+            s.jobs[0]
+                .assignments
+                .iter()
+                .filter(|a| a.state == "running")
+                .count()
+                == 3
+        })
+        .await;
+    let victim = s.jobs[0]
+        .assignments
+        .iter()
+        .find(|a| a.state == "running")
+        .unwrap()
+        .worker
+        .clone();
     fx.fed.kill(&victim).unwrap();
     let status = fx.wait_final(&build, LIMIT).await;
-    assert_eq!(status.state, BuildState::Verified, "{status:#?}\n{}", fx.logs());
+    assert_eq!(
+        status.state,
+        BuildState::Verified,
+        "{status:#?}\n{}",
+        fx.logs()
+    );
     let job = &status.jobs[0];
     let lost = job.assignments.iter().find(|a| a.worker == victim).unwrap();
     assert_eq!(lost.state, "lost");
-    assert_eq!(job.assignments.iter().filter(|a| a.state == "reported").count(), 3);
+    assert_eq!(
+        job.assignments
+            .iter()
+            .filter(|a| a.state == "reported")
+            .count(),
+        3
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -193,13 +374,30 @@ async fn restarting_the_controller_mid_build_completes_the_build() {
     let mut fx = Fixture::with_workers(3).await;
     let repo = repo_with(&[(".quorum.yml", SLOW)]);
     let build = fx.submit(repo.path()).await;
-    fx.wait_until(&build, LIMIT, "three running", |s| s.jobs[0].assignments.iter().filter(|a| a.state == "running").count() == 3).await;
+    fx.wait_until(&build, LIMIT, "three running", |s| {
+        s.jobs[0]
+            .assignments
+            .iter()
+            .filter(|a| a.state == "running")
+            .count()
+            == 3
+    })
+    .await;
     fx.fed.kill("controller").unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     fx.fed.start_role("controller").await.unwrap();
     let status = fx.wait_final(&build, LIMIT).await;
-    assert_eq!(status.state, BuildState::Verified, "{status:#?}\n{}", fx.logs());
-    assert_eq!(status.jobs[0].assignments.len(), 3, "no assignment was lost or duplicated: {status:#?}");
+    assert_eq!(
+        status.state,
+        BuildState::Verified,
+        "{status:#?}\n{}",
+        fx.logs()
+    );
+    assert_eq!(
+        status.jobs[0].assignments.len(),
+        3,
+        "no assignment was lost or duplicated: {status:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -207,25 +405,44 @@ async fn bad_pipelines_are_refused_with_the_problem_named_and_nothing_scheduled(
     let fx = Fixture::with_workers(1).await;
     let cases: &[(&str, &str)] = &[
         ("jobs:\n  build: [unclosed\n", "line 2"),
-        ("jobs:\n  build:\n    script: [make]\n    artefacts: [x]\n", "artefacts"),
+        (
+            "jobs:\n  build:\n    script: [make]\n    artefacts: [x]\n",
+            "artefacts",
+        ),
         ("jobs:\n  build:\n    artifacts: [x]\n", "has no `script`"),
-        ("jobs:\n  a: {script: [x], needs: [b]}\n  b: {script: [x], needs: [a]}\n", "cycle: a -> b -> a"),
+        (
+            "jobs:\n  a: {script: [x], needs: [b]}\n  b: {script: [x], needs: [a]}\n",
+            "cycle: a -> b -> a",
+        ),
     ];
     for (text, expected) in cases {
         let repo = repo_with(&[(".quorum.yml", text)]);
         let out = fx.cli(&["submit", repo.path().to_str().unwrap()]);
         assert!(!out.status.success(), "{text} was accepted");
-        assert!(stderr(&out).contains(expected), "error for {text:?} should mention {expected:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(expected),
+            "error for {text:?} should mention {expected:?}: {}",
+            stderr(&out)
+        );
     }
     let none = repo_with(&[("README", "no pipeline here")]);
     let out = fx.cli(&["submit", none.path().to_str().unwrap()]);
-    assert!(stderr(&out).contains("has no .quorum.yml"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("has no .quorum.yml"),
+        "{}",
+        stderr(&out)
+    );
 
     // Nothing was created: the controller's database has no builds, jobs or assignments.
     let db = fx.fed.role_dir("controller").join("controller.db");
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", db.display())).await.unwrap();
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", db.display()))
+        .await
+        .unwrap();
     for table in ["builds", "jobs", "assignments"] {
-        let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}")).fetch_one(&pool).await.unwrap();
+        let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
         assert_eq!(n, 0, "{table} must be empty");
     }
 }

@@ -1,8 +1,6 @@
 //! Test helpers: git repositories made on the fly, a federation of real role processes in a
 //! temporary directory, and the `quorum` CLI as a user runs it.
 
-#![allow(clippy::disallowed_methods)] // tests run git and the quorum binary
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -19,8 +17,17 @@ pub fn examples() -> PathBuf {
 }
 
 fn sh(dir: &Path, script: &str) {
-    let out = Command::new("sh").arg("-c").arg(script).current_dir(dir).output().unwrap();
-    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A git repository holding `files`, committed once.
@@ -46,7 +53,10 @@ pub fn example_repo(name: &str) -> tempfile::TempDir {
 }
 
 fn commit_all(dir: &Path) {
-    sh(dir, "git init -q -b main && git add -A && git -c user.name=t -c user.email=t@example.invalid commit -qm test");
+    sh(
+        dir,
+        "git init -q -b main && git add -A && git -c user.name=t -c user.email=t@example.invalid commit -qm test",
+    );
 }
 
 pub struct Fixture {
@@ -67,7 +77,13 @@ impl Fixture {
     }
 
     pub async fn with_workers(n: usize) -> Fixture {
-        Fixture::start((1..=n).map(|i| WorkerSpec::new(&format!("w{i}"), &format!("owner{i}"), i == 1)).collect(), 3).await
+        Fixture::start(
+            (1..=n)
+                .map(|i| WorkerSpec::new(&format!("w{i}"), &format!("owner{i}"), i == 1))
+                .collect(),
+            3,
+        )
+        .await
     }
 
     /// Runs the CLI against this federation's controller.
@@ -82,7 +98,12 @@ impl Fixture {
     }
 
     pub async fn submit(&self, repo: &Path) -> String {
-        let created = self.fed.user_client().submit(repo.to_str().unwrap(), "HEAD").await.unwrap();
+        let created = self
+            .fed
+            .user_client()
+            .submit(repo.to_str().unwrap(), "HEAD")
+            .await
+            .unwrap();
         created.build_id
     }
 
@@ -95,13 +116,23 @@ impl Fixture {
             if s.state.is_final() {
                 return s;
             }
-            assert!(start.elapsed() < limit, "build did not finish in {limit:?}: {s:#?}\n{}", self.logs());
+            assert!(
+                start.elapsed() < limit,
+                "build did not finish in {limit:?}: {s:#?}\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     /// Waits (bounded) until `pred` holds for the build's status.
-    pub async fn wait_until(&self, build: &str, limit: Duration, what: &str, pred: impl Fn(&BuildStatus) -> bool) -> BuildStatus {
+    pub async fn wait_until(
+        &self,
+        build: &str,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&BuildStatus) -> bool,
+    ) -> BuildStatus {
         let c = self.fed.user_client();
         let start = Instant::now();
         loop {
@@ -109,7 +140,11 @@ impl Fixture {
             if pred(&s) {
                 return s;
             }
-            assert!(start.elapsed() < limit, "{what} did not happen in {limit:?}: {s:#?}\n{}", self.logs());
+            assert!(
+                start.elapsed() < limit,
+                "{what} did not happen in {limit:?}: {s:#?}\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -120,7 +155,11 @@ impl Fixture {
         for entry in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
             let p = entry.path();
             if p.extension().is_some_and(|e| e == "log") {
-                out.push_str(&format!("--- {} ---\n{}\n", p.display(), quorum::federation::tail(&p)));
+                out.push_str(&format!(
+                    "--- {} ---\n{}\n",
+                    p.display(),
+                    quorum::federation::tail(&p)
+                ));
             }
         }
         out
