@@ -123,6 +123,13 @@ async fn accept(w: &Worker, a: &Assignment) -> Result<(), String> {
     if !safe_id(&a.id) {
         return Err("the assignment id is not a safe name (1 to 128 of A-Z a-z 0-9 - _)".into());
     }
+    if !w.config.allow_local_repositories && !is_remote(&a.repository) {
+        return Err(format!(
+            "the repository `{}` is not a remote URL (https, http, ssh or git) and this worker does not build \
+             local repositories (allow_local_repositories)",
+            a.repository
+        ));
+    }
     let audience = format!("worker:{}", w.config.name);
     let claims = w
         .trust
@@ -159,6 +166,13 @@ async fn accept(w: &Worker, a: &Assignment) -> Result<(), String> {
         return mismatch("tenant", &claims.tenant, &a.tenant);
     }
     Ok(())
+}
+
+/// Repositories reached over the network, as opposed to paths on this machine.
+fn is_remote(repository: &str) -> bool {
+    ["https://", "http://", "ssh://", "git://"]
+        .iter()
+        .any(|scheme| repository.starts_with(scheme))
 }
 
 /// The id becomes a directory name, so it must not be able to point anywhere else.

@@ -35,6 +35,11 @@ pub struct Config {
     /// Jobs run at once.
     #[serde(default = "default_max_jobs")]
     pub max_jobs: u32,
+    /// Whether assignments may name repositories on this machine (paths, `file://` URLs). Off by
+    /// default: a controller could otherwise have the worker read and upload any repository on
+    /// its owner's disk. The local federation (`quorum up`, `quorum run`) turns it on.
+    #[serde(default)]
+    pub allow_local_repositories: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

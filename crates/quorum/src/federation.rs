@@ -22,6 +22,8 @@ pub struct WorkerSpec {
     pub owner: String,
     pub trusted: bool,
     pub trusted_issuers: Option<Vec<String>>,
+    /// Whether the worker builds repositories given as local paths (true in a local federation).
+    pub allow_local_repositories: bool,
 }
 
 impl WorkerSpec {
@@ -31,6 +33,7 @@ impl WorkerSpec {
             owner: owner.into(),
             trusted,
             trusted_issuers: None,
+            allow_local_repositories: true,
         }
     }
 }
@@ -258,6 +261,7 @@ impl Federation {
                 .map(|issuer| quorum_client::trust::TrustedIssuer { issuer })
                 .collect(),
             max_jobs: 2,
+            allow_local_repositories: w.allow_local_repositories,
         };
         let path = self.spec.data_dir.join(format!("{}.toml", w.name));
         std::fs::write(&path, toml::to_string(&config)?)?;

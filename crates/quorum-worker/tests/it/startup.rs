@@ -19,6 +19,7 @@ fn config(data_dir: &std::path::Path, controllers: Vec<ControllerConfig>) -> Con
         controllers,
         trusted_issuers: vec![],
         max_jobs: 2,
+        allow_local_repositories: false,
     }
 }
 

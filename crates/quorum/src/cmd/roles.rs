@@ -31,6 +31,9 @@ fn checked() -> anyhow::Result<ExitCode> {
 
 pub async fn idp(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config: quorum_idp::Config = quorum_service::load_config(&args.config)?;
+    config
+        .check()
+        .with_context(|| format!("config file {}", args.config.display()))?;
     if args.check_config {
         return checked();
     }
@@ -41,6 +44,9 @@ pub async fn idp(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn store(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config: quorum_store::Config = quorum_service::load_config(&args.config)?;
+    config
+        .check()
+        .with_context(|| format!("config file {}", args.config.display()))?;
     if args.check_config {
         return checked();
     }

@@ -214,6 +214,7 @@ async fn malicious_worker_makes_the_build_disputed_and_nothing_is_signed() {
             issuer: fx.fed.idp_url.clone(),
         }],
         max_jobs: 2,
+        allow_local_repositories: true,
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(quorum_worker::run_with_hooks(
@@ -445,4 +446,203 @@ async fn bad_pipelines_are_refused_with_the_problem_named_and_nothing_scheduled(
             .unwrap();
         assert_eq!(n, 0, "{table} must be empty");
     }
+}
+
+const QUICK: &str = "policy: {quorum: 3}\njobs:\n  build:\n    script: [\"mkdir out && echo same > out/a\"]\n    artifacts: [out/a]\n";
+
+fn in_process_worker(
+    fx: &Fixture,
+    name: &str,
+    dir: &str,
+    token: Option<String>,
+) -> quorum_worker::Config {
+    quorum_worker::Config {
+        name: name.into(),
+        data_dir: fx.dir.path().join(dir),
+        controllers: vec![quorum_worker::ControllerConfig {
+            url: fx.fed.controller_url.clone(),
+            enrollment_token: token,
+        }],
+        trusted_issuers: vec![quorum_client::trust::TrustedIssuer {
+            issuer: fx.fed.idp_url.clone(),
+        }],
+        max_jobs: 2,
+        allow_local_repositories: true,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_refuses_a_job_token_addressed_to_another_worker() {
+    let fx = Fixture::with_workers(2).await;
+    // Enroll as `victim`, then come back under another name with the same key and enrollment:
+    // the controller still addresses job tokens to `worker:victim`, which `impostor` must refuse.
+    let token = quorum_controller::create_enrollment(
+        &fx.fed.role_dir("controller"),
+        "owner-v",
+        false,
+        &BTreeMap::new(),
+    )
+    .await
+    .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let first = tokio::spawn(quorum_worker::run(
+        in_process_worker(&fx, "victim", "victim", Some(token)),
+        stop.clone(),
+    ));
+    let enrolled = fx.dir.path().join("victim/enrollments.json");
+    for _ in 0..200 {
+        if enrolled.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(enrolled.exists(), "victim enrolled");
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), first).await;
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let impostor = tokio::spawn(quorum_worker::run(
+        in_process_worker(&fx, "impostor", "victim", None),
+        stop.clone(),
+    ));
+    let repo = repo_with(&[(".quorum.yml", QUICK)]);
+    let build = fx.submit(repo.path()).await;
+    let s = fx
+        .wait_until(&build, LIMIT, "the impostor refusing", |s| {
+            s.jobs[0]
+                .assignments
+                .iter()
+                .any(|a| a.worker == "victim" && a.state == "refused")
+        })
+        .await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), impostor).await;
+    let refused = s.jobs[0]
+        .assignments
+        .iter()
+        .find(|a| a.worker == "victim")
+        .unwrap();
+    assert!(
+        refused
+            .detail
+            .as_deref()
+            .unwrap_or_default()
+            .contains("audience"),
+        "{refused:?}"
+    );
+    assert_ne!(
+        s.state,
+        BuildState::Verified,
+        "two results cannot verify a quorum of three"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_refuses_local_repositories_unless_its_owner_allows_them() {
+    let mut strict = WorkerSpec::new("strict", "owner-s", false);
+    strict.allow_local_repositories = false;
+    let fx = Fixture::start(
+        vec![
+            WorkerSpec::new("w1", "o1", false),
+            WorkerSpec::new("w2", "o2", false),
+            strict,
+        ],
+        3,
+    )
+    .await;
+    let repo = repo_with(&[(".quorum.yml", QUICK)]);
+    let build = fx.submit(repo.path()).await;
+    let s = fx
+        .wait_until(&build, LIMIT, "strict refusing", |s| {
+            s.jobs[0]
+                .assignments
+                .iter()
+                .any(|a| a.worker == "strict" && a.state == "refused")
+        })
+        .await;
+    let refused = s.jobs[0]
+        .assignments
+        .iter()
+        .find(|a| a.worker == "strict")
+        .unwrap();
+    assert!(
+        refused
+            .detail
+            .as_deref()
+            .unwrap_or_default()
+            .contains("allow_local_repositories"),
+        "{refused:?}"
+    );
+    // It ran nothing: no build directory, no mirror of the repository.
+    assert!(
+        !fx.fed.role_dir("strict").join("git").exists()
+            || std::fs::read_dir(fx.fed.role_dir("strict").join("git"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
+}
+
+/// The newcomer's command, exactly as the README gives it: a whole federation from one command.
+#[test]
+fn quorum_run_builds_the_examples_and_exits_by_verdict() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let run = |example: &str| {
+        std::process::Command::new(util::exe())
+            .args([
+                "run",
+                util::examples().join(example).to_str().unwrap(),
+                "--out",
+                out_dir.path().to_str().unwrap(),
+                "--timeout",
+                "120",
+            ])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let ok = run("reproducible");
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}\n{}",
+        stdout(&ok),
+        stderr(&ok)
+    );
+    let text = stdout(&ok);
+    assert!(
+        text.contains(": verified") && text.contains("signed: 2 verified artifacts"),
+        "{text}"
+    );
+    let build_dir = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let verify = std::process::Command::new(util::exe())
+        .args(["verify", "--statement"])
+        .arg(build_dir.join("statement.intoto.json"))
+        .arg("--key")
+        .arg(build_dir.join("signer.pub"))
+        .arg(build_dir.join("build/dist/hello-src.tar.gz"))
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", stderr(&verify));
+
+    let disputed = run("unreproducible");
+    assert_eq!(
+        disputed.status.code(),
+        Some(1),
+        "{}\n{}",
+        stdout(&disputed),
+        stderr(&disputed)
+    );
+    let text = stdout(&disputed);
+    assert!(
+        text.contains(": disputed")
+            && text.contains("differing files: dist/stamp.txt")
+            && text.contains("nothing was signed"),
+        "{text}"
+    );
 }
