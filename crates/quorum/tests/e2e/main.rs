@@ -646,3 +646,27 @@ fn quorum_run_builds_the_examples_and_exits_by_verdict() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_step_fails_the_build_when_the_workers_agree_and_logs_are_kept() {
+    let fx = Fixture::with_workers(2).await;
+    let pipeline = "policy: {quorum: 2}\njobs:\n  build:\n    script: [\"echo compiling\", \"echo oops >&2; exit 3\", \"echo never\"]\n  after:\n    needs: [build]\n    script: [\"true\"]\n";
+    let repo = repo_with(&[(".quorum.yml", pipeline)]);
+    let build = fx.submit(repo.path()).await;
+    let status = fx.wait_final(&build, LIMIT).await;
+    assert_eq!(status.state, BuildState::Failed, "{status:#?}");
+    let job = &status.jobs[0];
+    assert_eq!(job.state, JobState::Failed);
+    assert!(
+        job.detail.contains("exited with status 3"),
+        "{}",
+        job.detail
+    );
+    assert_eq!(status.jobs[1].state, JobState::Skipped);
+    let out = fx.cli(&["logs", &build, "build"]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("compiling") && text.contains("oops") && !text.contains("never"),
+        "{text}"
+    );
+}
