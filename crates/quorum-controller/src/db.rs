@@ -26,10 +26,10 @@ pub async fn open(data_dir: &Path) -> anyhow::Result<Pool> {
         .connect_with(opts)
         .await
         .with_context(|| format!("cannot open database {}", path.display()))?;
-    sqlx::raw_sql(include_str!("../migrations/0001_init.sql"))
-        .execute(&pool)
+    sqlx::migrate!("./migrations")
+        .run(&pool)
         .await
-        .context("cannot apply the database schema")?;
+        .context("cannot apply the database migrations")?;
     Ok(pool)
 }
 

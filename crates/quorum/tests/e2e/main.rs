@@ -280,7 +280,7 @@ async fn worker_refuses_a_token_from_an_idp_it_does_not_trust_and_the_job_moves_
             WorkerSpec::new("w2", "o2", false),
             picky,
         ],
-        3,
+        util::LEASE_SECS,
     )
     .await;
     let repo = repo_with(&[(
@@ -547,7 +547,7 @@ async fn worker_refuses_local_repositories_unless_its_owner_allows_them() {
             WorkerSpec::new("w2", "o2", false),
             strict,
         ],
-        3,
+        util::LEASE_SECS,
     )
     .await;
     let repo = repo_with(&[(".quorum.yml", QUICK)]);

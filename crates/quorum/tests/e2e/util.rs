@@ -8,6 +8,10 @@ use std::time::{Duration, Instant};
 use quorum::federation::{Federation, Spec, WorkerSpec};
 use quorum_api::v1::controller::BuildStatus;
 
+/// Leases in the tests: short, so lost workers are noticed quickly, yet long enough for a
+/// loaded two-core machine to heartbeat in time.
+pub const LEASE_SECS: u64 = 5;
+
 pub fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_quorum"))
 }
@@ -81,7 +85,7 @@ impl Fixture {
             (1..=n)
                 .map(|i| WorkerSpec::new(&format!("w{i}"), &format!("owner{i}"), i == 1))
                 .collect(),
-            3,
+            LEASE_SECS,
         )
         .await
     }
