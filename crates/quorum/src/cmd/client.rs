@@ -106,6 +106,12 @@ pub async fn logs(
     }
 }
 
+pub async fn cancel(conn: &ControllerConn, build: &str) -> anyhow::Result<ExitCode> {
+    client(conn).cancel(build).await?;
+    println!("build {build} is being cancelled");
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn fetch(conn: &ControllerConn, build: &str, out: &Path) -> anyhow::Result<ExitCode> {
     let c = client(conn);
     let files = fetch_verified(&c, build, out).await?;
@@ -216,10 +222,10 @@ pub fn report(status: &BuildStatus, json: bool) -> anyhow::Result<()> {
                 ),
             };
             println!(
-                "    {:<12} {:<10}{} {}",
+                "    {:<12} {:<10} {:<8} {}",
                 a.worker,
                 a.owner,
-                if a.trusted { " trusted" } else { "" },
+                if a.trusted { "trusted" } else { "" },
                 what
             );
         }

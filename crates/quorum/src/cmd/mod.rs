@@ -174,6 +174,12 @@ enum Command {
         #[arg(short = 'f', long)]
         follow: bool,
     },
+    /// Cancel a running build: its workers stop at their next heartbeat.
+    Cancel {
+        #[command(flatten)]
+        conn: ControllerConn,
+        build: String,
+    },
     /// Download a verified build's artifacts and statement, checking every digest.
     Fetch {
         #[command(flatten)]
@@ -260,6 +266,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             job,
             follow,
         } => client::logs(&conn, &build, job.as_deref(), follow).await,
+        Command::Cancel { conn, build } => client::cancel(&conn, &build).await,
         Command::Fetch { conn, build, out } => client::fetch(&conn, &build, &out).await,
         Command::Verify {
             statement,

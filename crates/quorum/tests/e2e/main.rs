@@ -670,3 +670,64 @@ async fn a_failing_step_fails_the_build_when_the_workers_agree_and_logs_are_kept
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_a_build_stops_its_workers_and_frees_them() {
+    let fx = Fixture::with_workers(2).await;
+    let endless =
+        "policy: {quorum: 2}\njobs:\n  build:\n    script: [\"sleep 600\"]\n    timeout: 20m\n";
+    let repo = repo_with(&[(".quorum.yml", endless)]);
+    let build = fx.submit(repo.path()).await;
+    fx.wait_until(&build, LIMIT, "both running", |s| {
+        s.jobs[0]
+            .assignments
+            .iter()
+            .filter(|a| a.state == "running")
+            .count()
+            == 2
+    })
+    .await;
+    let out = fx.cli(&["cancel", &build]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = fx.wait_final(&build, LIMIT).await;
+    assert_eq!(status.state, BuildState::Cancelled);
+    assert!(
+        status.jobs[0]
+            .assignments
+            .iter()
+            .all(|a| a.state == "cancelled"),
+        "{status:#?}"
+    );
+    let again = fx.cli(&["cancel", &build]);
+    assert!(
+        !again.status.success() && stderr(&again).contains("already cancelled"),
+        "{}",
+        stderr(&again)
+    );
+
+    // The workers hear of it at their next heartbeat, kill the step and clean up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for w in ["w1", "w2"] {
+        let builds = fx.fed.role_dir(w).join("builds");
+        while std::fs::read_dir(&builds)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{w} still has a build directory after cancel\n{}",
+                fx.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // The workers let go of the cancelled job: a new build gets both of them promptly.
+    let quick = repo_with(&[(
+        ".quorum.yml",
+        "policy: {quorum: 2}\njobs:\n  build:\n    script: [\"true\"]\n",
+    )]);
+    let next = fx.submit(quick.path()).await;
+    let status = fx.wait_final(&next, Duration::from_secs(60)).await;
+    assert_eq!(status.state, BuildState::Verified, "{status:#?}");
+}
