@@ -178,24 +178,24 @@ async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, 
             .access_token()
             .await
             .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")))?;
-        let job_token = exchange(
-            state,
-            &access,
-            TOKEN_TYPE_JOB,
-            format!("worker:{}", w.id),
-            &row,
-            lifetime,
-        )
-        .await?;
-        let upload_token = exchange(
-            state,
-            &access,
-            TOKEN_TYPE_UPLOAD,
-            state.store_audience.clone(),
-            &row,
-            lifetime,
-        )
-        .await?;
+        let (job_token, upload_token) = tokio::try_join!(
+            exchange(
+                state,
+                &access,
+                TOKEN_TYPE_JOB,
+                format!("worker:{}", w.id),
+                &row,
+                lifetime
+            ),
+            exchange(
+                state,
+                &access,
+                TOKEN_TYPE_UPLOAD,
+                state.store_audience.clone(),
+                &row,
+                lifetime
+            ),
+        )?;
         let claimed = sqlx::query("UPDATE assignments SET state = 'running', lease_expires = ? WHERE id = ? AND state = 'offered'")
             .bind(now_unix() + state.lease_secs as i64)
             .bind(&row.id)
