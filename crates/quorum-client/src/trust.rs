@@ -19,6 +19,27 @@ use crate::{ClientError, json, transport};
 pub struct TrustedIssuer {
     /// The issuer URL, compared exactly with a token's `iss` (no trailing-slash folding).
     pub issuer: String,
+    /// The tenants this issuer may speak for; `None` means any. A shared IdP should be limited
+    /// to the tenants it really serves, or it could mint tokens naming anyone's tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenants: Option<Vec<String>>,
+}
+
+impl TrustedIssuer {
+    /// Trusts `issuer` for every tenant.
+    pub fn any_tenant(issuer: impl Into<String>) -> TrustedIssuer {
+        TrustedIssuer {
+            issuer: issuer.into(),
+            tenants: None,
+        }
+    }
+
+    /// Whether this issuer may issue tokens naming `tenant`.
+    pub fn speaks_for(&self, tenant: &str) -> bool {
+        self.tenants
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|x| x == tenant))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +94,7 @@ impl TrustedIssuers {
     }
 
     /// Verifies `token` as a token of type `typ` for `audience`, issued by one of the trusted
-    /// issuers with a key from that issuer's own JWKS.
+    /// issuers with a key from that issuer's own JWKS, naming a tenant that issuer may speak for.
     pub async fn verify(
         &self,
         token: &str,
@@ -96,6 +117,13 @@ impl TrustedIssuers {
                 max_lifetime_secs,
             },
         )?;
+        if !trusted.speaks_for(&claims.tenant) {
+            return Err(TokenError::TenantNotAllowed {
+                iss: trusted.issuer.clone(),
+                tenant: claims.tenant,
+            }
+            .into());
+        }
         Ok(claims)
     }
 

@@ -26,10 +26,16 @@ pub async fn open(data_dir: &Path) -> anyhow::Result<Pool> {
         .connect_with(opts)
         .await
         .with_context(|| format!("cannot open database {}", path.display()))?;
-    sqlx::migrate!("./migrations")
-        .run(&pool)
-        .await
-        .context("cannot apply the database migrations")?;
+    // Another process may be migrating the same file at this moment (the operator's
+    // `controller enroll` next to a starting controller); its success is ours, so look again.
+    let migrator = sqlx::migrate!("./migrations");
+    if let Err(first) = migrator.run(&pool).await {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        migrator
+            .run(&pool)
+            .await
+            .with_context(|| format!("cannot apply the database migrations (first attempt: {first})"))?;
+    }
     Ok(pool)
 }
 

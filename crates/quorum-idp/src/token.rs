@@ -1,21 +1,22 @@
 //! `POST /token`, client authenticated with HTTP Basic: the client credentials grant gives a
 //! client its access token for this IdP, and RFC 8693 token exchange turns that access token
-//! into a job, upload or read token for one assignment. The tenant always comes from the
+//! into a job, upload, read or revoke token for one assignment or build, carrying the
+//! constraints the controller sets up front. The tenant always comes from the
 //! client's registration.
 
 use std::sync::Arc;
 
-use axum::Form;
-use axum::extract::State;
-use axum::extract::rejection::FormRejection;
+use axum::extract::rejection::RawFormRejection;
+use axum::extract::{RawForm, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use quorum_api::v1::idp::{
     GRANT_CLIENT_CREDENTIALS, GRANT_TOKEN_EXCHANGE, OAuthError, TOKEN_TYPE_ACCESS, TOKEN_TYPE_JOB,
-    TOKEN_TYPE_READ, TOKEN_TYPE_UPLOAD, TokenRequest, TokenResponse,
+    TOKEN_TYPE_READ, TOKEN_TYPE_REVOKE, TOKEN_TYPE_UPLOAD, TokenConstraints, TokenRequest,
+    TokenResponse,
 };
-use quorum_token::{Claims, Expect, Scope, TYP_ACCESS, TYP_JOB, TYP_READ, TYP_UPLOAD};
+use quorum_token::{Claims, Expect, Scope, TYP_ACCESS, TYP_JOB, TYP_READ, TYP_REVOKE, TYP_UPLOAD};
 
 use crate::Idp;
 use crate::clients::Client;
@@ -77,7 +78,7 @@ impl IntoResponse for OAuthFailure {
 pub async fn token(
     State(idp): State<Arc<Idp>>,
     headers: HeaderMap,
-    form: Result<Form<TokenRequest>, FormRejection>,
+    form: Result<RawForm, RawFormRejection>,
 ) -> Result<Response, OAuthFailure> {
     let (id, secret) = basic_credentials(&headers).ok_or_else(OAuthFailure::invalid_client)?;
     let clients = idp.clients.clone();
@@ -95,12 +96,19 @@ pub async fn token(
         tracing::warn!(client = %id, "client authentication failed");
         return Err(OAuthFailure::invalid_client());
     };
-    let Form(req) = form.map_err(|e| {
+    let RawForm(form) = form.map_err(|e| {
         OAuthFailure::invalid_request(format!("unreadable token request: {}", e.body_text()))
     })?;
+    // One form, read as two structs: the standard and quorum parameters, and the optional
+    // constraints (kept apart in the api so existing `TokenRequest` literals still build).
+    let unreadable = |e: serde_urlencoded::de::Error| {
+        OAuthFailure::invalid_request(format!("unreadable token request: {e}"))
+    };
+    let req: TokenRequest = serde_urlencoded::from_bytes(&form).map_err(unreadable)?;
+    let constraints: TokenConstraints = serde_urlencoded::from_bytes(&form).map_err(unreadable)?;
     let issued = match req.grant_type.as_str() {
         GRANT_CLIENT_CREDENTIALS => client_credentials(&idp, &client),
-        GRANT_TOKEN_EXCHANGE => exchange(&idp, &client, &req)?,
+        GRANT_TOKEN_EXCHANGE => exchange(&idp, &client, &req, &constraints)?,
         other => {
             return Err(OAuthFailure::new(
                 "unsupported_grant_type",
@@ -141,7 +149,12 @@ fn client_credentials(idp: &Idp, client: &Client) -> TokenResponse {
     }
 }
 
-fn exchange(idp: &Idp, client: &Client, req: &TokenRequest) -> Result<TokenResponse, OAuthFailure> {
+fn exchange(
+    idp: &Idp,
+    client: &Client,
+    req: &TokenRequest,
+    constraints: &TokenConstraints,
+) -> Result<TokenResponse, OAuthFailure> {
     let subject = req
         .subject_token
         .as_deref()
@@ -176,9 +189,10 @@ fn exchange(idp: &Idp, client: &Client, req: &TokenRequest) -> Result<TokenRespo
         TOKEN_TYPE_JOB => (TYP_JOB, TOKEN_TYPE_JOB),
         TOKEN_TYPE_UPLOAD => (TYP_UPLOAD, TOKEN_TYPE_UPLOAD),
         TOKEN_TYPE_READ => (TYP_READ, TOKEN_TYPE_READ),
+        TOKEN_TYPE_REVOKE => (TYP_REVOKE, TOKEN_TYPE_REVOKE),
         _ => {
             return Err(OAuthFailure::invalid_request(format!(
-                "requested_token_type `{requested}` is not one of `{TOKEN_TYPE_JOB}`, `{TOKEN_TYPE_UPLOAD}`, `{TOKEN_TYPE_READ}`"
+                "requested_token_type `{requested}` is not one of `{TOKEN_TYPE_JOB}`, `{TOKEN_TYPE_UPLOAD}`, `{TOKEN_TYPE_READ}`, `{TOKEN_TYPE_REVOKE}`"
             )));
         }
     };
@@ -195,11 +209,29 @@ fn exchange(idp: &Idp, client: &Client, req: &TokenRequest) -> Result<TokenRespo
             "lifetime_secs must be positive",
         ));
     }
+    let source_cidrs = source_cidrs(constraints.source_cidrs.as_deref())?;
+    // The store keeps counters in signed 64-bit columns.
+    for (name, value) in [
+        ("max_files", constraints.max_files),
+        ("max_calls", constraints.max_calls),
+        ("max_bytes", constraints.max_bytes),
+    ] {
+        if value.is_some_and(|v| v > i64::MAX as u64) {
+            return Err(OAuthFailure::invalid_request(format!(
+                "{name} must be at most {}",
+                i64::MAX
+            )));
+        }
+    }
     let scope = Scope {
         controller: client.id.clone(),
         build: build.into(),
         job,
         assignment,
+        max_files: constraints.max_files,
+        max_bytes: constraints.max_bytes,
+        max_calls: constraints.max_calls,
+        source_cidrs,
     };
     let claims = idp.claims(client, audience, lifetime, Some(scope));
     tracing::info!(
@@ -212,6 +244,24 @@ fn exchange(idp: &Idp, client: &Client, req: &TokenRequest) -> Result<TokenRespo
         token_type: "Bearer".into(),
         expires_in: lifetime,
     })
+}
+
+/// Splits and checks the comma-separated CIDR list, so a token never carries a network its
+/// verifier could not parse (which would lock the token out, or worse, be skipped).
+fn source_cidrs(value: Option<&str>) -> Result<Vec<String>, OAuthFailure> {
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for part in value.split(',').map(str::trim) {
+        let net: ipnet::IpNet = part.parse().map_err(|_| {
+            OAuthFailure::invalid_request(format!(
+                "source_cidrs entry `{part}` is not a CIDR such as 10.0.0.0/8 or ::1/128"
+            ))
+        })?;
+        out.push(net.to_string());
+    }
+    Ok(out)
 }
 
 fn required<'a>(value: &'a Option<String>, name: &str) -> Result<&'a str, OAuthFailure> {

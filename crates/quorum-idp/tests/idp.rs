@@ -206,6 +206,7 @@ async fn client_credentials_and_exchange_give_tokens_that_verify() {
     bounded(async {
         let trust = TrustedIssuers::new(vec![TrustedIssuer {
             issuer: idp.url.clone(),
+            tenants: None,
         }]);
         let dinah = client(&idp, 0);
         let access = dinah.access_token().await.unwrap();
@@ -314,6 +315,7 @@ async fn a_request_cannot_choose_its_tenant() {
     bounded(async {
         let trust = TrustedIssuers::new(vec![TrustedIssuer {
             issuer: idp.url.clone(),
+            tenants: None,
         }]);
         let (status, body) = post_form(
             &idp,
@@ -433,6 +435,7 @@ async fn exchange_checks_its_parameters_and_caps_the_lifetime() {
     bounded(async {
         let trust = TrustedIssuers::new(vec![TrustedIssuer {
             issuer: idp.url.clone(),
+            tenants: None,
         }]);
         let dinah = client(&idp, 0);
         let access = dinah.access_token().await.unwrap();
@@ -503,6 +506,154 @@ async fn exchange_checks_its_parameters_and_caps_the_lifetime() {
         .await;
         assert_eq!(status, 400);
         assert_eq!(oauth_error(body).error, "invalid_request");
+    })
+    .await;
+    idp.stop().await;
+}
+
+#[tokio::test]
+async fn exchange_copies_constraints_and_issues_revoke_tokens() {
+    use quorum_api::v1::idp::TOKEN_TYPE_REVOKE;
+    use quorum_token::{Scope, TYP_REVOKE};
+    let dir = tempfile::tempdir().unwrap();
+    let idp = start(dir.path(), 3600).await;
+    bounded(async {
+        let trust = TrustedIssuers::new(vec![TrustedIssuer::any_tenant(idp.url.clone())]);
+        let access = client(&idp, 0).access_token().await.unwrap().access_token;
+        let (id, _, secret) = CLIENTS[0];
+        let base = [
+            ("grant_type", GRANT_TOKEN_EXCHANGE),
+            ("subject_token", access.as_str()),
+            ("subject_token_type", TOKEN_TYPE_ACCESS),
+            ("audience", "store:bettina"),
+            ("build", "b-7"),
+        ];
+        let mut form = base.to_vec();
+        form.extend([
+            ("requested_token_type", TOKEN_TYPE_UPLOAD),
+            ("job", "compile"),
+            ("assignment", "a-1"),
+            ("max_files", "3"),
+            ("max_bytes", "1000"),
+            ("max_calls", "7"),
+            ("source_cidrs", "10.0.0.0/8, ::1/128"),
+        ]);
+        let (code, body) = post_form(&idp, id, secret, &form).await;
+        assert_eq!(code, 200, "{body}");
+        let token = body["access_token"].as_str().unwrap();
+        let claims = trust
+            .verify(token, TYP_UPLOAD, "store:bettina", 3600)
+            .await
+            .unwrap();
+        assert_eq!(
+            claims.scope,
+            Some(Scope {
+                controller: "ctl-dinah".into(),
+                build: "b-7".into(),
+                job: Some("compile".into()),
+                assignment: Some("a-1".into()),
+                max_files: Some(3),
+                max_bytes: Some(1000),
+                max_calls: Some(7),
+                source_cidrs: vec!["10.0.0.0/8".into(), "::1/128".into()],
+            })
+        );
+
+        // A network the store could not parse is refused at issuance.
+        let mut bad = base.to_vec();
+        bad.extend([
+            ("requested_token_type", TOKEN_TYPE_UPLOAD),
+            ("source_cidrs", "10.0.0.0/8,10.0.0.300/8"),
+        ]);
+        let (code, body) = post_form(&idp, id, secret, &bad).await;
+        assert_eq!(code, 400);
+        let err = oauth_error(body);
+        assert_eq!(err.error, "invalid_request");
+        assert!(
+            err.error_description
+                .contains("`10.0.0.300/8` is not a CIDR"),
+            "{}",
+            err.error_description
+        );
+        let mut negative = base.to_vec();
+        negative.extend([
+            ("requested_token_type", TOKEN_TYPE_UPLOAD),
+            ("max_calls", "-1"),
+        ]);
+        assert_eq!(post_form(&idp, id, secret, &negative).await.0, 400);
+
+        // Revoke tokens: their own typ, scoped to the build.
+        let mut revoke = base.to_vec();
+        revoke.push(("requested_token_type", TOKEN_TYPE_REVOKE));
+        let (code, body) = post_form(&idp, id, secret, &revoke).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["issued_token_type"], TOKEN_TYPE_REVOKE);
+        let token = body["access_token"].as_str().unwrap();
+        let claims = trust
+            .verify(token, TYP_REVOKE, "store:bettina", 3600)
+            .await
+            .unwrap();
+        assert_eq!(claims.scope.unwrap().build, "b-7");
+        assert!(
+            trust
+                .verify(token, TYP_UPLOAD, "store:bettina", 3600)
+                .await
+                .is_err()
+        );
+    })
+    .await;
+    idp.stop().await;
+}
+
+#[tokio::test]
+async fn an_issuer_speaks_only_for_the_tenants_it_is_trusted_for() {
+    use quorum_client::trust::TrustError;
+    use quorum_token::TokenError;
+    let dir = tempfile::tempdir().unwrap();
+    let idp = start(dir.path(), 3600).await;
+    bounded(async {
+        let trust = TrustedIssuers::new(vec![TrustedIssuer {
+            issuer: idp.url.clone(),
+            tenants: Some(vec!["eliza".into()]),
+        }]);
+        let idp = &idp;
+        let job = |n: usize| async move {
+            let c = client(idp, n);
+            let access = c.access_token().await.unwrap().access_token;
+            c.exchange(&access, &token_for(TOKEN_TYPE_JOB, "worker:alice-1", "b-1"))
+                .await
+                .unwrap()
+                .access_token
+        };
+        let dinah = job(0).await;
+        let err = trust
+            .verify(&dinah, TYP_JOB, "worker:alice-1", 3600)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, TrustError::Token(TokenError::TenantNotAllowed { tenant, .. }) if tenant == "dinah"),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!("issuer `{}` may not speak for tenant `dinah`", idp.url)
+        );
+        let eliza = job(1).await;
+        let claims = trust
+            .verify(&eliza, TYP_JOB, "worker:alice-1", 3600)
+            .await
+            .unwrap();
+        assert_eq!(claims.tenant, "eliza");
+        // An empty list trusts the issuer for no tenant at all.
+        let none = TrustedIssuers::new(vec![TrustedIssuer {
+            issuer: idp.url.clone(),
+            tenants: Some(vec![]),
+        }]);
+        assert!(
+            none.verify(&eliza, TYP_JOB, "worker:alice-1", 3600)
+                .await
+                .is_err()
+        );
     })
     .await;
     idp.stop().await;

@@ -1,12 +1,14 @@
 //! Quorum's artifact store: content-addressed blobs hashed while they arrive and kept only when
 //! the digest matches, per-tenant visibility, manifests recorded under the scope of an upload
-//! token, and downloads with a read token.
+//! token, and downloads with a read token. Every token's constraints (source addresses, calls,
+//! files, bytes) are enforced here with durable per-`jti` counters, and tokens can be revoked.
 
 mod api;
 mod auth;
 mod blobs;
 mod db;
 mod error;
+mod usage;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -104,6 +106,14 @@ pub async fn run(
     let db = db::open(&db_path)
         .await
         .with_context(|| format!("cannot open database {}", db_path.display()))?;
+    // Expired tokens are refused on `exp` alone; their counters are no longer needed.
+    let pruned = usage::prune(
+        &db,
+        quorum_service::now_unix() - 2 * quorum_token::LEEWAY_SECS as i64,
+    )
+    .await
+    .context("cannot prune expired token counters")?;
+    tracing::debug!(pruned, "pruned expired token counters");
     let issuers: Vec<&str> = config
         .trusted_issuers
         .iter()

@@ -1,11 +1,18 @@
 //! The artifact store through its real HTTP boundary: a real IdP and a real store on
-//! 127.0.0.1:0, tokens from `IdpClient`, uploads and downloads with `StoreClient`.
+//! 127.0.0.1:0, tokens from `IdpClient`, uploads and downloads with `StoreClient`. The later
+//! tests cover the adversarial table's network cases: constraints, revocation, and tokens forged
+//! by issuers the store trusts.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use quorum_api::v1::idp::{TOKEN_TYPE_JOB, TOKEN_TYPE_READ, TOKEN_TYPE_UPLOAD};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use quorum_api::v1::idp::{
+    GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS, TOKEN_TYPE_JOB, TOKEN_TYPE_READ, TOKEN_TYPE_REVOKE,
+    TOKEN_TYPE_UPLOAD,
+};
 use quorum_client::ClientError;
 use quorum_client::idp::{IdpClient, TokenFor};
 use quorum_client::store::StoreClient;
@@ -89,14 +96,28 @@ async fn start_idp(data_dir: &Path) -> Server {
 }
 
 async fn start_store(data_dir: &Path, trusted: &str, max_blob_bytes: u64) -> Server {
+    start_store_trusting(
+        data_dir,
+        vec![TrustedIssuer {
+            issuer: trusted.into(),
+            tenants: None,
+        }],
+        max_blob_bytes,
+    )
+    .await
+}
+
+async fn start_store_trusting(
+    data_dir: &Path,
+    trusted_issuers: Vec<TrustedIssuer>,
+    max_blob_bytes: u64,
+) -> Server {
     let (listener, url) = bind().await;
     let config = quorum_store::Config {
         listen: "127.0.0.1:0".into(),
         data_dir: data_dir.to_path_buf(),
         audience: AUDIENCE.into(),
-        trusted_issuers: vec![TrustedIssuer {
-            issuer: trusted.into(),
-        }],
+        trusted_issuers,
         max_blob_bytes,
     };
     let shutdown = CancellationToken::new();
@@ -751,6 +772,622 @@ async fn missing_answers_ten_thousand_digests_and_no_more() {
         );
         digests.push(Digest::of(b"one too many"));
         assert_eq!(status(w.client.missing(&upload, digests).await).0, 400);
+    })
+    .await;
+    w.stop().await;
+}
+
+// ---- Constraints set up front, revocation, and forged tokens from trusted issuers ----
+
+/// A token carrying constraints, requested with raw form fields (as `TokenConstraints` names
+/// them) since `IdpClient` does not send them.
+async fn constrained(
+    idp: &Server,
+    who: usize,
+    token_type: &str,
+    build: &str,
+    assignment: Option<&str>,
+    extra: &[(&str, &str)],
+) -> String {
+    let (id, _, secret) = CLIENTS[who];
+    let access = IdpClient::new(&idp.url, id, secret)
+        .access_token()
+        .await
+        .unwrap()
+        .access_token;
+    let mut form: Vec<(&str, &str)> = vec![
+        ("grant_type", GRANT_TOKEN_EXCHANGE),
+        ("subject_token", &access),
+        ("subject_token_type", TOKEN_TYPE_ACCESS),
+        ("requested_token_type", token_type),
+        ("audience", AUDIENCE),
+        ("build", build),
+        ("lifetime_secs", "600"),
+    ];
+    if let Some(a) = assignment {
+        form.push(("job", "compile"));
+        form.push(("assignment", a));
+    }
+    form.extend_from_slice(extra);
+    let resp = reqwest::Client::new()
+        .post(format!("{}/token", idp.url))
+        .basic_auth(id, Some(secret))
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let body: serde_json::Value = resp.json().await.unwrap();
+    body["access_token"].as_str().unwrap().to_string()
+}
+
+fn claim(token: &str, name: &str) -> serde_json::Value {
+    let payload = token.split('.').nth(1).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&B64URL.decode(payload).unwrap()).unwrap();
+    v[name].clone()
+}
+
+fn jti(token: &str) -> String {
+    claim(token, "jti").as_str().unwrap().to_string()
+}
+
+async fn revoke(w: &World, token: &str, jtis: &[&str]) -> (u16, serde_json::Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/v1/revoke", w.store.url))
+        .bearer_auth(token)
+        .json(&serde_json::json!({ "jtis": jtis }))
+        .send()
+        .await
+        .unwrap();
+    let code = resp.status().as_u16();
+    (code, resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn max_calls_holds_under_racing_requests() {
+    let w = World::start().await;
+    bounded(async {
+        let t = constrained(
+            &w.idp,
+            DINAH,
+            TOKEN_TYPE_UPLOAD,
+            "b-1",
+            Some("a-1"),
+            &[("max_calls", "5")],
+        )
+        .await;
+        assert_eq!(claim(&t, "scope")["max_calls"], 5);
+        let d = Digest::of(b"x");
+        let calls = (0..20).map(|_| w.client.missing(&t, vec![d]));
+        let results = futures::future::join_all(calls).await;
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(ok, 5, "exactly max_calls calls succeed");
+        for r in results.into_iter().filter(Result::is_err) {
+            let (code, message) = status(r);
+            assert_eq!(code, 403);
+            assert!(message.contains("max_calls (5)"), "{message}");
+        }
+        // Failed calls count too: a token of 2 calls spent on bad requests is used up.
+        let t2 = constrained(
+            &w.idp,
+            DINAH,
+            TOKEN_TYPE_UPLOAD,
+            "b-1",
+            Some("a-2"),
+            &[("max_calls", "2")],
+        )
+        .await;
+        for _ in 0..2 {
+            let (code, _) = status(w.client.put_blob(&t2, &d, b"not x".to_vec()).await);
+            assert_eq!(code, 400);
+        }
+        let (code, message) = status(w.client.put_blob(&t2, &d, b"x".to_vec()).await);
+        assert_eq!(code, 403, "{message}");
+        assert!(w.files("blobs").is_empty());
+    })
+    .await;
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn file_n_plus_one_is_refused() {
+    let w = World::start().await;
+    bounded(async {
+        let t = constrained(
+            &w.idp,
+            DINAH,
+            TOKEN_TYPE_UPLOAD,
+            "b-1",
+            Some("a-1"),
+            &[("max_files", "2")],
+        )
+        .await;
+        let (one, two, three): (&[u8], &[u8], &[u8]) = (b"one", b"two", b"three");
+        w.client
+            .put_blob(&t, &Digest::of(one), one.to_vec())
+            .await
+            .unwrap();
+        w.client
+            .put_blob(&t, &Digest::of(two), two.to_vec())
+            .await
+            .unwrap();
+        let (code, message) = status(
+            w.client
+                .put_blob(&t, &Digest::of(three), three.to_vec())
+                .await,
+        );
+        assert_eq!(code, 403);
+        assert!(message.contains("max_files (2)"), "{message}");
+        assert_eq!(w.files("blobs").len(), 2, "the third file was not stored");
+        assert_eq!(
+            w.client.missing(&t, vec![Digest::of(three)]).await.unwrap(),
+            vec![Digest::of(three)]
+        );
+    })
+    .await;
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn an_upload_is_cut_off_at_max_bytes_leaving_nothing() {
+    let w = World::start().await;
+    bounded(async {
+        let t = constrained(
+            &w.idp,
+            DINAH,
+            TOKEN_TYPE_UPLOAD,
+            "b-1",
+            Some("a-1"),
+            &[("max_bytes", "3000000")],
+        )
+        .await;
+        let first: Vec<u8> = (0..2_000_000u32).map(|i| (i % 253) as u8).collect();
+        w.client
+            .put_blob(&t, &Digest::of(&first), first.clone())
+            .await
+            .unwrap();
+        // Declared too large: refused before the body is read.
+        let second: Vec<u8> = (0..1_000_001u32).map(|i| (i % 241) as u8).collect();
+        let d2 = Digest::of(&second);
+        let (code, message) = status(w.client.put_blob(&t, &d2, second.clone()).await);
+        assert_eq!(code, 413);
+        assert!(message.contains("max_bytes (3000000 bytes)"), "{message}");
+        // Streamed without a length: cut off at the chunk that goes over.
+        let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = second
+            .chunks(64 * 1024)
+            .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+            .collect();
+        let resp = reqwest::Client::new()
+            .put(format!("{}/api/v1/blobs/{d2}", w.store.url))
+            .bearer_auth(&t)
+            .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 413);
+        assert!(resp.text().await.unwrap().contains("max_bytes"));
+        assert_eq!(w.files("blobs").len(), 1, "only the first blob is stored");
+        assert!(w.files("tmp").is_empty(), "the cut-off upload left nothing");
+        assert_eq!(w.client.missing(&t, vec![d2]).await.unwrap(), vec![d2]);
+        // The bytes the cut-off upload did send were counted: the token is now nearly spent.
+        // What is left is less than the refused chunk (64 KiB), not the 1 MB never stored.
+        let small = vec![1u8; 70_000];
+        let (code, _) = status(
+            w.client
+                .put_blob(&t, &Digest::of(&small), small.clone())
+                .await,
+        );
+        assert_eq!(code, 413);
+        // Exactly up to the limit is fine; the byte after it is refused.
+        let t2 = constrained(
+            &w.idp,
+            DINAH,
+            TOKEN_TYPE_UPLOAD,
+            "b-1",
+            Some("a-2"),
+            &[("max_bytes", "1000000")],
+        )
+        .await;
+        let exact = vec![7u8; 1_000_000];
+        w.client
+            .put_blob(&t2, &Digest::of(&exact), exact.clone())
+            .await
+            .unwrap();
+        let (code, _) = status(
+            w.client
+                .put_blob(&t2, &Digest::of(b"1"), b"1".to_vec())
+                .await,
+        );
+        assert_eq!(code, 413, "the byte after max_bytes is refused");
+        assert_eq!(w.files("blobs").len(), 2);
+    })
+    .await;
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_from_outside_the_source_cidrs_is_refused() {
+    let w = World::start().await;
+    bounded(async {
+        let d = Digest::of(b"x");
+        let elsewhere = constrained(
+            &w.idp,
+            DINAH,
+            TOKEN_TYPE_UPLOAD,
+            "b-1",
+            Some("a-1"),
+            &[("source_cidrs", "10.0.0.0/8, 192.168.0.0/16")],
+        )
+        .await;
+        let (code, message) = status(w.client.missing(&elsewhere, vec![d]).await);
+        assert_eq!(code, 403);
+        assert!(
+            message.contains("only from 10.0.0.0/8, 192.168.0.0/16")
+                && message.contains("came from 127.0.0.1"),
+            "{message}"
+        );
+        let (code, _) = status(w.client.put_blob(&elsewhere, &d, b"x".to_vec()).await);
+        assert_eq!(code, 403);
+        assert!(w.files("blobs").is_empty());
+        let here = constrained(
+            &w.idp,
+            DINAH,
+            TOKEN_TYPE_UPLOAD,
+            "b-1",
+            Some("a-1"),
+            &[("source_cidrs", "10.0.0.0/8,127.0.0.0/8")],
+        )
+        .await;
+        assert_eq!(w.client.missing(&here, vec![d]).await.unwrap(), vec![d]);
+    })
+    .await;
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn a_revoked_token_is_refused_before_it_expires() {
+    let w = World::start().await;
+    bounded(async {
+        let d = Digest::of(b"x");
+        let upload = w.upload_token(DINAH, "b-1", "a-1").await;
+        let unused = w.upload_token(DINAH, "b-1", "a-2").await;
+        let other_build = w.upload_token(DINAH, "b-2", "a-1").await;
+        w.client.missing(&upload, vec![d]).await.unwrap();
+        w.client.missing(&other_build, vec![d]).await.unwrap();
+        let revoker = constrained(&w.idp, DINAH, TOKEN_TYPE_REVOKE, "b-1", None, &[]).await;
+        let eliza_revoker = constrained(&w.idp, ELIZA, TOKEN_TYPE_REVOKE, "b-1", None, &[]).await;
+
+        // Another tenant's revoke token for the same build name revokes nothing.
+        let (code, body) = revoke(&w, &eliza_revoker, &[&jti(&upload)]).await;
+        assert_eq!(code, 200);
+        assert_eq!(body["revoked"], serde_json::json!([]));
+        assert_eq!(body["unknown"], serde_json::json!([jti(&upload)]));
+        // An upload token is not a revoke token, and a revoke token does not upload.
+        let (code, body) = revoke(&w, &upload, &[&jti(&upload)]).await;
+        assert_eq!(code, 401);
+        assert!(body.to_string().contains("token type"), "{body}");
+        assert_eq!(status(w.client.missing(&revoker, vec![d]).await).0, 401);
+        w.client.missing(&upload, vec![d]).await.unwrap();
+
+        let ids = [jti(&upload), jti(&other_build), jti(&unused)];
+        let (code, body) = revoke(&w, &revoker, &[&ids[0], &ids[1], &ids[2]]).await;
+        assert_eq!(code, 200);
+        assert_eq!(body["revoked"], serde_json::json!([ids[0]]));
+        assert_eq!(body["unknown"], serde_json::json!([ids[1], ids[2]]));
+        let (code, message) = status(w.client.missing(&upload, vec![d]).await);
+        assert_eq!(code, 401);
+        assert!(message.contains("has been revoked"), "{message}");
+        let (code, _) = status(w.client.put_blob(&upload, &d, b"x".to_vec()).await);
+        assert_eq!(code, 401);
+        assert!(w.files("blobs").is_empty());
+        // Tokens of another build are untouched.
+        w.client.missing(&other_build, vec![d]).await.unwrap();
+        // Revoking again is harmless.
+        let (code, body) = revoke(&w, &revoker, &[&ids[0]]).await;
+        assert_eq!(code, 200);
+        assert_eq!(body["revoked"], serde_json::json!([ids[0]]));
+    })
+    .await;
+    w.stop().await;
+}
+
+/// An issuer the test controls: discovery and JWKS for one key it holds, counting JWKS fetches.
+struct FakeIssuer {
+    server: Server,
+    key: quorum_token::IssuerKey,
+    jwks_fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn fake_issuer(seed: u8) -> FakeIssuer {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (listener, url) = bind().await;
+    let key = quorum_token::IssuerKey::new(ed25519_dalek::SigningKey::from_bytes(&[seed; 32]));
+    let discovery = quorum_api::v1::idp::Discovery {
+        issuer: url.clone(),
+        jwks_uri: format!("{url}/jwks"),
+        token_endpoint: format!("{url}/token"),
+        grant_types_supported: vec![],
+        id_token_signing_alg_values_supported: vec!["EdDSA".into()],
+    };
+    let jwks = quorum_token::Jwks {
+        keys: vec![key.jwk()],
+    };
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let counter = fetches.clone();
+    let app = axum::Router::new()
+        .route(
+            "/.well-known/openid-configuration",
+            axum::routing::get(move || async move { axum::Json(discovery) }),
+        )
+        .route(
+            "/jwks",
+            axum::routing::get(move || async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                axum::Json(jwks)
+            }),
+        );
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(quorum_service::serve(listener, app, shutdown.clone()));
+    FakeIssuer {
+        server: Server {
+            url,
+            shutdown,
+            task,
+        },
+        key,
+        jwks_fetches: fetches,
+    }
+}
+
+/// Signs `header` and `claims` exactly as given with `key`.
+fn forge(
+    header: serde_json::Value,
+    claims: &serde_json::Value,
+    key: &ed25519_dalek::SigningKey,
+) -> String {
+    use ed25519_dalek::Signer as _;
+    let input = format!(
+        "{}.{}",
+        B64URL.encode(header.to_string()),
+        B64URL.encode(claims.to_string())
+    );
+    let sig = key.sign(input.as_bytes());
+    format!("{input}.{}", B64URL.encode(sig.to_bytes()))
+}
+
+fn upload_claims(iss: &str, tenant: &str, build: &str) -> serde_json::Value {
+    let now = quorum_service::now_unix();
+    serde_json::json!({
+        "iss": iss, "sub": "ctl", "aud": AUDIENCE, "exp": now + 300, "nbf": now, "iat": now,
+        "jti": quorum_token::new_jti(), "tenant": tenant,
+        "scope": {"controller": "ctl", "build": build, "job": "compile", "assignment": "a-1"}
+    })
+}
+
+fn upload_header(kid: &str) -> serde_json::Value {
+    serde_json::json!({"alg": "EdDSA", "typ": quorum_token::TYP_UPLOAD, "kid": kid})
+}
+
+#[tokio::test]
+async fn trusted_issuers_cannot_forge_for_each_other_or_for_foreign_tenants() {
+    let a = fake_issuer(11).await;
+    let b = fake_issuer(12).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = start_store_trusting(
+        dir.path(),
+        vec![
+            TrustedIssuer {
+                issuer: a.server.url.clone(),
+                tenants: None,
+            },
+            TrustedIssuer {
+                issuer: b.server.url.clone(),
+                tenants: Some(vec!["eliza".into()]),
+            },
+        ],
+        1 << 20,
+    )
+    .await;
+    let client = StoreClient::new(&store.url);
+    let d = Digest::of(b"x");
+    bounded(async {
+        let (a_url, b_url) = (&a.server.url, &b.server.url);
+        // Baseline: each issuer's genuine tokens for a tenant it may speak for are accepted.
+        let good_a = forge(
+            upload_header(&a.key.kid),
+            &upload_claims(a_url, "dinah", "12"),
+            &a.key.key,
+        );
+        assert_eq!(client.missing(&good_a, vec![d]).await.unwrap(), vec![d]);
+        let good_b = forge(
+            upload_header(&b.key.kid),
+            &upload_claims(b_url, "eliza", "12"),
+            &b.key.key,
+        );
+        assert_eq!(client.missing(&good_b, vec![d]).await.unwrap(), vec![d]);
+
+        // B may speak only for eliza: a perfectly signed B token naming dinah is refused.
+        let b_for_dinah = forge(
+            upload_header(&b.key.kid),
+            &upload_claims(b_url, "dinah", "12"),
+            &b.key.key,
+        );
+        let (code, message) = status(client.put_blob(&b_for_dinah, &d, b"x".to_vec()).await);
+        assert_eq!(code, 401);
+        assert!(
+            message.contains(&format!(
+                "issuer `{b_url}` may not speak for tenant `dinah`"
+            )),
+            "{message}"
+        );
+
+        // `iss` of B, signed with A's key: under A's kid B has no such key; under B's kid the
+        // signature fails.
+        let claims = upload_claims(b_url, "eliza", "12");
+        let (code, message) = status(
+            client
+                .missing(
+                    &forge(upload_header(&a.key.kid), &claims, &a.key.key),
+                    vec![d],
+                )
+                .await,
+        );
+        assert_eq!(code, 401);
+        assert!(message.contains("has no key"), "{message}");
+        let (code, message) = status(
+            client
+                .missing(
+                    &forge(upload_header(&b.key.kid), &claims, &a.key.key),
+                    vec![d],
+                )
+                .await,
+        );
+        assert_eq!(code, 401);
+        assert!(message.contains("signature does not verify"), "{message}");
+
+        // Unknown kids: refused, and the JWKS is fetched at most once per throttle window no
+        // matter how many unknown kids arrive.
+        let fetched = a.jwks_fetches.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(fetched, 1, "one fetch served every A token so far");
+        for n in 0..5 {
+            let kid = format!("rotated-away-{n}");
+            let t = forge(
+                upload_header(&kid),
+                &upload_claims(a_url, "dinah", "12"),
+                &a.key.key,
+            );
+            let (code, message) = status(client.missing(&t, vec![d]).await);
+            assert_eq!(code, 401);
+            assert!(
+                message.contains(&format!("has no key `{kid}`")),
+                "{message}"
+            );
+        }
+        assert_eq!(
+            a.jwks_fetches.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "unknown kids within the throttle window cause no refetch"
+        );
+
+        // `jku`, `x5u` and an embedded `jwk` point at a server the test watches: they are
+        // never fetched, and the key still comes from A's JWKS.
+        let watch = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let watch_url = format!("http://{}", watch.local_addr().unwrap());
+        let rogue = quorum_token::IssuerKey::new(ed25519_dalek::SigningKey::from_bytes(&[99; 32]));
+        let header = |kid: &str| {
+            serde_json::json!({
+                "alg": "EdDSA", "typ": quorum_token::TYP_UPLOAD, "kid": kid,
+                "jku": format!("{watch_url}/jwks"), "x5u": format!("{watch_url}/cert"),
+                "jwk": rogue.jwk(),
+            })
+        };
+        let self_signed = forge(
+            header(&rogue.kid),
+            &upload_claims(a_url, "dinah", "12"),
+            &rogue.key,
+        );
+        assert_eq!(status(client.missing(&self_signed, vec![d]).await).0, 401);
+        let genuine = forge(
+            header(&a.key.kid),
+            &upload_claims(a_url, "dinah", "12"),
+            &a.key.key,
+        );
+        assert_eq!(client.missing(&genuine, vec![d]).await.unwrap(), vec![d]);
+        let connected = tokio::time::timeout(Duration::from_millis(300), watch.accept()).await;
+        assert!(
+            connected.is_err(),
+            "the store connected to a URL named in a token header"
+        );
+        assert!(
+            std::fs::read_dir(dir.path().join("blobs"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "no refused token stored anything"
+        );
+    })
+    .await;
+    store.stop().await;
+    a.server.stop().await;
+    b.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_tenants_token_does_not_reach_another_tenants_build_or_a_prefix_build() {
+    let w = World::start().await;
+    bounded(async {
+        let secret: &[u8] = b"build 123 of dinah";
+        let m = publish(&w, DINAH, "123", &[("f", secret)]).await;
+        let d = Digest::of(secret);
+        // Eliza's token for build 123 reads nothing of Dinah's build 123.
+        let eliza = w.read_token(ELIZA, "123").await;
+        assert_eq!(status(w.client.get_blob(&eliza, "123", &d).await).0, 404);
+        assert_eq!(
+            status(w.client.get_manifest(&eliza, "123", &m).await).0,
+            404
+        );
+        // Dinah's token for build 12 does not reach build 123, nor by path tricks.
+        let twelve = w.read_token(DINAH, "12").await;
+        for build in ["123", "12/../123", "12%2F..%2F123", "12%00"] {
+            let (code, _) = status(w.client.get_blob(&twelve, build, &d).await);
+            assert!(code == 404 || code == 400, "{build}: {code}");
+        }
+        let raw = reqwest::Client::new()
+            .get(format!("{}/api/v1/builds/12/../123/blobs/{d}", w.store.url))
+            .bearer_auth(&twelve)
+            .send()
+            .await
+            .unwrap();
+        assert!(raw.status().is_client_error());
+        // An upload token of Eliza's cannot add to Dinah's build 123: her manifest lands in her
+        // own tenant, so Dinah's read of 123 still sees only her own manifest.
+        let dinah = w.read_token(DINAH, "123").await;
+        assert_eq!(
+            &w.client.get_blob(&dinah, "123", &d).await.unwrap()[..],
+            secret
+        );
+    })
+    .await;
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn manifest_paths_that_escape_are_refused_and_record_nothing() {
+    let w = World::start().await;
+    bounded(async {
+        let upload = w.upload_token(DINAH, "b-1", "a-1").await;
+        let empty = Digest::empty().to_string();
+        for path in ["../x", "a/../../x", "/etc/passwd", "a//b", "./a", ""] {
+            let body = serde_json::json!({
+                "entries": [{"path": path, "mode": 420, "size": 0, "digest": empty}]
+            });
+            let resp = reqwest::Client::new()
+                .put(format!("{}/api/v1/manifest", w.store.url))
+                .bearer_auth(&upload)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 400, "{path:?}");
+            let text = resp.text().await.unwrap();
+            assert!(text.contains("invalid manifest"), "{path:?}: {text}");
+        }
+        // Nothing was recorded: the assignment can still record its one manifest.
+        let ok = manifest(&[("a/%2e%2e/b", b"")]);
+        assert_eq!(
+            w.client.put_manifest(&upload, &ok).await.unwrap(),
+            ok.digest()
+        );
+        // A percent-encoded `..` is a literal name inside the build, never decoded: reading it
+        // back under build `b-1` is all it can do.
+        let read = w.read_token(DINAH, "b-1").await;
+        assert!(
+            w.client
+                .get_blob(&read, "b-1", &Digest::empty())
+                .await
+                .is_ok()
+        );
     })
     .await;
     w.stop().await;

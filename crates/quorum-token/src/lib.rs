@@ -17,6 +17,8 @@ pub const TYP_JOB: &str = "quorum-job+jwt";
 pub const TYP_UPLOAD: &str = "quorum-upload+jwt";
 /// A read token: lets a tenant's client read one build's artifacts at one store.
 pub const TYP_READ: &str = "quorum-read+jwt";
+/// A revoke token: lets a controller revoke the tokens of one build of its tenant at one store.
+pub const TYP_REVOKE: &str = "quorum-revoke+jwt";
 
 /// Clock skew tolerated between parties, in seconds.
 pub const LEEWAY_SECS: u64 = 5;
@@ -46,6 +48,19 @@ pub struct Scope {
     pub job: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub assignment: Option<String>,
+    /// Most blobs the token may upload (each upload attempt counts, failed ones too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_files: Option<u64>,
+    /// Most bytes the token may send in blob bodies, counted as they arrive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// Most requests the token may make at the place it is used (failed ones count too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_calls: Option<u64>,
+    /// Source networks (CIDR, such as `10.0.0.0/8` or `::1/128`) the token may be used from;
+    /// empty means anywhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_cidrs: Vec<String>,
 }
 
 /// A signing key with the id it is published under in the issuer's JWKS.
@@ -75,6 +90,14 @@ pub enum TokenError {
     WrongType { expected: String, got: String },
     #[error("token algorithm must be EdDSA")]
     Algorithm,
+    #[error("token algorithm `{0}` is refused; only EdDSA is accepted")]
+    AlgorithmNotAllowed(String),
+    #[error("token {part} has the key `{key}` more than once")]
+    DuplicateKey { part: &'static str, key: String },
+    #[error("token header marks `{0}` as critical; no extension is understood here")]
+    Critical(String),
+    #[error("issuer `{iss}` may not speak for tenant `{tenant}`")]
+    TenantNotAllowed { iss: String, tenant: String },
     #[error("token header has no `kid`")]
     NoKeyId,
     #[error("issuer `{0}` is not trusted here")]
@@ -121,31 +144,192 @@ pub struct Unverified {
 }
 
 pub fn peek(token: &str) -> Result<Unverified, TokenError> {
-    let header =
-        jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
-    if header.alg != Algorithm::EdDSA {
-        return Err(TokenError::Algorithm);
-    }
+    let parts = Parts::split(token)?;
+    let header = parts.header()?;
     let kid = header.kid.ok_or(TokenError::NoKeyId)?;
-    let typ = header.typ.unwrap_or_default();
-    let payload = token
-        .split('.')
-        .nth(1)
-        .ok_or_else(|| TokenError::Malformed("no payload".into()))?;
-    let bytes = B64URL
-        .decode(payload)
-        .map_err(|e| TokenError::Malformed(e.to_string()))?;
-    #[derive(Deserialize)]
-    struct Iss {
-        iss: String,
-    }
-    let iss: Iss = serde_json::from_slice(&bytes)
-        .map_err(|e| TokenError::Malformed(format!("payload: {e}")))?;
+    let payload = parts.payload()?;
+    let iss = match payload.get("iss") {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        _ => return Err(TokenError::Claims("`iss` must be a string".into())),
+    };
     Ok(Unverified {
-        typ,
+        typ: header.typ,
         kid,
-        iss: iss.iss,
+        iss,
     })
+}
+
+/// The three base64url parts of a compact JWS.
+struct Parts<'a> {
+    header: &'a str,
+    payload: &'a str,
+}
+
+/// What this crate reads from a JOSE header. Everything else (`jku`, `x5u`, `jwk`, `x5c`...) is
+/// ignored on purpose: keys come only from the verifier's own trust list (RFC 8725 §3.10).
+struct CheckedHeader {
+    typ: String,
+    kid: Option<String>,
+}
+
+impl<'a> Parts<'a> {
+    fn split(token: &'a str) -> Result<Parts<'a>, TokenError> {
+        let mut it = token.split('.');
+        match (it.next(), it.next(), it.next(), it.next()) {
+            (Some(header), Some(payload), Some(_), None) => Ok(Parts { header, payload }),
+            _ => Err(TokenError::Malformed(
+                "a JWT has exactly three dot-separated parts".into(),
+            )),
+        }
+    }
+
+    /// The header, refused unless its JSON has no duplicate keys, `alg` is `EdDSA` and no
+    /// extension is marked critical.
+    fn header(&self) -> Result<CheckedHeader, TokenError> {
+        let map = json_object(self.header, "header")?;
+        let alg = match map.get("alg") {
+            Some(serde_json::Value::String(a)) => a.as_str(),
+            Some(other) => return Err(TokenError::AlgorithmNotAllowed(other.to_string())),
+            None => return Err(TokenError::Malformed("header has no `alg`".into())),
+        };
+        if alg != "EdDSA" {
+            return Err(TokenError::AlgorithmNotAllowed(alg.to_string()));
+        }
+        if let Some(crit) = map.get("crit") {
+            return Err(TokenError::Critical(crit.to_string()));
+        }
+        let string = |name: &str| match map.get(name) {
+            None => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(TokenError::Malformed(format!(
+                "header `{name}` is not a string"
+            ))),
+        };
+        Ok(CheckedHeader {
+            typ: string("typ")?.unwrap_or_default(),
+            kid: string("kid")?,
+        })
+    }
+
+    /// The payload as a JSON object, refused if any object in it repeats a key: parsers differ
+    /// on which copy wins, so a duplicate could make two verifiers read different claims.
+    fn payload(&self) -> Result<serde_json::Map<String, serde_json::Value>, TokenError> {
+        json_object(self.payload, "payload")
+    }
+}
+
+fn json_object(
+    part: &str,
+    name: &'static str,
+) -> Result<serde_json::Map<String, serde_json::Value>, TokenError> {
+    let bytes = B64URL
+        .decode(part)
+        .map_err(|e| TokenError::Malformed(format!("{name} is not base64url: {e}")))?;
+    match serde_json::from_slice::<NoDuplicates>(&bytes) {
+        Ok(_) => {}
+        Err(e) => {
+            let msg = e.to_string();
+            if let Some(rest) = msg.strip_prefix(DUPLICATE_PREFIX) {
+                let key = rest.split('`').next().unwrap_or_default().to_string();
+                return Err(TokenError::DuplicateKey { part: name, key });
+            }
+            return Err(TokenError::Malformed(format!("{name} is not JSON: {msg}")));
+        }
+    }
+    match serde_json::from_slice(&bytes) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(_) => Err(TokenError::Malformed(format!(
+            "{name} is not a JSON object"
+        ))),
+        Err(e) => Err(TokenError::Malformed(format!("{name} is not JSON: {e}"))),
+    }
+}
+
+const DUPLICATE_PREFIX: &str = "duplicate key `";
+
+/// Walks any JSON value and fails on the first object that repeats a key.
+struct NoDuplicates;
+
+impl<'de> Deserialize<'de> for NoDuplicates {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<NoDuplicates, D::Error> {
+        d.deserialize_any(NoDuplicatesVisitor)
+    }
+}
+
+struct NoDuplicatesVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicatesVisitor {
+    type Value = NoDuplicates;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates)
+    }
+    fn visit_unit<E>(self) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<NoDuplicates, A::Error> {
+        while seq.next_element::<NoDuplicates>()?.is_some() {}
+        Ok(NoDuplicates)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<NoDuplicates, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(serde::de::Error::custom(format!(
+                    "{DUPLICATE_PREFIX}{key}`"
+                )));
+            }
+            map.next_value::<NoDuplicates>()?;
+        }
+        Ok(NoDuplicates)
+    }
+}
+
+/// Checks the claims' shape before any library reads them, so each refusal says exactly what
+/// is wrong: one audience as a string, and integer times.
+fn check_claim_shapes(
+    payload: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), TokenError> {
+    match payload.get("aud") {
+        Some(serde_json::Value::String(_)) => {}
+        Some(serde_json::Value::Array(_)) => {
+            return Err(TokenError::Claims(
+                "`aud` must name exactly one audience, as a string".into(),
+            ));
+        }
+        Some(_) => return Err(TokenError::Claims("`aud` must be a string".into())),
+        None => return Err(TokenError::Claims("`aud` is missing".into())),
+    }
+    for name in ["exp", "nbf", "iat"] {
+        match payload.get(name) {
+            Some(v) if v.is_i64() => {}
+            Some(_) => {
+                return Err(TokenError::Claims(format!(
+                    "`{name}` must be an integer number of seconds since the epoch"
+                )));
+            }
+            None => return Err(TokenError::Claims(format!("`{name}` is missing"))),
+        }
+    }
+    Ok(())
 }
 
 /// What the verifier expects of a token.
@@ -161,18 +345,15 @@ pub struct Expect<'a> {
 /// Verifies the signature with `key` (the key the *verifier* found for the token's issuer and
 /// kid), then type, issuer, audience, time window and lifetime.
 pub fn verify(token: &str, key: &VerifyingKey, expect: &Expect<'_>) -> Result<Claims, TokenError> {
-    let header =
-        jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
-    if header.alg != Algorithm::EdDSA {
-        return Err(TokenError::Algorithm);
-    }
-    let typ = header.typ.unwrap_or_default();
-    if typ != expect.typ {
+    let parts = Parts::split(token)?;
+    let header = parts.header()?;
+    if header.typ != expect.typ {
         return Err(TokenError::WrongType {
             expected: expect.typ.to_string(),
-            got: typ,
+            got: header.typ,
         });
     }
+    check_claim_shapes(&parts.payload()?)?;
     let mut v = Validation::new(Algorithm::EdDSA);
     v.leeway = LEEWAY_SECS;
     v.validate_nbf = true;
@@ -304,6 +485,7 @@ mod tests {
                 build: "b".into(),
                 job: Some("build".into()),
                 assignment: None,
+                ..Scope::default()
             }),
         }
     }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
-use crate::executor::{Executor, ProcessExecutor};
+use crate::executor::{self, Executor, Limits, ProcessExecutor, SandboxTier};
 use crate::retry::Backoff;
 use crate::{Config, Hooks, job};
 
@@ -38,10 +38,10 @@ impl Worker {
         config: Config,
         hooks: Arc<dyn Hooks>,
         shutdown: CancellationToken,
-    ) -> Worker {
-        let executor: Arc<dyn Executor> = Arc::new(ProcessExecutor);
+    ) -> anyhow::Result<Worker> {
+        let executor = choose_executor(&config)?;
         let environment = environment_facts(executor.name());
-        Worker {
+        Ok(Worker {
             trust: TrustedIssuers::new(config.trusted_issuers.clone()),
             mirrors: Mirrors::new(config.data_dir.join("git")),
             slots: Arc::new(Semaphore::new(config.max_jobs as usize)),
@@ -51,6 +51,47 @@ impl Worker {
             environment,
             jobs: TaskTracker::new(),
             shutdown,
+        })
+    }
+}
+
+/// The configured isolation tier, if the host supports it (see `executor::probe`).
+fn choose_executor(config: &Config) -> anyhow::Result<Arc<dyn Executor>> {
+    match config.sandbox {
+        SandboxTier::Process => {
+            if config.limits != Limits::default() {
+                tracing::warn!(
+                    "sandbox = \"process\" does not enforce [limits]; use sandbox = \"namespaces\""
+                );
+            }
+            tracing::warn!(
+                "builds run as plain processes of the worker's user (sandbox = \"process\")"
+            );
+            Ok(Arc::new(ProcessExecutor))
+        }
+        SandboxTier::Namespaces => {
+            match executor::probe(&config.data_dir.join("sandbox"), &config.limits) {
+                Ok(sandbox) => {
+                    tracing::info!(
+                        cgroups = sandbox.cgroups().unwrap_or("none"),
+                        "builds run in namespace sandboxes"
+                    );
+                    Ok(Arc::new(sandbox))
+                }
+                Err(e) if config.allow_weaker_sandbox => {
+                    tracing::warn!(
+                        error = %e,
+                        "THE NAMESPACE SANDBOX IS UNAVAILABLE: builds run UNCONTAINED as plain \
+                         processes of the worker's user, without [limits] \
+                         (allow_weaker_sandbox = true)"
+                    );
+                    Ok(Arc::new(ProcessExecutor))
+                }
+                Err(e) => Err(anyhow::anyhow!(
+                    "cannot run builds in a sandbox: {e}; to run them uncontained anyway, set \
+                     allow_weaker_sandbox = true in the worker config"
+                )),
+            }
         }
     }
 }

@@ -40,6 +40,16 @@ pub struct Config {
     /// its owner's disk. The local federation (`quorum up`, `quorum run`) turns it on.
     #[serde(default)]
     pub allow_local_repositories: bool,
+    /// How builds are isolated: "namespaces" (bubblewrap; the default) or "process".
+    #[serde(default)]
+    pub sandbox: executor::SandboxTier,
+    /// When "namespaces" is configured but the host cannot run it: run builds as plain
+    /// processes (with a loud warning) instead of refusing to start.
+    #[serde(default)]
+    pub allow_weaker_sandbox: bool,
+    /// What one build step may use; each limit is off when not set.
+    #[serde(default)]
+    pub limits: executor::Limits,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,7 +108,7 @@ pub async fn run_with_hooks(
         .with_context(|| format!("cannot create {}", builds.display()))?;
 
     let controllers: Vec<String> = config.controllers.iter().map(|c| c.url.clone()).collect();
-    let worker = Arc::new(agent::Worker::new(config, hooks, shutdown));
+    let worker = Arc::new(agent::Worker::new(config, hooks, shutdown)?);
     let mut loops = tokio::task::JoinSet::new();
     for (url, worker_id) in controllers.iter().zip(worker_ids) {
         let client = quorum_client::controller::WorkerClient::new(url, &worker_id, key.clone());

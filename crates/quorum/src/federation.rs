@@ -170,9 +170,9 @@ impl Federation {
                 listen,
                 data_dir: dir,
                 audience: self.store_audience.clone(),
-                trusted_issuers: vec![quorum_client::trust::TrustedIssuer {
-                    issuer: self.idp_url.clone(),
-                }],
+                trusted_issuers: vec![quorum_client::trust::TrustedIssuer::any_tenant(
+                    self.idp_url.clone(),
+                )],
                 max_blob_bytes: quorum_store::DEFAULT_MAX_BLOB_BYTES,
             })?,
             "controller" => toml::to_string(&quorum_controller::Config {
@@ -258,10 +258,14 @@ impl Federation {
             }],
             trusted_issuers: issuers
                 .into_iter()
-                .map(|issuer| quorum_client::trust::TrustedIssuer { issuer })
+                .map(quorum_client::trust::TrustedIssuer::any_tenant)
                 .collect(),
             max_jobs: 2,
             allow_local_repositories: w.allow_local_repositories,
+            // A local federation should run on a machine without bubblewrap too, loudly weaker.
+            sandbox: Default::default(),
+            allow_weaker_sandbox: true,
+            limits: Default::default(),
         };
         let path = self.spec.data_dir.join(format!("{}.toml", w.name));
         std::fs::write(&path, toml::to_string(&config)?)?;

@@ -1,5 +1,5 @@
 //! Identity provider endpoints: OIDC discovery, JWKS, and the OAuth 2.0 token endpoint
-//! (client credentials, and RFC 8693 token exchange for job, upload and read tokens).
+//! (client credentials, and RFC 8693 token exchange for job, upload, read and revoke tokens).
 
 use serde::{Deserialize, Serialize};
 
@@ -9,6 +9,8 @@ pub const TOKEN_TYPE_ACCESS: &str = "urn:ietf:params:oauth:token-type:access_tok
 pub const TOKEN_TYPE_JOB: &str = "urn:quorum:token-type:job";
 pub const TOKEN_TYPE_UPLOAD: &str = "urn:quorum:token-type:upload";
 pub const TOKEN_TYPE_READ: &str = "urn:quorum:token-type:read";
+/// A revoke token: audience a store, scope one build; authenticates `POST /api/v1/revoke` there.
+pub const TOKEN_TYPE_REVOKE: &str = "urn:quorum:token-type:revoke";
 
 /// `GET /.well-known/openid-configuration`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -44,6 +46,26 @@ pub struct TokenRequest {
     pub assignment: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifetime_secs: Option<i64>,
+}
+
+/// Optional constraints sent as further form fields of the same token-exchange `POST /token`
+/// (beside [`TokenRequest`]'s): the IdP copies them into the issued token's scope and the store
+/// enforces them. Kept apart from `TokenRequest` so that struct's existing literals still build.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct TokenConstraints {
+    /// Most blobs the token may upload; copied into the token's scope, enforced by the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_files: Option<u64>,
+    /// Most blob bytes the token may send; enforced by the store while the bytes arrive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// Most requests the token may make where it is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_calls: Option<u64>,
+    /// Comma-separated CIDRs (`10.0.0.0/8,::1/128`) the token may be used from. A form field
+    /// holds one string, hence the commas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_cidrs: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

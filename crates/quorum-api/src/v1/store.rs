@@ -31,3 +31,20 @@ pub type ManifestResponse = Manifest;
 
 // `GET /api/v1/builds/{build}/blobs/{digest}`, read token: a blob that a manifest of the build
 // references.
+
+/// `POST /api/v1/revoke`, revoke token (`typ` `quorum-revoke+jwt`, audience the store, scope
+/// one build): revokes the listed token ids. The store revokes only ids it has seen used for the
+/// same tenant and build; a revoked token is refused from then on, even before its `exp`.
+/// Revoking twice is harmless.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevokeRequest {
+    pub jtis: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevokeResponse {
+    /// The ids now revoked (including ones revoked before).
+    pub revoked: Vec<String>,
+    /// The ids this store has not seen for the token's tenant and build; nothing was done.
+    pub unknown: Vec<String>,
+}

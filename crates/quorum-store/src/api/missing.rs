@@ -20,7 +20,7 @@ pub const MAX_DIGESTS: usize = 10_000;
 
 pub async fn missing(
     State(store): State<Arc<Store>>,
-    Upload(slot): Upload,
+    Upload { slot, .. }: Upload,
     body: Result<Json<MissingRequest>, JsonRejection>,
 ) -> Result<Json<MissingResponse>, Error> {
     let Json(req) = body.map_err(super::bad_json)?;

@@ -5,6 +5,7 @@ mod get_manifest;
 mod missing;
 mod put_blob;
 mod put_manifest;
+mod revoke;
 
 use std::sync::Arc;
 
@@ -39,6 +40,7 @@ pub fn router(store: Arc<Store>) -> Router {
             "/api/v1/builds/{build}/blobs/{digest}",
             get(get_blob::get_blob),
         )
+        .route("/api/v1/revoke", post(revoke::revoke))
         .with_state(store)
 }
 

@@ -17,7 +17,7 @@ use crate::error::Error;
 
 pub async fn put_manifest(
     State(store): State<Arc<Store>>,
-    Upload(slot): Upload,
+    Upload { slot, .. }: Upload,
     body: Result<Json<Manifest>, JsonRejection>,
 ) -> Result<Json<ManifestStored>, Error> {
     let Json(manifest) = body.map_err(super::bad_json)?;

@@ -3,8 +3,9 @@
 //! [`run_job`] owns what every tier shares: the step order, one job-wide deadline, the allow-listed
 //! environment, and one output pipe per job whose bytes go to the log in the order they were
 //! written. An [`Executor`] runs one step and guarantees that nothing it started outlives the step.
-//! [`ProcessExecutor`] runs steps as plain processes of the worker's user; a namespace sandbox or a
-//! VM is another `Executor` behind the same seam.
+//! [`ProcessExecutor`] runs steps as plain processes of the worker's user; [`SandboxExecutor`] runs
+//! each step in its own namespaces (bubblewrap) within the owner's cgroup [`Limits`]; a VM would be
+//! a third `Executor` behind the same seam. [`probe()`] picks what the host supports at start.
 
 use std::future::Future;
 use std::io::{PipeReader, PipeWriter, Write as _};
@@ -17,9 +18,15 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+mod cgroup;
+mod probe;
 mod process;
+mod sandbox;
 
+pub use cgroup::{CgroupError, LimitHit, Limits};
+pub use probe::{ProbeError, SandboxTier, probe};
 pub use process::ProcessExecutor;
+pub use sandbox::{BUILD_PATH, SandboxError, SandboxExecutor, sandbox_environment};
 
 /// Everything a tier needs to run one job.
 #[derive(Debug, Clone)]
@@ -79,6 +86,8 @@ pub struct StepRun {
     /// User plus system time of the step and the descendants it waited for.
     pub cpu: Duration,
     pub peak_rss_kib: u64,
+    /// The owner's limit the step ran into, when it failed because of one.
+    pub limit: Option<LimitHit>,
 }
 
 pub type StepFuture<'a> = Pin<Box<dyn Future<Output = Result<StepRun, ExecError>> + Send + 'a>>;
@@ -111,6 +120,12 @@ pub enum JobStatus {
         step: String,
         exit: StepExit,
     },
+    /// A step failed after running into one of the worker owner's limits.
+    LimitExceeded {
+        index: usize,
+        step: String,
+        limit: LimitHit,
+    },
     TimedOut {
         secs: u64,
     },
@@ -134,6 +149,9 @@ impl JobStatus {
                     format!("step {index} (`{step}`) was stopped")
                 }
             }),
+            JobStatus::LimitExceeded { index, step, limit } => {
+                Some(format!("step {index} (`{step}`) was stopped by {limit}"))
+            }
             JobStatus::TimedOut { secs } => Some(format!("timed out after {secs} s")),
             JobStatus::Cancelled => Some("cancelled".into()),
         }
@@ -205,10 +223,17 @@ pub async fn run_job(
             StepExit::Exited(0) => continue,
             StepExit::TimedOut => timed_out.clone(),
             StepExit::Cancelled => JobStatus::Cancelled,
-            exit => JobStatus::Failed {
-                index,
-                step: command.clone(),
-                exit,
+            exit => match run.limit {
+                Some(limit) => JobStatus::LimitExceeded {
+                    index,
+                    step: command.clone(),
+                    limit,
+                },
+                None => JobStatus::Failed {
+                    index,
+                    step: command.clone(),
+                    exit,
+                },
             },
         };
         break;

@@ -10,6 +10,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
+use std::os::fd::AsRawFd as _;
 use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -35,12 +36,33 @@ impl Executor for ProcessExecutor {
 }
 
 async fn run_step(step: StepContext<'_>) -> Result<StepRun, ExecError> {
+    let mut cmd = command(step.job, step.command);
+    supervise(&mut cmd, Supervision::default());
+    run_supervised(cmd, &step).await
+}
+
+/// What [`supervise`] sets up in the child besides its own session, umask and parent-death
+/// signal: the owner's niceness and the cgroups to join before exec.
+#[derive(Debug, Default)]
+pub(super) struct Supervision {
+    pub nice: Option<i32>,
+    /// `cgroup.procs` files, opened for writing; the child writes `0` (itself) to each, so it
+    /// is inside its limits before it runs a single instruction of the build.
+    pub cgroups: Vec<std::fs::File>,
+}
+
+/// Spawns `cmd` (already given its arguments and environment; its output goes to the step's
+/// pipe here), waits for it until it ends, the deadline passes or the step is cancelled, and
+/// kills its process group on every way out.
+pub(super) async fn run_supervised(
+    mut cmd: Command,
+    step: &StepContext<'_>,
+) -> Result<StepRun, ExecError> {
     let index = step.index;
     let spawn_err = |source| ExecError::Spawn {
         step: index,
         source,
     };
-    let mut cmd = command(step.job, step.command);
     cmd.stdout(step.output.try_clone().map_err(spawn_err)?);
     cmd.stderr(step.output.try_clone().map_err(spawn_err)?);
 
@@ -81,9 +103,17 @@ fn command(job: &JobSpec, step: &str) -> Command {
         .env_clear()
         .envs(build_environment(job))
         .stdin(Stdio::null());
+    cmd
+}
+
+/// Makes the child of `cmd` a supervised step: own session, umask 022, killed with the worker,
+/// and `extra` applied before exec.
+pub(super) fn supervise(cmd: &mut Command, extra: Supervision) {
     let worker = std::process::id() as libc::pid_t;
+    let Supervision { nice, cgroups } = extra;
     // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
-    // functions may be called: it makes plain syscalls and allocates nothing.
+    // functions may be called: it makes plain syscalls and allocates nothing (the files were
+    // opened before the fork and are only borrowed here).
     unsafe {
         cmd.pre_exec(move || {
             // Own session and process group, so one killpg reaches everything the step starts.
@@ -99,10 +129,32 @@ fn command(job: &JobSpec, step: &str) -> Command {
             if libc::getppid() != worker {
                 return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
+            if let Some(nice) = nice
+                && libc::setpriority(libc::PRIO_PROCESS as _, 0, nice) == -1
+            {
+                return Err(io::Error::last_os_error());
+            }
+            for file in &cgroups {
+                // "0" names the writing process itself.
+                if libc::write(file.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
-    cmd
+}
+
+/// SIGKILLs one process; for leftovers found in a step's cgroup. A pid that is already gone is
+/// no error.
+pub(super) fn kill_pid(pid: libc::pid_t) {
+    if pid <= 1 {
+        return;
+    }
+    // SAFETY: sending a signal has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
 }
 
 /// Spawns and reaps the step on one blocking thread. PR_SET_PDEATHSIG fires when the *thread*
@@ -154,6 +206,7 @@ fn finish(
         exit,
         cpu: timeval(usage.ru_utime) + timeval(usage.ru_stime),
         peak_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
+        limit: None,
     })
 }
 

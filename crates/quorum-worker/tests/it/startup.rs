@@ -20,6 +20,9 @@ fn config(data_dir: &std::path::Path, controllers: Vec<ControllerConfig>) -> Con
         trusted_issuers: vec![],
         max_jobs: 2,
         allow_local_repositories: false,
+        sandbox: Default::default(),
+        allow_weaker_sandbox: false,
+        limits: Default::default(),
     }
 }
 

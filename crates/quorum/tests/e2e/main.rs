@@ -210,11 +210,14 @@ async fn malicious_worker_makes_the_build_disputed_and_nothing_is_signed() {
             url: fx.fed.controller_url.clone(),
             enrollment_token: Some(token),
         }],
-        trusted_issuers: vec![quorum_client::trust::TrustedIssuer {
-            issuer: fx.fed.idp_url.clone(),
-        }],
+        trusted_issuers: vec![quorum_client::trust::TrustedIssuer::any_tenant(
+            fx.fed.idp_url.clone(),
+        )],
         max_jobs: 2,
         allow_local_repositories: true,
+        sandbox: Default::default(),
+        allow_weaker_sandbox: false,
+        limits: Default::default(),
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(quorum_worker::run_with_hooks(
@@ -463,11 +466,14 @@ fn in_process_worker(
             url: fx.fed.controller_url.clone(),
             enrollment_token: token,
         }],
-        trusted_issuers: vec![quorum_client::trust::TrustedIssuer {
-            issuer: fx.fed.idp_url.clone(),
-        }],
+        trusted_issuers: vec![quorum_client::trust::TrustedIssuer::any_tenant(
+            fx.fed.idp_url.clone(),
+        )],
         max_jobs: 2,
         allow_local_repositories: true,
+        sandbox: Default::default(),
+        allow_weaker_sandbox: false,
+        limits: Default::default(),
     }
 }
 

@@ -1,0 +1,291 @@
+//! The namespace tier: each step runs under bubblewrap (`bwrap`) in new user, mount, pid,
+//! network, UTS, IPC and cgroup namespaces, as uid/gid 1000 `build` on host `quorum-build`, with
+//! only loopback, a fresh /proc, a minimal /dev, the host's /usr bound read-only, the build
+//! directory at /build and the job's temporary directory at /tmp. Nothing else of the host, and
+//! nothing of the worker's data directory, is visible inside.
+//!
+//! The sandbox's init (bwrap, pid 1 of the step's pid namespace) is in the step's process group,
+//! so the same group kill the process tier uses ends the whole namespace, including processes
+//! that called `setsid` or double-forked. The owner's [`Limits`] apply through a per-step cgroup
+//! the sandbox joins before exec.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::cgroup::{CgroupError, Hierarchy, Limits, StepCgroup};
+use super::process::{Supervision, run_supervised, supervise};
+use super::{
+    ExecError, Executor, JobSpec, StepContext, StepExit, StepFuture, StepRun, build_environment,
+};
+
+/// Where the build directory appears inside the sandbox; the same on every worker, so paths
+/// compiled into artifacts agree.
+pub const BUILD_PATH: &str = "/build";
+const UID: u32 = 1000;
+const HOSTNAME: &str = "quorum-build";
+
+/// Host files under /etc that toolchains read (dynamic loader cache, alternatives symlinks);
+/// bound read-only when present. Everything else of /etc stays hidden.
+const ETC_FILES: &[&str] = &[
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "alternatives",
+    "nsswitch.conf",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(
+        "bubblewrap (bwrap) is not on PATH; install it (Debian/Ubuntu: `apt-get install \
+         bubblewrap`, Fedora: `dnf install bubblewrap`) or set sandbox = \"process\" in the \
+         worker config"
+    )]
+    BwrapMissing,
+    #[error("cannot write the sandbox's /etc files in {path}: {source}")]
+    State {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+}
+
+/// Runs steps in bubblewrap sandboxes.
+#[derive(Debug)]
+pub struct SandboxExecutor {
+    bwrap: PathBuf,
+    /// Holds the generated `passwd` and `group`.
+    etc_dir: PathBuf,
+    limits: Limits,
+    cgroups: Option<Hierarchy>,
+}
+
+/// Numbers step groups; process-wide, because several executors may share one hierarchy.
+static STEPS: AtomicU64 = AtomicU64::new(0);
+
+impl SandboxExecutor {
+    /// A sandbox whose generated /etc files live in `state_dir` (outside any build directory).
+    /// With limits that need cgroups, cgroups must be usable; without, they are used for usage
+    /// figures when they are, and rusage is reported otherwise.
+    pub fn new(state_dir: &Path, limits: Limits) -> Result<SandboxExecutor, SandboxError> {
+        let bwrap = find_on_path("bwrap").ok_or(SandboxError::BwrapMissing)?;
+        let cgroups = match Hierarchy::detect() {
+            Ok(h) => Some(h),
+            Err(e) if limits.need_cgroups() => return Err(e.into()),
+            Err(e) => {
+                tracing::info!(error = %e, "no cgroups for build steps; usage comes from rusage");
+                None
+            }
+        };
+        let etc_dir = state_dir.join("etc");
+        let state = |source| SandboxError::State {
+            path: etc_dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&etc_dir).map_err(state)?;
+        std::fs::write(
+            etc_dir.join("passwd"),
+            format!(
+                "root:x:0:0:root:/root:/bin/sh\nbuild:x:{UID}:{UID}:build:{BUILD_PATH}:/bin/sh\n\
+                 nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+            ),
+        )
+        .map_err(state)?;
+        std::fs::write(
+            etc_dir.join("group"),
+            format!("root:x:0:\nbuild:x:{UID}:\nnogroup:x:65534:\n"),
+        )
+        .map_err(state)?;
+        Ok(SandboxExecutor {
+            bwrap,
+            etc_dir,
+            limits,
+            cgroups,
+        })
+    }
+
+    /// "cgroup v1", "cgroup v2", or `None` when steps run without cgroups.
+    pub fn cgroups(&self) -> Option<&'static str> {
+        self.cgroups.as_ref().map(Hierarchy::version)
+    }
+
+    /// The bwrap command for `step` in `job`, not yet supervised.
+    #[allow(clippy::disallowed_methods)] // the executor is where build processes are created
+    pub(crate) fn command(&self, job: &JobSpec, step: &str) -> Command {
+        let mut cmd = Command::new(&self.bwrap);
+        cmd.args(self.arguments(job))
+            .args(["/bin/sh", "-e", "-c", step])
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn arguments(&self, job: &JobSpec) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut push = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
+            a.extend(args.iter().map(|s| s.as_ref().to_os_string()));
+        };
+        let uid = UID.to_string();
+        push(&[
+            &"--unshare-all",
+            &"--unshare-user",
+            // Nested user namespaces are the usual first step of kernel exploits.
+            &"--disable-userns",
+            &"--die-with-parent",
+            // No controlling terminal: TIOCSTI cannot inject input into the worker's terminal.
+            &"--new-session",
+            &"--cap-drop",
+            &"ALL",
+            &"--uid",
+            &uid,
+            &"--gid",
+            &uid,
+            &"--hostname",
+            &HOSTNAME,
+            &"--proc",
+            &"/proc",
+            &"--dev",
+            &"/dev",
+            // POSIX shared memory works, in a tmpfs of the sandbox's own (charged to its cgroup).
+            &"--tmpfs",
+            &"/dev/shm",
+            &"--ro-bind",
+            &"/usr",
+            &"/usr",
+        ]);
+        // Merged-/usr hosts have these as symlinks into /usr; others as directories.
+        for top in ["bin", "sbin", "lib", "lib32", "lib64", "libx32"] {
+            let host = Path::new("/").join(top);
+            match std::fs::read_link(&host) {
+                Ok(target) => push(&[&"--symlink", &target, &host]),
+                Err(_) if host.is_dir() => push(&[&"--ro-bind", &host, &host]),
+                Err(_) => {}
+            }
+        }
+        for name in ETC_FILES {
+            let host = Path::new("/etc").join(name);
+            if host.exists() {
+                push(&[&"--ro-bind", &host, &host]);
+            }
+        }
+        push(&[
+            &"--ro-bind",
+            &self.etc_dir.join("passwd"),
+            &"/etc/passwd",
+            &"--ro-bind",
+            &self.etc_dir.join("group"),
+            &"/etc/group",
+            // The job's own temporary directory: private to the job, kept between its steps like
+            // TMPDIR in the process tier, and on disk rather than in the worker's RAM.
+            &"--bind",
+            &job.tmp_dir,
+            &"/tmp",
+            &"--bind",
+            &job.build_dir,
+            &BUILD_PATH,
+            &"--chdir",
+            &BUILD_PATH,
+            // bwrap's root is a tmpfs; without this, / and /etc would be writable.
+            &"--remount-ro",
+            &"/",
+            // /dev is a tmpfs too; its device nodes stay usable when it is read-only.
+            &"--remount-ro",
+            &"/dev",
+            &"--clearenv",
+        ]);
+        for (key, value) in sandbox_environment(job) {
+            push(&[&"--setenv", &key, &value]);
+        }
+        push(&[&"--"]);
+        a
+    }
+
+    async fn run(&self, step: StepContext<'_>) -> Result<StepRun, ExecError> {
+        let setup = ExecError::Setup;
+        let group = match &self.cgroups {
+            Some(h) => {
+                let n = STEPS.fetch_add(1, Ordering::Relaxed);
+                let name = format!("step-{}-{n}", std::process::id());
+                Some(
+                    StepCgroup::create(h, &name, &self.limits)
+                        .map_err(|e| setup(std::io::Error::other(e)))?,
+                )
+            }
+            None => None,
+        };
+        let cgroups = match &group {
+            Some(g) => g
+                .procs_files()
+                .map_err(|e| setup(std::io::Error::other(e)))?,
+            None => Vec::new(),
+        };
+        let mut cmd = self.command(step.job, step.command);
+        supervise(
+            &mut cmd,
+            Supervision {
+                nice: self.limits.nice,
+                cgroups,
+            },
+        );
+        let mut run = run_supervised(cmd, &step).await?;
+        let Some(group) = group else {
+            return Ok(run);
+        };
+        let usage = tokio::task::spawn_blocking(move || {
+            let usage = group.usage();
+            group.remove();
+            usage
+        })
+        .await
+        .map_err(|e| setup(std::io::Error::other(e)))?;
+        run.cpu = usage.cpu.unwrap_or(run.cpu);
+        if let Some(peak) = usage.peak_memory_bytes {
+            run.peak_rss_kib = peak / 1024;
+        }
+        // A limit explains a failure; a step that hit a limit and still succeeded is fine.
+        if !matches!(
+            run.exit,
+            StepExit::Exited(0) | StepExit::TimedOut | StepExit::Cancelled
+        ) {
+            run.limit = usage.limit;
+        }
+        Ok(run)
+    }
+}
+
+impl Executor for SandboxExecutor {
+    fn name(&self) -> &'static str {
+        "namespaces"
+    }
+
+    fn run_step<'a>(&'a self, step: StepContext<'a>) -> StepFuture<'a> {
+        Box::pin(self.run(step))
+    }
+}
+
+/// The allow-listed environment with the sandbox's fixed paths for HOME and TMPDIR.
+pub fn sandbox_environment(job: &JobSpec) -> Vec<(&'static str, String)> {
+    build_environment(job)
+        .into_iter()
+        .map(|(key, value)| match key {
+            "HOME" => (key, BUILD_PATH.to_string()),
+            "TMPDIR" => (key, "/tmp".to_string()),
+            _ => (key, value),
+        })
+        .collect()
+}
+
+/// The first executable `name` in the worker's PATH.
+pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
