@@ -1,7 +1,8 @@
 //! Client for an identity provider's token endpoint, used by controllers.
 
 use quorum_api::v1::idp::{
-    GRANT_CLIENT_CREDENTIALS, GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS, TokenRequest, TokenResponse,
+    GRANT_CLIENT_CREDENTIALS, GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS, TokenConstraints,
+    TokenRequest, TokenResponse,
 };
 
 use crate::{ClientError, json, transport};
@@ -32,6 +33,8 @@ pub struct TokenFor {
     pub job: Option<String>,
     pub assignment: Option<String>,
     pub lifetime_secs: i64,
+    /// Limits the store enforces for this token (files, bytes, calls, source addresses).
+    pub constraints: TokenConstraints,
 }
 
 impl IdpClient {
@@ -44,13 +47,25 @@ impl IdpClient {
         }
     }
 
-    async fn token(&self, req: &TokenRequest) -> Result<TokenResponse, ClientError> {
+    async fn token(
+        &self,
+        req: &TokenRequest,
+        constraints: &TokenConstraints,
+    ) -> Result<TokenResponse, ClientError> {
+        /// One form: the standard parameters and Quorum's constraints side by side.
+        #[derive(serde::Serialize)]
+        struct Form<'a> {
+            #[serde(flatten)]
+            req: &'a TokenRequest,
+            #[serde(flatten)]
+            constraints: &'a TokenConstraints,
+        }
         let url = format!("{}/token", self.base);
         let resp = self
             .http
             .post(&url)
             .basic_auth(&self.client_id, Some(&self.client_secret))
-            .form(req)
+            .form(&Form { req, constraints })
             .send()
             .await
             .map_err(transport(&url))?;
@@ -59,10 +74,13 @@ impl IdpClient {
 
     /// The client's own access token (client credentials grant).
     pub async fn access_token(&self) -> Result<TokenResponse, ClientError> {
-        self.token(&TokenRequest {
-            grant_type: GRANT_CLIENT_CREDENTIALS.into(),
-            ..Default::default()
-        })
+        self.token(
+            &TokenRequest {
+                grant_type: GRANT_CLIENT_CREDENTIALS.into(),
+                ..Default::default()
+            },
+            &TokenConstraints::default(),
+        )
         .await
     }
 
@@ -72,17 +90,20 @@ impl IdpClient {
         access_token: &str,
         what: &TokenFor,
     ) -> Result<TokenResponse, ClientError> {
-        self.token(&TokenRequest {
-            grant_type: GRANT_TOKEN_EXCHANGE.into(),
-            subject_token: Some(access_token.to_string()),
-            subject_token_type: Some(TOKEN_TYPE_ACCESS.into()),
-            requested_token_type: Some(what.token_type.into()),
-            audience: Some(what.audience.clone()),
-            build: Some(what.build.clone()),
-            job: what.job.clone(),
-            assignment: what.assignment.clone(),
-            lifetime_secs: Some(what.lifetime_secs),
-        })
+        self.token(
+            &TokenRequest {
+                grant_type: GRANT_TOKEN_EXCHANGE.into(),
+                subject_token: Some(access_token.to_string()),
+                subject_token_type: Some(TOKEN_TYPE_ACCESS.into()),
+                requested_token_type: Some(what.token_type.into()),
+                audience: Some(what.audience.clone()),
+                build: Some(what.build.clone()),
+                job: what.job.clone(),
+                assignment: what.assignment.clone(),
+                lifetime_secs: Some(what.lifetime_secs),
+            },
+            &what.constraints,
+        )
         .await
     }
 }

@@ -2,7 +2,9 @@
 
 use std::path::Path;
 
-use quorum_api::v1::store::{ManifestStored, MissingRequest, MissingResponse};
+use quorum_api::v1::store::{
+    ManifestStored, MissingRequest, MissingResponse, RevokeRequest, RevokeResponse,
+};
 use quorum_core::{Digest, Manifest};
 
 use crate::{ClientError, check, json, transport};
@@ -148,5 +150,23 @@ impl StoreClient {
             .bytes()
             .await
             .map_err(transport(&url))
+    }
+
+    /// Revokes tokens of one build (a revoke token from the controller's IdP).
+    pub async fn revoke(
+        &self,
+        token: &str,
+        jtis: Vec<String>,
+    ) -> Result<RevokeResponse, ClientError> {
+        let url = format!("{}/api/v1/revoke", self.base);
+        let resp = self
+            .http
+            .post(&url)
+            .bearer_auth(token)
+            .json(&RevokeRequest { jtis })
+            .send()
+            .await
+            .map_err(transport(&url))?;
+        json(&url, resp).await
     }
 }

@@ -31,10 +31,9 @@ pub async fn open(data_dir: &Path) -> anyhow::Result<Pool> {
     let migrator = sqlx::migrate!("./migrations");
     if let Err(first) = migrator.run(&pool).await {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        migrator
-            .run(&pool)
-            .await
-            .with_context(|| format!("cannot apply the database migrations (first attempt: {first})"))?;
+        migrator.run(&pool).await.with_context(|| {
+            format!("cannot apply the database migrations (first attempt: {first})")
+        })?;
     }
     Ok(pool)
 }

@@ -9,6 +9,7 @@
 mod api;
 mod auth;
 mod db;
+mod revoker;
 mod scheduler;
 
 use std::collections::{BTreeMap, HashMap};
@@ -41,6 +42,20 @@ pub struct Config {
     /// A worker that does not heartbeat for this long loses its assignment.
     #[serde(default = "default_lease")]
     pub lease_secs: u64,
+    /// Most files one assignment may upload to the store (enforced by the store per token).
+    #[serde(default = "default_upload_max_files")]
+    pub upload_max_files: u64,
+    /// Most bytes one assignment may upload to the store.
+    #[serde(default = "default_upload_max_bytes")]
+    pub upload_max_bytes: u64,
+}
+
+fn default_upload_max_files() -> u64 {
+    100_000
+}
+
+fn default_upload_max_bytes() -> u64 {
+    16 << 30
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,6 +92,8 @@ pub(crate) struct State {
     pub store_url: String,
     pub store_audience: String,
     pub lease_secs: u64,
+    /// The constraints put on every upload token.
+    pub upload_limits: quorum_api::v1::idp::TokenConstraints,
     pub idp: IdpClient,
     pub access: tokio::sync::Mutex<Option<(String, i64)>>,
     pub signer: Signer,
@@ -145,6 +162,13 @@ pub async fn run(
         store_url: config.store.url.trim_end_matches('/').to_string(),
         store_audience: config.store.audience.clone(),
         lease_secs: config.lease_secs.max(1),
+        upload_limits: quorum_api::v1::idp::TokenConstraints {
+            max_files: Some(config.upload_max_files),
+            max_bytes: Some(config.upload_max_bytes),
+            // One `missing` call per 10 000 files, one call per blob, the manifest, and slack.
+            max_calls: Some(config.upload_max_files + config.upload_max_files / 10_000 + 16),
+            source_cidrs: None,
+        },
         idp: IdpClient::new(&config.idp.url, &config.idp.client_id, &secret),
         access: tokio::sync::Mutex::new(None),
         signer,
@@ -155,10 +179,12 @@ pub async fn run(
     scheduler::resume_after_restart(&state).await?;
     tracing::info!(%addr, controller = %state.name, signer_key = %state.signer.key_id(), "controller listening");
     let sched = tokio::spawn(scheduler::run(state.clone(), shutdown.clone()));
+    let revoker = tokio::spawn(revoker::run(state.clone(), shutdown.clone()));
     let result =
         quorum_service::serve(listener, api::router(state.clone()), shutdown.clone()).await;
     shutdown.cancel();
     let _ = sched.await;
+    let _ = revoker.await;
     result
 }
 

@@ -92,6 +92,7 @@ fn token_for(token_type: &'static str, audience: &str, build: &str) -> TokenFor 
         job: Some("compile".into()),
         assignment: Some("a-1".into()),
         lifetime_secs: 600,
+        constraints: Default::default(),
     }
 }
 

@@ -46,6 +46,7 @@ pub struct Read {
 /// A verified revoke token: may revoke tokens seen here for one build of one tenant.
 #[derive(Debug)]
 pub struct Revoke {
+    pub iss: String,
     pub tenant: String,
     pub build: String,
 }
@@ -216,6 +217,7 @@ impl FromRequestParts<Arc<Store>> for Revoke {
             Some(scope) if !scope.build.is_empty() => {
                 admit(parts, store, &claims, &scope).await?;
                 Ok(Revoke {
+                    iss: claims.iss,
                     tenant: claims.tenant,
                     build: scope.build,
                 })

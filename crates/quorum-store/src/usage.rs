@@ -134,27 +134,48 @@ pub async fn adjust_bytes(pool: &SqlitePool, jti: &str, delta: i64) -> Result<()
     Ok(())
 }
 
-/// Revokes those of `jtis` this store has seen for `tenant` and `build`; returns them. Others
-/// (unseen, or another tenant's or build's) are left alone.
+/// Revokes `jtis` for `tenant` and `build`; returns the ones now revoked. A token this store has
+/// not seen yet is revoked ahead of its first use (a row pinned to this issuer, tenant and build,
+/// kept until `keep_until`), so a token leaked before it was ever used is dead too. Ids already
+/// pinned to another tenant, build or issuer are left alone.
 pub async fn revoke(
     pool: &SqlitePool,
+    iss: &str,
     tenant: &str,
     build: &str,
     jtis: &[String],
+    keep_until: i64,
 ) -> Result<Vec<String>, sqlx::Error> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let mut revoked = Vec::new();
     for jti in jtis {
-        let n = sqlx::query(
-            "UPDATE token_usage SET revoked = 1 WHERE jti = ? AND tenant = ? AND build = ?",
+        let seen = sqlx::query(
+            "UPDATE token_usage SET revoked = 1 WHERE jti = ? AND iss = ? AND tenant = ? AND build = ?",
         )
         .bind(jti)
+        .bind(iss)
         .bind(tenant)
         .bind(build)
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        if n == 1 {
+        let ahead = if seen == 1 {
+            0
+        } else {
+            sqlx::query(
+                "INSERT INTO token_usage (jti, iss, tenant, build, exp, revoked) VALUES (?, ?, ?, ?, ?, 1) \
+                 ON CONFLICT (jti) DO NOTHING",
+            )
+            .bind(jti)
+            .bind(iss)
+            .bind(tenant)
+            .bind(build)
+            .bind(keep_until)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+        };
+        if seen == 1 || ahead == 1 {
             revoked.push(jti.clone());
         }
     }

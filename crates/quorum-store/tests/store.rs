@@ -215,6 +215,7 @@ async fn token(
         job: assignment.map(|_| "compile".into()),
         assignment: assignment.map(str::to_string),
         lifetime_secs: 600,
+        constraints: Default::default(),
     };
     client.exchange(&access, &what).await.unwrap().access_token
 }
@@ -1072,8 +1073,12 @@ async fn a_revoked_token_is_refused_before_it_expires() {
         let ids = [jti(&upload), jti(&other_build), jti(&unused)];
         let (code, body) = revoke(&w, &revoker, &[&ids[0], &ids[1], &ids[2]]).await;
         assert_eq!(code, 200);
-        assert_eq!(body["revoked"], serde_json::json!([ids[0]]));
-        assert_eq!(body["unknown"], serde_json::json!([ids[1], ids[2]]));
+        assert_eq!(body["revoked"], serde_json::json!([ids[0], ids[2]]));
+        assert_eq!(body["unknown"], serde_json::json!([ids[1]]));
+        // A token revoked before it was ever used is dead on arrival.
+        let (code, message) = status(w.client.missing(&unused, vec![d]).await);
+        assert_eq!(code, 401);
+        assert!(message.contains("has been revoked"), "{message}");
         let (code, message) = status(w.client.missing(&upload, vec![d]).await);
         assert_eq!(code, 401);
         assert!(message.contains("has been revoked"), "{message}");

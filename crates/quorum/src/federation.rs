@@ -190,6 +190,8 @@ impl Federation {
                     audience: self.store_audience.clone(),
                 },
                 lease_secs: self.spec.lease_secs,
+                upload_max_files: 100_000,
+                upload_max_bytes: 16 << 30,
             })?,
             _ => bail!("unknown role {role}"),
         };

@@ -45,6 +45,6 @@ pub struct RevokeRequest {
 pub struct RevokeResponse {
     /// The ids now revoked (including ones revoked before).
     pub revoked: Vec<String>,
-    /// The ids this store has not seen for the token's tenant and build; nothing was done.
+    /// The ids that belong to another tenant, build or issuer here; nothing was done to them.
     pub unknown: Vec<String>,
 }

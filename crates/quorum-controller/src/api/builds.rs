@@ -303,6 +303,7 @@ pub async fn artifacts(
                 job: None,
                 assignment: None,
                 lifetime_secs: 900,
+                constraints: Default::default(),
             },
         )
         .await

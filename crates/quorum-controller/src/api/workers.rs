@@ -196,8 +196,11 @@ async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, 
                 lifetime
             ),
         )?;
-        let claimed = sqlx::query("UPDATE assignments SET state = 'running', lease_expires = ? WHERE id = ? AND state = 'offered'")
-            .bind(now_unix() + state.lease_secs as i64)
+        let claimed = sqlx::query(
+            "UPDATE assignments SET state = 'running', lease_expires = ?, upload_jti = ? WHERE id = ? AND state = 'offered'",
+        )
+        .bind(now_unix() + state.lease_secs as i64)
+        .bind(token_claim(&upload_token, "jti"))
             .bind(&row.id)
             .execute(&state.pool)
             .await
@@ -205,7 +208,7 @@ async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, 
         if claimed.rows_affected() == 0 {
             continue; // withdrawn or taken by a concurrent poll
         }
-        let tenant = token_tenant(&access).unwrap_or_default();
+        let tenant = token_claim(&access, "tenant").unwrap_or_default();
         tracing::info!(assignment = %row.id, build = %row.build_id, job = %row.job, worker = %w.id, "assignment taken");
         return Ok(Some(Assignment {
             id: row.id.clone(),
@@ -242,6 +245,11 @@ async fn exchange(
         job: Some(a.job.clone()),
         assignment: Some(a.id.clone()),
         lifetime_secs: lifetime,
+        constraints: if kind == TOKEN_TYPE_UPLOAD {
+            state.upload_limits.clone()
+        } else {
+            Default::default()
+        },
     };
     let resp = state.idp.exchange(access, &what).await.map_err(|e| {
         ApiError::new(
@@ -252,14 +260,15 @@ async fn exchange(
     Ok(resp.access_token)
 }
 
-/// The tenant named in the controller's own access token (issued to it by its IdP).
-fn token_tenant(token: &str) -> Option<String> {
+/// A claim of a token the controller's own IdP just issued to it (the tenant of its access
+/// token, the `jti` of an upload token). Read for bookkeeping only, never to decide trust.
+fn token_claim(token: &str, claim: &str) -> Option<String> {
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload)
         .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    v.get("tenant")?.as_str().map(str::to_string)
+    v.get(claim)?.as_str().map(str::to_string)
 }
 
 /// Loads an assignment that must belong to `w`; another worker's assignment looks absent.

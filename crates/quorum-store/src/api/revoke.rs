@@ -1,6 +1,6 @@
-//! `POST /api/v1/revoke`, revoke token for a build: revokes tokens of that build and tenant
-//! that this store has seen, so they are refused from then on even before `exp`. A controller
-//! calls it when a job ends.
+//! `POST /api/v1/revoke`, revoke token for a build: revokes tokens of that build and tenant,
+//! seen here or not yet, so they are refused from then on even before `exp`. A controller calls
+//! it when a job ends.
 
 use std::sync::Arc;
 
@@ -30,7 +30,16 @@ pub async fn revoke(
         ))
         .into());
     }
-    let revoked = crate::usage::revoke(&store.db, &who.tenant, &who.build, &req.jtis).await?;
+    let keep_until = quorum_service::now_unix() + crate::auth::MAX_TOKEN_LIFETIME_SECS;
+    let revoked = crate::usage::revoke(
+        &store.db,
+        &who.iss,
+        &who.tenant,
+        &who.build,
+        &req.jtis,
+        keep_until,
+    )
+    .await?;
     let unknown = req
         .jtis
         .into_iter()

@@ -84,6 +84,53 @@ async fn reproducible_example_is_verified_signed_and_fetchable() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "hello, quorum");
 
+    // Every assignment's upload token was revoked at the store once the assignment ended.
+    let controller_db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}?mode=ro",
+        fx.fed
+            .role_dir("controller")
+            .join("controller.db")
+            .display()
+    ))
+    .await
+    .unwrap();
+    let store_db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}?mode=ro",
+        fx.fed.role_dir("store").join("store.db").display()
+    ))
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let jtis: Vec<String> =
+            sqlx::query_scalar("SELECT upload_jti FROM assignments WHERE build_id = ?")
+                .bind(&status.id)
+                .fetch_all(&controller_db)
+                .await
+                .unwrap();
+        assert_eq!(jtis.len(), 6, "two jobs, three assignments each");
+        let mut revoked = 0;
+        for jti in &jtis {
+            let r: Option<i64> =
+                sqlx::query_scalar("SELECT revoked FROM token_usage WHERE jti = ?")
+                    .bind(jti)
+                    .fetch_optional(&store_db)
+                    .await
+                    .unwrap();
+            revoked += (r == Some(1)) as usize;
+        }
+        if revoked == jtis.len() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {revoked} of {} upload tokens revoked\n{}",
+            jtis.len(),
+            fx.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // A tampered artifact, or the right artifact under another key, does not verify.
     let evil = fx.dir.path().join("evil");
     std::fs::copy(&hello, &evil).unwrap();
