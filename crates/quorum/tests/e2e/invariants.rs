@@ -80,3 +80,21 @@ fn the_domain_core_and_tokens_do_no_io() {
         }
     }
 }
+
+#[test]
+fn the_readme_worker_config_parses() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+            .unwrap();
+    let start = readme
+        .find("# worker.toml")
+        .expect("README has a worker.toml example");
+    let end = start + readme[start..].find("```").unwrap();
+    let config: quorum_worker::Config = toml::from_str(&readme[start..end]).unwrap();
+    assert_eq!(config.name, "alice-arm-1");
+    assert!(!config.allow_weaker_sandbox && !config.allow_local_repositories);
+    assert_eq!(
+        config.trusted_issuers[0].tenants.as_deref(),
+        Some(&["dinah".to_string()][..])
+    );
+}
