@@ -1,6 +1,7 @@
 //! Registered clients and their credentials. Secrets are held only as Argon2id PHC strings, and
 //! checking a secret costs the same whether or not the client exists, so timing does not reveal
-//! which client ids are registered.
+//! which client ids are registered. `Clients` holds the config-file registrations; `db.rs` holds
+//! the ones the admin CLI manages, and both end in the same `verify`.
 
 use std::collections::HashMap;
 
@@ -89,19 +90,39 @@ impl Clients {
         self.by_id.len()
     }
 
+    /// The registration of `id` and its stored hash, to hand to `verify`.
+    pub fn get(&self, id: &str) -> Option<(Client, String)> {
+        self.by_id.get(id).cloned()
+    }
+
+    /// Every registration, sorted by id (for listing).
+    pub fn all(&self) -> Vec<Client> {
+        let mut all: Vec<Client> = self.by_id.values().map(|(c, _)| c.clone()).collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
     /// The client, if `secret` is its secret. Deliberately slow (Argon2): call it off the async
     /// runtime.
+    #[cfg(test)]
     pub fn authenticate(&self, id: &str, secret: &str) -> Option<Client> {
-        let (client, stored) = match self.by_id.get(id) {
-            Some((client, hash)) => (Some(client), hash.as_str()),
-            None => (None, UNKNOWN_CLIENT_HASH),
-        };
-        let hash = PasswordHash::new(stored).ok()?;
-        let ok = Argon2::default()
-            .verify_password(secret.as_bytes(), &hash)
-            .is_ok();
-        client.filter(|_| ok).cloned()
+        verify(self.get(id), secret)
     }
+}
+
+/// The candidate client, if `secret` matches its stored hash. With no candidate (unknown or
+/// disabled client) a fixed hash is checked instead, so every refusal costs the same Argon2 run.
+/// Deliberately slow: call it off the async runtime.
+pub fn verify(candidate: Option<(Client, String)>, secret: &str) -> Option<Client> {
+    let (client, stored) = match &candidate {
+        Some((client, hash)) => (Some(client), hash.as_str()),
+        None => (None, UNKNOWN_CLIENT_HASH),
+    };
+    let hash = PasswordHash::new(stored).ok()?;
+    let ok = Argon2::default()
+        .verify_password(secret.as_bytes(), &hash)
+        .is_ok();
+    client.filter(|_| ok).cloned()
 }
 
 #[cfg(test)]

@@ -1,8 +1,13 @@
 //! Quorum's identity provider: registered clients with hashed secrets, the OAuth 2.0 client
 //! credentials grant, RFC 8693 token exchange for job, upload and read tokens, OIDC discovery and
 //! JWKS.
+//!
+//! Clients come from two places: `[[clients]]` in the config file (read-only) and the SQLite
+//! database in `data_dir` (`db.rs`), which the admin CLI manages through `ClientAdmin` and the
+//! token endpoint reads on every request.
 
 mod clients;
+mod db;
 mod discovery;
 mod token;
 
@@ -18,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use clients::{ClientsError, hash_secret};
+pub use db::{AdminError, ClientAdmin, ClientInfo, ClientSource, DB_FILE};
 
 /// `quorum idp --config idp.toml`
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,7 +40,8 @@ pub struct Config {
     /// Longest lifetime of any token this IdP issues, in seconds.
     #[serde(default = "default_max_lifetime")]
     pub max_token_lifetime_secs: i64,
-    /// Clients registered in the config file (the admin CLI of a later issue adds database ones).
+    /// Clients registered in the config file (read-only); `quorum idp client add` adds database
+    /// ones.
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
 }
@@ -93,6 +100,8 @@ struct Idp {
     issuer: String,
     key: IssuerKey,
     clients: Arc<clients::Clients>,
+    /// Read per request, so the admin CLI's changes count from the next one.
+    db: db::ClientDb,
     max_lifetime_secs: i64,
 }
 
@@ -116,14 +125,20 @@ pub async fn run(
     let key = IssuerKey::new(quorum_service::load_or_create_key(
         &config.data_dir.join("idp-signing.key"),
     )?);
-    if clients.len() == 0 {
-        tracing::warn!("no clients are registered; every token request will be refused");
+    let db = db::ClientDb::open(&config.data_dir).await?;
+    db.check_no_conflict(&clients).await?;
+    let db_clients = db.list().await?.len();
+    if clients.len() == 0 && db_clients == 0 {
+        tracing::warn!(
+            "no clients are registered yet; token requests are refused until `quorum idp client add` adds one"
+        );
     }
-    tracing::info!(%issuer, kid = %key.kid, clients = clients.len(), %addr, "identity provider listening");
+    tracing::info!(%issuer, kid = %key.kid, config_clients = clients.len(), db_clients, %addr, "identity provider listening");
     let idp = Arc::new(Idp {
         issuer,
         key,
         clients: Arc::new(clients),
+        db: db.clone(),
         max_lifetime_secs: config.max_token_lifetime_secs,
     });
     let router = Router::new()
@@ -134,7 +149,9 @@ pub async fn run(
         .route("/jwks", get(discovery::jwks))
         .route("/token", post(token::token))
         .with_state(idp);
-    quorum_service::serve(listener, router, shutdown).await
+    let served = quorum_service::serve(listener, router, shutdown).await;
+    db.close().await;
+    served
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use quorum_api::v1::idp::{
 use quorum_token::{Claims, Expect, Scope, TYP_ACCESS, TYP_JOB, TYP_READ, TYP_REVOKE, TYP_UPLOAD};
 
 use crate::Idp;
-use crate::clients::Client;
+use crate::clients::{self, Client};
 
 /// Lifetime of access tokens, and of exchanged tokens whose request names none.
 const DEFAULT_LIFETIME_SECS: i64 = 3600;
@@ -45,7 +45,14 @@ impl OAuthFailure {
         OAuthFailure::new("invalid_request", description)
     }
 
-    /// Unknown client and wrong secret answer alike, so the answer does not reveal which ids exist.
+    fn server_error() -> OAuthFailure {
+        OAuthFailure {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            ..OAuthFailure::new("server_error", "internal error")
+        }
+    }
+
+    /// Unknown client, disabled client and wrong secret answer alike, so the answer does not reveal which ids exist.
     fn invalid_client() -> OAuthFailure {
         OAuthFailure {
             status: StatusCode::UNAUTHORIZED,
@@ -81,16 +88,20 @@ pub async fn token(
     form: Result<RawForm, RawFormRejection>,
 ) -> Result<Response, OAuthFailure> {
     let (id, secret) = basic_credentials(&headers).ok_or_else(OAuthFailure::invalid_client)?;
-    let clients = idp.clients.clone();
-    let who = id.clone();
-    let client = tokio::task::spawn_blocking(move || clients.authenticate(&who, &secret))
+    // Config-file clients first (an id cannot be in both: checked at start and by the CLI),
+    // then the database, read now so the admin CLI's last change counts.
+    let candidate = match idp.clients.get(&id) {
+        Some(found) => Some(found),
+        None => idp.db.find_enabled(&id).await.map_err(|e| {
+            tracing::error!(error = %e, "cannot read the client database");
+            OAuthFailure::server_error()
+        })?,
+    };
+    let client = tokio::task::spawn_blocking(move || clients::verify(candidate, &secret))
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "client authentication task failed");
-            OAuthFailure {
-                status: StatusCode::INTERNAL_SERVER_ERROR,
-                ..OAuthFailure::new("server_error", "internal error")
-            }
+            OAuthFailure::server_error()
         })?;
     let Some(client) = client else {
         tracing::warn!(client = %id, "client authentication failed");

@@ -88,6 +88,49 @@ pub struct IdpArgs {
 enum IdpAdmin {
     /// Read a client secret on standard input and print its Argon2id hash for the config.
     HashSecret,
+    /// Add, list, disable or rotate the clients kept in the IdP's database (works whether or
+    /// not the IdP is running; a running IdP sees changes at its next request).
+    Client {
+        #[command(subcommand)]
+        action: IdpClientAdmin,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum IdpClientAdmin {
+    /// Register a client and print its new secret, once (only its hash is stored).
+    Add {
+        /// The IdP's TOML config file (its data_dir holds the database).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        id: String,
+        /// The tenant every token of this client is issued for.
+        #[arg(long)]
+        tenant: String,
+    },
+    /// List every client (config file and database), without secrets.
+    List {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable a database client: it is refused like an unknown one from then on.
+    Disable {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        id: String,
+    },
+    /// Give a database client a new secret and print it, once; the old one stops working.
+    Rotate {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        id: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -211,9 +254,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             admin: Some(IdpAdmin::HashSecret),
             ..
         }) => roles::hash_secret(),
+        Command::Idp(IdpArgs {
+            admin: Some(IdpAdmin::Client { action }),
+            ..
+        }) => roles::idp_client(action).await,
         Command::Idp(IdpArgs { serve: Some(s), .. }) => roles::idp(s).await,
         Command::Idp(_) => {
-            anyhow::bail!("`quorum idp` needs --config (or a subcommand such as hash-secret)")
+            anyhow::bail!(
+                "`quorum idp` needs --config (or a subcommand such as hash-secret or client)"
+            )
         }
         Command::Store(s) => roles::store(s).await,
         Command::Controller(ControllerArgs {

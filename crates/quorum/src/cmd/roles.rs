@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
-use super::ServeArgs;
+use super::{IdpClientAdmin, ServeArgs};
 
 async fn listen(args: &ServeArgs, configured: &str) -> anyhow::Result<tokio::net::TcpListener> {
     let listener = quorum_service::bind(args.listen.as_deref().unwrap_or(configured)).await?;
@@ -107,4 +107,74 @@ pub fn hash_secret() -> anyhow::Result<ExitCode> {
     anyhow::ensure!(!secret.is_empty(), "the secret on standard input is empty");
     println!("{}", quorum_idp::hash_secret(secret));
     Ok(ExitCode::SUCCESS)
+}
+
+/// `quorum idp client ...`: works on the IdP's database directly. New secrets go to standard
+/// output alone (one line, for scripts); what happened goes to standard error.
+pub async fn idp_client(action: IdpClientAdmin) -> anyhow::Result<ExitCode> {
+    let config = match &action {
+        IdpClientAdmin::Add { config, .. }
+        | IdpClientAdmin::List { config, .. }
+        | IdpClientAdmin::Disable { config, .. }
+        | IdpClientAdmin::Rotate { config, .. } => config,
+    };
+    let loaded: quorum_idp::Config = quorum_service::load_config(config)?;
+    let admin = quorum_idp::ClientAdmin::open(&loaded)
+        .await
+        .with_context(|| format!("config file {}", config.display()))?;
+    let outcome = idp_client_action(&admin, &action).await;
+    admin.close().await;
+    outcome?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn idp_client_action(
+    admin: &quorum_idp::ClientAdmin,
+    action: &IdpClientAdmin,
+) -> anyhow::Result<()> {
+    match action {
+        IdpClientAdmin::Add { id, tenant, .. } => {
+            let secret = admin.add(id, tenant).await?;
+            eprintln!(
+                "added client `{id}` for tenant `{tenant}`; its secret is printed below and shown only this once"
+            );
+            println!("{secret}");
+        }
+        IdpClientAdmin::List { json, .. } => {
+            let clients = admin.list().await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&clients)?);
+            } else {
+                let width = |f: fn(&quorum_idp::ClientInfo) -> usize, min: usize| {
+                    clients.iter().map(f).max().unwrap_or(0).max(min)
+                };
+                let (w_id, w_tenant) = (width(|c| c.id.len(), 2), width(|c| c.tenant.len(), 6));
+                println!(
+                    "{:w_id$}  {:w_tenant$}  {:6}  STATE",
+                    "ID", "TENANT", "SOURCE"
+                );
+                for c in &clients {
+                    let state = if c.disabled { "disabled" } else { "enabled" };
+                    println!(
+                        "{:w_id$}  {:w_tenant$}  {:6}  {state}",
+                        c.id,
+                        c.tenant,
+                        c.source.to_string()
+                    );
+                }
+            }
+        }
+        IdpClientAdmin::Disable { id, .. } => {
+            admin.disable(id).await?;
+            eprintln!("disabled client `{id}`");
+        }
+        IdpClientAdmin::Rotate { id, .. } => {
+            let secret = admin.rotate(id).await?;
+            eprintln!(
+                "rotated the secret of client `{id}`; the old one no longer works, the new one is printed below and shown only this once"
+            );
+            println!("{secret}");
+        }
+    }
+    Ok(())
 }
