@@ -85,9 +85,16 @@ impl WorkerClient {
     }
 
     /// Declines an assignment, saying why; the controller gives the job to another worker.
-    pub async fn refuse(&self, assignment: &str, reason: &str) -> Result<(), ClientError> {
+    /// `busy` says the worker cannot take it now (full, stopping) rather than objecting to it.
+    pub async fn refuse(
+        &self,
+        assignment: &str,
+        reason: &str,
+        busy: bool,
+    ) -> Result<(), ClientError> {
         let body = to_json(&RefuseRequest {
             reason: reason.to_string(),
+            busy,
         });
         let path = format!("/api/v1/assignments/{}/refuse", segment(assignment));
         let (url, resp) = self.send(&path, body, CALL_TIMEOUT).await?;

@@ -30,7 +30,7 @@ pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
 async fn pass(state: &State, store: &StoreClient) -> anyhow::Result<()> {
     let rows = sqlx::query(
         "SELECT id, build_id, upload_jti FROM assignments WHERE upload_jti IS NOT NULL AND upload_revoked = 0 \
-         AND state IN ('reported', 'refused', 'lost', 'cancelled') LIMIT 1000",
+         AND state IN ('reported', 'refused', 'declined', 'lost', 'cancelled') LIMIT 1000",
     )
     .fetch_all(&state.pool)
     .await?;

@@ -293,7 +293,9 @@ async fn decide_job(
         JobVerdict::Pending { .. } => {}
     }
 
-    if mine.len() >= attempt_limit(spec.policy.quorum) {
+    // Declined offers (a busy or stopping worker) cost nothing; refusals and lost leases count.
+    let attempts = mine.iter().filter(|a| a.state != "declined").count();
+    if attempts >= attempt_limit(spec.policy.quorum) {
         let reasons: Vec<String> = mine
             .iter()
             .filter(|a| matches!(a.state.as_str(), "refused" | "lost"))
@@ -304,7 +306,7 @@ async fn decide_job(
             state: "failed",
             detail: format!(
                 "gave up after {} assignments; {}",
-                mine.len(),
+                attempts,
                 reasons.join("; ")
             ),
             manifest: None,
@@ -326,7 +328,11 @@ async fn decide_job(
         .max(trusted_need);
     let mut detail = String::new();
     if slots > 0 {
-        let used_workers: HashSet<&str> = mine.iter().map(|a| a.worker_id.as_str()).collect();
+        let used_workers: HashSet<&str> = mine
+            .iter()
+            .filter(|a| a.state != "declined")
+            .map(|a| a.worker_id.as_str())
+            .collect();
         let used_owners: HashSet<&str> = counted.iter().map(|w| w.owner.as_str()).collect();
         let eligible: Vec<&WorkerRow> = online
             .iter()

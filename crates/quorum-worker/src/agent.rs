@@ -137,6 +137,7 @@ pub(crate) async fn serve(w: Arc<Worker>, client: Arc<WorkerClient>) {
                             client.clone(),
                             assignment.id,
                             "the worker is at capacity",
+                            true,
                         )
                         .boxed(),
                     };

@@ -41,7 +41,7 @@ pub(crate) async fn run(
     _slot: OwnedSemaphorePermit,
 ) {
     if let Err(reason) = accept(&w, &a).await {
-        refuse(w, client, a.id, &reason).await;
+        refuse(w, client, a.id, &reason, false).await;
         return;
     }
     let job_dir = w.config.data_dir.join("builds").join(&a.id);
@@ -86,6 +86,7 @@ pub(crate) async fn run(
                 client.clone(),
                 a.id.clone(),
                 "the worker is shutting down",
+                true,
             )
             .await
         }
@@ -104,11 +105,12 @@ pub(crate) async fn refuse(
     client: Arc<WorkerClient>,
     assignment: String,
     reason: &str,
+    busy: bool,
 ) {
     tracing::warn!(%reason, "refusing assignment");
     // After shutdown there is one attempt, bounded, so stopping the worker stays quick.
     let call = with_retry("refuse the assignment", REFUSE_BUDGET, &w.shutdown, || {
-        client.refuse(&assignment, reason)
+        client.refuse(&assignment, reason, busy)
     });
     match tokio::time::timeout(REFUSE_BUDGET, call).await {
         Ok(Ok(())) => {}

@@ -276,45 +276,20 @@ impl Federation {
         Ok(())
     }
 
-    #[allow(clippy::disallowed_methods)] // role processes, not build processes
     fn spawn(&self, name: &str, args: &[&str]) -> anyhow::Result<Child> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.spec.data_dir.join(format!("{name}.log")))?;
-        Command::new(&self.spec.exe)
-            .args(args)
-            .env("RUST_LOG", &self.spec.log_filter)
-            .env_remove("QUORUM_API_TOKEN")
-            .env_remove("QUORUM_IDP_CLIENT_SECRET")
-            .env_remove("QUORUM_ENROLLMENT_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {} for {name}", self.spec.exe.display()))
+        spawn_process(
+            &self.spec.exe,
+            &self.spec.data_dir,
+            &self.spec.log_filter,
+            name,
+            args,
+        )
     }
 
     async fn wait_ready(&mut self, role: &str, ready: &Path) -> anyhow::Result<String> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(addr) = std::fs::read_to_string(ready) {
-                return Ok(addr.trim().to_string());
-            }
-            if let Some(p) = self.processes.get_mut(role)
-                && let Some(status) = p.child.try_wait()?
-            {
-                bail!(
-                    "the {role} exited ({status}) before listening; its log is {}:\n{}",
-                    self.spec.data_dir.join(format!("{role}.log")).display(),
-                    tail(&self.spec.data_dir.join(format!("{role}.log")))
-                );
-            }
-            if Instant::now() > deadline {
-                bail!("the {role} did not start listening within 30 s");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let dir = self.spec.data_dir.clone();
+        let child = &mut self.processes.get_mut(role).expect("started above").child;
+        wait_ready(child, &dir, role, ready).await
     }
 
     /// Kills a role's process with SIGKILL, as a crash would.
@@ -364,6 +339,147 @@ impl Federation {
 impl Drop for Federation {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[allow(clippy::disallowed_methods)] // role processes, not build processes
+fn spawn_process(
+    exe: &Path,
+    dir: &Path,
+    log_filter: &str,
+    name: &str,
+    args: &[&str],
+) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))?;
+    Command::new(exe)
+        .args(args)
+        .env("RUST_LOG", log_filter)
+        .env_remove("QUORUM_API_TOKEN")
+        .env_remove("QUORUM_IDP_CLIENT_SECRET")
+        .env_remove("QUORUM_ENROLLMENT_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {} for {name}", exe.display()))
+}
+
+/// Waits for a server's ready file, failing early with its log if the process exits first.
+async fn wait_ready(
+    child: &mut Child,
+    dir: &Path,
+    name: &str,
+    ready: &Path,
+) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(addr) = std::fs::read_to_string(ready) {
+            return Ok(addr.trim().to_string());
+        }
+        if let Some(status) = child.try_wait()? {
+            let log = dir.join(format!("{name}.log"));
+            bail!(
+                "{name} exited ({status}) before listening; its log is {}:\n{}",
+                log.display(),
+                tail(&log)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("{name} did not start listening within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts role processes from configs written by the caller: for setups other than the local
+/// federation's one of each, such as several IdPs and controllers sharing workers and a store.
+/// Every process is stopped when the launcher is dropped.
+pub struct Launcher {
+    exe: PathBuf,
+    dir: PathBuf,
+    log_filter: String,
+    processes: BTreeMap<String, Child>,
+}
+
+impl std::fmt::Debug for Launcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Launcher")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Launcher {
+    pub fn new(exe: &Path, dir: &Path, log_filter: &str) -> Launcher {
+        Launcher {
+            exe: exe.into(),
+            dir: dir.into(),
+            log_filter: log_filter.into(),
+            processes: BTreeMap::new(),
+        }
+    }
+
+    /// Writes `config` as `<name>.toml`, starts `quorum <role>` on it and returns its URL.
+    pub async fn server<C: Serialize>(
+        &mut self,
+        name: &str,
+        role: &str,
+        config: &C,
+    ) -> anyhow::Result<String> {
+        let path = self.dir.join(format!("{name}.toml"));
+        std::fs::write(&path, toml::to_string(config)?)?;
+        let ready = self.dir.join(format!("{name}.ready"));
+        let _ = std::fs::remove_file(&ready);
+        let child = spawn_process(
+            &self.exe,
+            &self.dir,
+            &self.log_filter,
+            name,
+            &[
+                role,
+                "--config",
+                path_str(&path)?,
+                "--ready-file",
+                path_str(&ready)?,
+            ],
+        )?;
+        let child = self.processes.entry(name.to_string()).or_insert(child);
+        let addr = wait_ready(child, &self.dir, name, &ready).await?;
+        Ok(format!("http://{addr}"))
+    }
+
+    /// Writes `config` as `<name>.toml` and starts `quorum worker` on it.
+    pub fn worker(&mut self, name: &str, config: &quorum_worker::Config) -> anyhow::Result<()> {
+        let path = self.dir.join(format!("{name}.toml"));
+        std::fs::write(&path, toml::to_string(config)?)?;
+        let child = spawn_process(
+            &self.exe,
+            &self.dir,
+            &self.log_filter,
+            name,
+            &["worker", "--config", path_str(&path)?],
+        )?;
+        self.processes.insert(name.to_string(), child);
+        Ok(())
+    }
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        for c in self.processes.values_mut() {
+            terminate(c.id());
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for c in self.processes.values_mut() {
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

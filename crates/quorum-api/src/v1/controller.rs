@@ -62,6 +62,9 @@ pub struct Assignment {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RefuseRequest {
     pub reason: String,
+    /// The worker is busy or stopping, not objecting to the job: it may be offered the job again.
+    #[serde(default)]
+    pub busy: bool,
 }
 
 /// `POST /api/v1/assignments/{id}/heartbeat`, worker: renews the lease.

@@ -292,14 +292,18 @@ pub async fn refuse(
     let req: RefuseRequest = parse(&body)?;
     let a = own_assignment(&state, &w, &id).await?;
     let reason: String = req.reason.chars().take(2000).collect();
-    sqlx::query("UPDATE assignments SET state = 'refused', detail = ?, finished_at = ? WHERE id = ? AND state IN ('offered', 'running')")
+    // A busy worker declines; it may get the job again later. A refusal is final for this
+    // worker and job.
+    let new_state = if req.busy { "declined" } else { "refused" };
+    sqlx::query("UPDATE assignments SET state = ?, detail = ?, finished_at = ? WHERE id = ? AND state IN ('offered', 'running')")
+        .bind(new_state)
         .bind(&reason)
         .bind(now_unix())
         .bind(&a.id)
         .execute(&state.pool)
         .await
         .map_err(ApiError::internal)?;
-    tracing::warn!(assignment = %a.id, worker = %w.id, %reason, "worker refused assignment");
+    tracing::warn!(assignment = %a.id, worker = %w.id, %reason, state = new_state, "worker refused assignment");
     state.wake.notify_one();
     Ok(StatusCode::NO_CONTENT)
 }

@@ -4,8 +4,9 @@
 //! environment, and one output pipe per job whose bytes go to the log in the order they were
 //! written. An [`Executor`] runs one step and guarantees that nothing it started outlives the step.
 //! [`ProcessExecutor`] runs steps as plain processes of the worker's user; [`SandboxExecutor`] runs
-//! each step in its own namespaces (bubblewrap) within the owner's cgroup [`Limits`]; a VM would be
-//! a third `Executor` behind the same seam. [`probe()`] picks what the host supports at start.
+//! each step in its own namespaces (bubblewrap), under a seccomp filter, within the owner's cgroup
+//! [`Limits`]; a VM would be a third `Executor` behind the same seam. [`probe()`] picks what the
+//! host supports at start.
 
 use std::future::Future;
 use std::io::{PipeReader, PipeWriter, Write as _};
@@ -22,11 +23,13 @@ mod cgroup;
 mod probe;
 mod process;
 mod sandbox;
+mod seccomp;
 
 pub use cgroup::{CgroupError, LimitHit, Limits};
 pub use probe::{ProbeError, SandboxTier, probe};
 pub use process::ProcessExecutor;
 pub use sandbox::{BUILD_PATH, SandboxError, SandboxExecutor, sandbox_environment};
+pub use seccomp::SeccompError;
 
 /// Everything a tier needs to run one job.
 #[derive(Debug, Clone)]

@@ -62,6 +62,7 @@ pub fn probe(state_dir: &Path, limits: &Limits) -> Result<SandboxExecutor, Probe
     std::fs::create_dir_all(&job.tmp_dir).map_err(setup)?;
     let mut child = executor
         .command(&job, "true")
+        .map_err(setup)?
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

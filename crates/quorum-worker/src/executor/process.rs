@@ -5,12 +5,13 @@
 //! This tier normalises a build; it does not contain one. A step can read whatever the worker's
 //! user can read (the namespace sandbox tier is what hides the rest of the host).
 
-// `pre_exec`, `wait4` and `killpg` are libc calls whose contracts Rust cannot check; this module
+// `pre_exec`, `wait4`, `killpg` and `memfd_create` are libc calls whose contracts Rust cannot check; this module
 // is the one place in the workspace allowed `unsafe`, and each block says why it is sound.
 #![allow(unsafe_code)]
 
-use std::io;
-use std::os::fd::AsRawFd as _;
+use std::ffi::CStr;
+use std::io::{self, Seek as _, Write as _};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -143,6 +144,42 @@ pub(super) fn supervise(cmd: &mut Command, extra: Supervision) {
             Ok(())
         });
     }
+}
+
+/// An anonymous in-memory file holding `bytes`, positioned at its start, close-on-exec. For data
+/// a child reads from an inherited descriptor (bwrap's `--seccomp FD`): one per child, since
+/// the children would otherwise share its file offset.
+pub(super) fn memfd_with(name: &CStr, bytes: &[u8]) -> io::Result<OwnedFd> {
+    // SAFETY: `name` is NUL-terminated and outlives the call; the call touches no other memory.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.write_all(bytes)?;
+    file.rewind()?;
+    Ok(file.into())
+}
+
+/// Makes `fd` available to the child of `cmd` under its current number, which is returned.
+///
+/// The descriptor stays close-on-exec in the worker, so processes other threads spawn at the same
+/// time never get it; only this child clears the flag, between fork and exec. `cmd` owns `fd`
+/// until it is dropped, so the number stays valid until the spawn.
+pub(super) fn inherit_fd(cmd: &mut Command, fd: OwnedFd) -> RawFd {
+    let raw = fd.as_raw_fd();
+    // SAFETY: the closure runs between fork and exec and only makes one fcntl call, which is
+    // async-signal-safe; it allocates nothing. `fd` is moved in, so it is open at that point.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    raw
 }
 
 /// SIGKILLs one process; for leftovers found in a step's cgroup. A pid that is already gone is

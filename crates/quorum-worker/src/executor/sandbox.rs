@@ -8,6 +8,9 @@
 //! so the same group kill the process tier uses ends the whole namespace, including processes
 //! that called `setsid` or double-forked. The owner's [`Limits`] apply through a per-step cgroup
 //! the sandbox joins before exec.
+//!
+//! Inside, a seccomp filter ([`super::seccomp`], compiled once per executor) denies the system
+//! calls builds never need with `EPERM`. bwrap reads it from a memfd each step inherits.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -15,7 +18,8 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::cgroup::{CgroupError, Hierarchy, Limits, StepCgroup};
-use super::process::{Supervision, run_supervised, supervise};
+use super::process::{Supervision, inherit_fd, memfd_with, run_supervised, supervise};
+use super::seccomp::{self, SeccompError};
 use super::{
     ExecError, Executor, JobSpec, StepContext, StepExit, StepFuture, StepRun, build_environment,
 };
@@ -51,6 +55,8 @@ pub enum SandboxError {
     },
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// Runs steps in bubblewrap sandboxes.
@@ -61,6 +67,8 @@ pub struct SandboxExecutor {
     etc_dir: PathBuf,
     limits: Limits,
     cgroups: Option<Hierarchy>,
+    /// The compiled seccomp filter, as bwrap reads it.
+    seccomp: Vec<u8>,
 }
 
 /// Numbers step groups; process-wide, because several executors may share one hierarchy.
@@ -72,6 +80,7 @@ impl SandboxExecutor {
     /// figures when they are, and rusage is reported otherwise.
     pub fn new(state_dir: &Path, limits: Limits) -> Result<SandboxExecutor, SandboxError> {
         let bwrap = find_on_path("bwrap").ok_or(SandboxError::BwrapMissing)?;
+        let seccomp = seccomp::program()?;
         let cgroups = match Hierarchy::detect() {
             Ok(h) => Some(h),
             Err(e) if limits.need_cgroups() => return Err(e.into()),
@@ -104,6 +113,7 @@ impl SandboxExecutor {
             etc_dir,
             limits,
             cgroups,
+            seccomp,
         })
     }
 
@@ -112,16 +122,23 @@ impl SandboxExecutor {
         self.cgroups.as_ref().map(Hierarchy::version)
     }
 
-    /// The bwrap command for `step` in `job`, not yet supervised.
+    /// The bwrap command for `step` in `job`, not yet supervised. It owns the descriptor the
+    /// seccomp filter is read from, so it fails only when that cannot be created.
     #[allow(clippy::disallowed_methods)] // the executor is where build processes are created
-    pub(crate) fn command(&self, job: &JobSpec, step: &str) -> Command {
+    pub(crate) fn command(&self, job: &JobSpec, step: &str) -> std::io::Result<Command> {
         let mut cmd = Command::new(&self.bwrap);
+        // A fresh memfd per step: bwrap reads the filter from the descriptor's offset, which
+        // steps started at the same time would otherwise share.
+        let filter = memfd_with(c"quorum-seccomp", &self.seccomp)?;
+        let fd = inherit_fd(&mut cmd, filter);
         cmd.args(self.arguments(job))
-            .args(["/bin/sh", "-e", "-c", step])
+            .arg("--seccomp")
+            .arg(fd.to_string())
+            .args(["--", "/bin/sh", "-e", "-c", step])
             .env_clear()
             .current_dir("/")
             .stdin(Stdio::null());
-        cmd
+        Ok(cmd)
     }
 
     fn arguments(&self, job: &JobSpec) -> Vec<OsString> {
@@ -200,7 +217,6 @@ impl SandboxExecutor {
         for (key, value) in sandbox_environment(job) {
             push(&[&"--setenv", &key, &value]);
         }
-        push(&[&"--"]);
         a
     }
 
@@ -223,7 +239,7 @@ impl SandboxExecutor {
                 .map_err(|e| setup(std::io::Error::other(e)))?,
             None => Vec::new(),
         };
-        let mut cmd = self.command(step.job, step.command);
+        let mut cmd = self.command(step.job, step.command).map_err(setup)?;
         supervise(
             &mut cmd,
             Supervision {

@@ -2,6 +2,7 @@
 //! `SandboxExecutor` and checks what a hostile build could try. Skipped, with a printed note, only
 //! when bubblewrap is not installed; tests of limits also need writable cgroups.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -512,4 +513,419 @@ async fn the_same_c_build_in_different_directories_gives_identical_bytes() {
         plain[0] != plain[1],
         "the unsandboxed builds were identical, proving nothing"
     );
+}
+
+// ---- The seccomp filter. Each test compiles `probe.c` (one system call per argument, with
+// arguments that fail harmlessly when the call is allowed) and runs it in the sandbox and, as the
+// control that shows the assertion can fail, as a plain process on the host.
+
+/// `name` → (return value, errno) for each call the probe made.
+type Calls = HashMap<String, (i64, i32)>;
+
+/// Compiles the probe with `cc` in a fresh job of `executor`, runs `setup` and then the probe
+/// with `calls`, and returns its results and the log.
+async fn probe_calls(executor: &dyn Executor, setup: &str, calls: &[&str]) -> (Calls, Ran) {
+    let dir = tempfile::tempdir().unwrap();
+    let job = spec(
+        dir.path(),
+        &[
+            "cc -Wall -o probe probe.c -lpthread",
+            setup,
+            &format!("./probe {} </dev/null", calls.join(" ")),
+        ],
+        SHORT,
+    );
+    std::fs::write(job.build_dir.join("probe.c"), include_str!("probe.c")).unwrap();
+    let ran = run_spec(executor, &job, CancellationToken::new()).await;
+    assert_succeeded(&ran);
+    let results: Calls = ran
+        .log
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.strip_prefix("R ")?.split(' ');
+            let name = f.next()?.to_string();
+            Some((name, (f.next()?.parse().ok()?, f.next()?.parse().ok()?)))
+        })
+        .collect();
+    for call in calls {
+        let name = call.split('=').next().unwrap();
+        assert!(
+            results.contains_key(name),
+            "no result for {name}: {}",
+            ran.log
+        );
+    }
+    (results, ran)
+}
+
+/// Runs the probe in the sandbox and on the host. `None` when there is no sandbox here.
+async fn sandboxed_and_host(setup: &str, calls: &[&str]) -> Option<(Calls, Calls)> {
+    let state = tempfile::tempdir().unwrap();
+    let sb = sandbox(state.path(), Limits::default())?;
+    let (inside, _) = probe_calls(&sb, setup, calls).await;
+    let (outside, _) = probe_calls(&ProcessExecutor, setup, calls).await;
+    Some((inside, outside))
+}
+
+/// `name` failed with `errno` in the sandbox, and not with it on the host.
+fn assert_denied(inside: &Calls, outside: &Calls, name: &str, errno: i32) {
+    assert_eq!(
+        inside[name],
+        (-1, errno),
+        "{name} in the sandbox (host: {:?})",
+        outside[name]
+    );
+    assert_ne!(outside[name].1, errno, "{name} on the host proves nothing");
+}
+
+#[tokio::test]
+async fn keyctl_and_request_key_fail_with_eperm() {
+    let Some((inside, outside)) = sandboxed_and_host("true", &["keyctl", "request_key"]).await
+    else {
+        return;
+    };
+    assert_denied(&inside, &outside, "keyctl", libc::EPERM);
+    assert_denied(&inside, &outside, "request_key", libc::EPERM);
+}
+
+#[tokio::test]
+async fn bpf_perf_io_uring_userfaultfd_and_setns_fail_with_eperm() {
+    let calls = [
+        "bpf",
+        "perf_event_open",
+        "io_uring_setup",
+        "userfaultfd",
+        "setns",
+        "finit_module",
+    ];
+    let Some((inside, outside)) = sandboxed_and_host("true", &calls).await else {
+        return;
+    };
+    for call in calls {
+        assert_denied(&inside, &outside, call, libc::EPERM);
+    }
+}
+
+#[tokio::test]
+async fn tiocsti_and_tioclinux_ioctls_fail_with_eperm_and_other_ioctls_do_not() {
+    let calls = ["tiocsti", "tiocsti_high", "tioclinux", "fionread"];
+    let Some((inside, outside)) = sandboxed_and_host("true", &calls).await else {
+        return;
+    };
+    assert_denied(&inside, &outside, "tiocsti", libc::EPERM);
+    // The kernel reads the request as 32 bits; junk above them must not get past the filter.
+    assert_denied(&inside, &outside, "tiocsti_high", libc::EPERM);
+    assert_denied(&inside, &outside, "tioclinux", libc::EPERM);
+    // Other ioctls reach the kernel: /dev/null is no terminal.
+    assert_eq!(inside["fionread"], (-1, libc::ENOTTY));
+}
+
+#[tokio::test]
+async fn new_user_namespaces_are_denied() {
+    // unshare_user last: on the host it succeeds, and the calls after it would run in the new
+    // namespace.
+    let calls = ["clone_user", "clone3", "fork", "thread", "unshare_user"];
+    let Some((inside, outside)) = sandboxed_and_host("true", &calls).await else {
+        return;
+    };
+    assert_denied(&inside, &outside, "unshare_user", libc::EPERM);
+    assert_denied(&inside, &outside, "clone_user", libc::EPERM);
+    // clone3 hides its flags from the filter; ENOSYS sends glibc back to clone.
+    assert_denied(&inside, &outside, "clone3", libc::ENOSYS);
+    // Which is why forks and threads still work.
+    assert_eq!(inside["fork"], (7, 0));
+    assert_eq!(inside["thread"], (0, 0));
+
+    let state = tempfile::tempdir().unwrap();
+    let sb = sandbox(state.path(), Limits::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ran = run(
+        &sb,
+        dir.path(),
+        &["if unshare -U true 2>&1; then echo UNSHARE-OK; else echo UNSHARE-FAILED; fi"],
+        SHORT,
+    )
+    .await;
+    assert_succeeded(&ran);
+    assert!(ran.log.contains("UNSHARE-FAILED"), "{}", ran.log);
+    assert!(ran.log.contains("Operation not permitted"), "{}", ran.log);
+}
+
+#[tokio::test]
+async fn setuid_and_setgid_bits_cannot_be_set() {
+    let calls = [
+        "chmod_suid=file",
+        "chmod_sgid=file",
+        "fchmod_suid=file",
+        "chmod_plain=file",
+    ];
+    let Some((inside, outside)) = sandboxed_and_host("touch file", &calls).await else {
+        return;
+    };
+    assert_denied(&inside, &outside, "chmod_suid", libc::EPERM);
+    assert_denied(&inside, &outside, "chmod_sgid", libc::EPERM);
+    assert_denied(&inside, &outside, "fchmod_suid", libc::EPERM);
+    // Ordinary modes still change.
+    assert_eq!(inside["chmod_plain"], (0, 0));
+
+    // And through the shell, as a build would: the bits do not stick.
+    let state = tempfile::tempdir().unwrap();
+    let sb = sandbox(state.path(), Limits::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ran = run(
+        &sb,
+        dir.path(),
+        &[
+            "touch /build/tool && chmod 755 /build/tool; chmod u+s /build/tool || true; \
+             chmod g+s /build/tool || true; mkdir /build/d; chmod g+s /build/d || true; \
+             echo MODES $(stat -c %a /build/tool /build/d)",
+        ],
+        SHORT,
+    )
+    .await;
+    assert_succeeded(&ran);
+    assert!(ran.log.contains("MODES 755 755\n"), "{}", ran.log);
+    assert!(ran.log.contains("Operation not permitted"), "{}", ran.log);
+    let mode = std::fs::metadata(dir.path().join("src/tool")).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(mode.permissions().mode() & 0o7777, 0o755);
+}
+
+#[tokio::test]
+async fn ptrace_and_process_vm_readv_of_another_sandbox_process_fail() {
+    let calls = ["ptrace_child", "vm_readv"];
+    let Some((inside, outside)) = sandboxed_and_host("true", &calls).await else {
+        return;
+    };
+    assert_denied(&inside, &outside, "ptrace_child", libc::EPERM);
+    assert_denied(&inside, &outside, "vm_readv", libc::EPERM);
+}
+
+#[tokio::test]
+async fn a_normal_c_build_with_threads_still_works() {
+    let state = tempfile::tempdir().unwrap();
+    let Some(sb) = sandbox(state.path(), Limits::default()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let job = spec(
+        dir.path(),
+        &[
+            "printf 'int add(int a, int b) { return a + b; }\\n' > add.c",
+            "cc -c -O2 add.c && ar rcs libadd.a add.o",
+            "cc -O2 -o main main.c -L. -ladd -lpthread",
+            "./main",
+            "chmod 755 main && test -x main",
+        ],
+        SHORT,
+    );
+    std::fs::write(
+        job.build_dir.join("main.c"),
+        "#include <pthread.h>\n#include <stdio.h>\nint add(int, int);\n\
+         static void *run(void *p) { *(int *)p = add(*(int *)p, 1); return p; }\n\
+         int main(void) { int v = 41; pthread_t t; if (pthread_create(&t, 0, run, &v)) return 1;\n\
+         pthread_join(t, 0); printf(\"ANSWER %d\\n\", v); return 0; }\n",
+    )
+    .unwrap();
+    let ran = run_spec(&sb, &job, CancellationToken::new()).await;
+    assert_succeeded(&ran);
+    assert!(ran.log.contains("ANSWER 42\n"), "{}", ran.log);
+}
+
+// ---- More of the network, and the worker dying.
+
+#[tokio::test]
+async fn udp_to_the_hosts_loopback_and_ipv6_connects_fail() {
+    let state = tempfile::tempdir().unwrap();
+    let Some(sb) = sandbox(state.path(), Limits::default()) else {
+        return;
+    };
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_nonblocking(true).unwrap();
+    let udp_port = udp.local_addr().unwrap().port();
+    // A host without IPv6 still gets the connect tried (to a port where nothing listens).
+    let v6 = std::net::TcpListener::bind("[::1]:0").ok();
+    if let Some(l) = &v6 {
+        l.set_nonblocking(true).unwrap();
+    }
+    let v6_port = v6.as_ref().map_or(9, |l| l.local_addr().unwrap().port());
+    let script = [
+        format!(
+            "for i in 1 2 3; do perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(PeerAddr \
+             => \"127.0.0.1:{udp_port}\", Proto => \"udp\") or exit 1; $s->send(\"quorum\")' \
+             && echo UDP-SENT; done; true"
+        ),
+        format!(
+            "if perl -MIO::Socket::IP -e 'IO::Socket::IP->new(PeerHost => \"::1\", PeerPort => \
+             {v6_port}, Timeout => 3) or exit 1'; then echo V6-CONNECTED; else echo V6-FAILED; fi"
+        ),
+    ];
+    let steps: Vec<&str> = script.iter().map(String::as_str).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let ran = run(&sb, dir.path(), &steps, SHORT).await;
+    assert_succeeded(&ran);
+    assert!(ran.log.contains("V6-FAILED"), "{}", ran.log);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut buf = [0u8; 64];
+    assert!(
+        matches!(udp.recv_from(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the host's UDP socket got a datagram from the sandbox: {}",
+        ran.log
+    );
+    if let Some(l) = &v6 {
+        assert!(
+            matches!(l.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "the host's IPv6 listener got a connection from the sandbox"
+        );
+    }
+
+    // The control: the same steps as plain processes do reach the host.
+    let dir = tempfile::tempdir().unwrap();
+    let ran = run(&ProcessExecutor, dir.path(), &steps, SHORT).await;
+    assert_succeeded(&ran);
+    std::thread::sleep(Duration::from_millis(200));
+    let (n, _) = udp
+        .recv_from(&mut buf)
+        .expect("the control's datagram arrives");
+    assert_eq!(&buf[..n], b"quorum");
+    if v6.is_some() {
+        assert!(ran.log.contains("V6-CONNECTED"), "{}", ran.log);
+    }
+}
+
+#[tokio::test]
+async fn host_unix_sockets_path_and_abstract_are_unreachable() {
+    use std::os::linux::net::SocketAddrExt as _;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+    let host = tempfile::tempdir().unwrap();
+    let path = host.path().join("host.sock");
+    let by_path = UnixListener::bind(&path).unwrap();
+    let name = format!("quorum-test-{}", std::process::id());
+    let abstract_ =
+        UnixListener::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+    for l in [&by_path, &abstract_] {
+        l.set_nonblocking(true).unwrap();
+    }
+    let calls = [
+        format!("unix_path={}", path.display()),
+        format!("unix_abstract={name}"),
+    ];
+    let calls: Vec<&str> = calls.iter().map(String::as_str).collect();
+    let state = tempfile::tempdir().unwrap();
+    let Some(sb) = sandbox(state.path(), Limits::default()) else {
+        return;
+    };
+    let (inside, ran) = probe_calls(&sb, "true", &calls).await;
+    // The path is not mounted in; the abstract namespace belongs to the network namespace.
+    assert_eq!(inside["unix_path"], (-1, libc::ENOENT), "{}", ran.log);
+    assert_eq!(
+        inside["unix_abstract"],
+        (-1, libc::ECONNREFUSED),
+        "{}",
+        ran.log
+    );
+    for l in [&by_path, &abstract_] {
+        assert!(
+            matches!(l.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a host Unix socket got a connection from the sandbox"
+        );
+    }
+    // The control: from the host, both connect.
+    let (outside, ran) = probe_calls(&ProcessExecutor, "true", &calls).await;
+    assert_eq!(outside["unix_path"], (0, 0), "{}", ran.log);
+    assert_eq!(outside["unix_abstract"], (0, 0), "{}", ran.log);
+}
+
+/// Set for the child copy of this test binary that plays the worker in the kill test: the job
+/// directory to run a long sandboxed step in.
+const WORKER_DIR_ENV: &str = "QUORUM_SANDBOX_TEST_WORKER_DIR";
+
+/// Not a test of its own: the stand-in worker `killing_the_worker_kills_the_sandbox` starts
+/// (with `WORKER_DIR_ENV` set) and SIGKILLs. Without the variable it does nothing.
+#[tokio::test]
+async fn worker_stand_in_for_the_kill_test() {
+    let Some(dir) = std::env::var_os(WORKER_DIR_ENV) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let sb = SandboxExecutor::new(&dir.join("state"), Limits::default()).unwrap();
+    run(
+        &sb,
+        &dir,
+        &[
+            "setsid sh -c 'sleep 300 &' </dev/null >/dev/null 2>&1; touch /build/started; \
+           sleep 300; : quorum-kill-test",
+        ],
+        Duration::from_secs(120),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn killing_the_worker_kills_the_sandbox() {
+    let state = tempfile::tempdir().unwrap();
+    if sandbox(state.path(), Limits::default()).is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    #[allow(clippy::disallowed_methods)] // the stand-in worker is this test binary itself
+    let mut worker = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "worker_stand_in_for_the_kill_test",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(WORKER_DIR_ENV, dir.path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = dir.path().join("src/started");
+    let until = Instant::now() + Duration::from_secs(20);
+    while !started.exists() {
+        if Instant::now() >= until || worker.try_wait().unwrap().is_some() {
+            let _ = worker.kill();
+            let _ = worker.wait();
+            panic!("the stand-in worker's step never started");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Sandboxed processes show their cwd as /build, so they are found by their pid namespace:
+    // the one of the step's shell, whose command line carries the marker.
+    let ours = std::fs::read_link("/proc/self/ns/pid").unwrap();
+    let ns = pids()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("quorum-kill-test"))
+        })
+        .filter_map(|pid| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok())
+        .find(|ns| *ns != ours)
+        .expect("the step's shell is in a pid namespace of its own");
+    let in_sandbox = || -> Vec<u32> {
+        pids()
+            .filter(|pid| std::fs::read_link(format!("/proc/{pid}/ns/pid")).is_ok_and(|n| n == ns))
+            .collect()
+    };
+    // bwrap's init, the shell, both sleeps.
+    assert!(in_sandbox().len() >= 3, "{:?}", in_sandbox());
+    // SIGKILL: the worker gets no chance to clean up.
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while !in_sandbox().is_empty() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = in_sandbox();
+    assert!(
+        left.is_empty(),
+        "sandbox processes outlived the worker: {left:?}"
+    );
+}
+
+/// Every process id on the host.
+fn pids() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
 }

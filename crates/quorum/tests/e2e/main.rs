@@ -3,6 +3,7 @@
 
 #![allow(clippy::disallowed_methods)] // tests run the binaries they build
 
+mod federated;
 mod invariants;
 mod util;
 
