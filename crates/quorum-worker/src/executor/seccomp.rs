@@ -173,10 +173,7 @@ fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError>
     rules.insert(libc::SYS_clone, vec![has_bits(0, newuser)?]);
     rules.insert(
         libc::SYS_ioctl,
-        vec![
-            equals(1, libc::TIOCSTI)?,
-            equals(1, libc::TIOCLINUX)?,
-        ],
+        vec![equals(1, libc::TIOCSTI)?, equals(1, libc::TIOCLINUX)?],
     );
     let (suid, sgid) = (u64::from(libc::S_ISUID), u64::from(libc::S_ISGID));
     // chmod(path, mode) and fchmod(fd, mode) have the mode second; fchmodat(dirfd, path, mode)
