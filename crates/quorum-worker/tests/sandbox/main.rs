@@ -81,16 +81,26 @@ fn assert_succeeded(ran: &Ran) {
     assert_eq!(ran.outcome.status, JobStatus::Succeeded, "{}", ran.log);
 }
 
-/// Host processes whose working directory is `dir` or below it.
+/// Processes working in `dir`: host processes whose working directory is below it, and
+/// sandboxed ones, whose working directory reads `/build` from the host, found by the bind
+/// mount of `dir` in their mount table.
 fn processes_in(dir: &Path) -> Vec<u32> {
+    let needle = dir.display().to_string();
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        if let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd"))
-            && cwd.starts_with(dir)
-        {
+        let on_host =
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir));
+        let sandboxed = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).is_ok_and(|m| {
+            m.lines().any(|l| {
+                l.split(' ')
+                    .nth(3)
+                    .is_some_and(|root| root.starts_with(&needle))
+            })
+        });
+        if on_host || sandboxed {
             found.push(pid);
         }
     }
@@ -107,6 +117,37 @@ fn wait_none_in(dir: &Path) -> Vec<u32> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The "nothing survives" checks below are only worth something if `processes_in` can see a
+/// sandboxed step at all: show that it does while one runs.
+#[tokio::test]
+async fn processes_in_sees_a_running_sandboxed_step() {
+    let state = tempfile::tempdir().unwrap();
+    let Some(sb) = sandbox(state.path(), Limits::default()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let watch = async {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let seen = processes_in(dir.path());
+            if !seen.is_empty() || Instant::now() >= until {
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (ran, seen) = tokio::join!(
+        run(&sb, dir.path(), &["sleep 2"], Duration::from_secs(30)),
+        watch
+    );
+    assert_succeeded(&ran);
+    assert!(!seen.is_empty(), "the running step was not found");
+    assert!(
+        wait_none_in(dir.path()).is_empty(),
+        "the step's processes outlived it"
+    );
 }
 
 #[tokio::test]
