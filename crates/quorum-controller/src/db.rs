@@ -21,11 +21,26 @@ pub async fn open(data_dir: &Path) -> anyhow::Result<Pool> {
         .synchronous(SqliteSynchronous::Full)
         .foreign_keys(true)
         .busy_timeout(std::time::Duration::from_secs(10));
-    let pool = SqlitePoolOptions::new()
-        .max_connections(4)
-        .connect_with(opts)
-        .await
-        .with_context(|| format!("cannot open database {}", path.display()))?;
+    // Switching a new file to WAL needs a lock that the busy timeout does not cover, so a second
+    // process opening the same new file at the same moment (`controller enroll` beside a
+    // starting controller) can be told "locked": try again shortly, a bounded number of times.
+    let mut attempt = 0;
+    let pool = loop {
+        match SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts.clone())
+            .await
+        {
+            Ok(pool) => break pool,
+            Err(e) if attempt < 20 && e.to_string().contains("locked") => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50 * attempt)).await;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot open database {}", path.display()));
+            }
+        }
+    };
     // Another process may be migrating the same file at this moment (the operator's
     // `controller enroll` next to a starting controller); its success is ours, so look again.
     let migrator = sqlx::migrate!("./migrations");

@@ -125,6 +125,46 @@ pub fn verify(candidate: Option<(Client, String)>, secret: &str) -> Option<Clien
     client.filter(|_| ok).cloned()
 }
 
+/// Credentials that passed Argon2 recently, keyed by the stored hash and the SHA-256 of the
+/// presented secret. Keying on the stored hash makes a rotation or a disable take effect at once
+/// (the stored hash changes or the client is gone); keying on the secret's digest means only the
+/// right secret ever hits. A wrong secret always pays the full Argon2 run.
+#[derive(Default)]
+pub struct VerifiedCache {
+    entries: std::sync::Mutex<std::collections::HashMap<(String, [u8; 32]), std::time::Instant>>,
+}
+
+/// How long a verified credential is trusted without another Argon2 run.
+const VERIFIED_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+/// Bound on remembered credentials; the cache is emptied when it is reached.
+const VERIFIED_MAX: usize = 1024;
+
+impl VerifiedCache {
+    fn key(stored_hash: &str, secret: &str) -> (String, [u8; 32]) {
+        use sha2::Digest as _;
+        (
+            stored_hash.to_string(),
+            sha2::Sha256::digest(secret.as_bytes()).into(),
+        )
+    }
+
+    /// The client, if this exact secret verified against its current hash within the TTL.
+    pub fn hit(&self, candidate: &Option<(Client, String)>, secret: &str) -> Option<Client> {
+        let (client, hash) = candidate.as_ref()?;
+        let entries = self.entries.lock().expect("verified cache");
+        let at = entries.get(&Self::key(hash, secret))?;
+        (at.elapsed() < VERIFIED_TTL).then(|| client.clone())
+    }
+
+    pub fn remember(&self, stored_hash: &str, secret: &str) {
+        let mut entries = self.entries.lock().expect("verified cache");
+        if entries.len() >= VERIFIED_MAX {
+            entries.clear();
+        }
+        entries.insert(Self::key(stored_hash, secret), std::time::Instant::now());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -123,14 +123,29 @@ impl ClientDb {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await
-            .map_err(|source| AdminError::Open {
-                path: path.clone(),
-                source,
-            })?;
+        // Switching a new file to WAL needs a lock that the busy timeout does not cover, so a
+        // second process opening the same new file at the same moment can be told "locked":
+        // try again shortly, a bounded number of times.
+        let mut attempt = 0;
+        let pool = loop {
+            match SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(options.clone())
+                .await
+            {
+                Ok(pool) => break pool,
+                Err(e) if attempt < 20 && e.to_string().contains("locked") => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(50 * attempt)).await;
+                }
+                Err(source) => {
+                    return Err(AdminError::Open {
+                        path: path.clone(),
+                        source,
+                    });
+                }
+            }
+        };
         let migrator = sqlx::migrate!("./migrations");
         if let Err(first) = migrator.run(&pool).await {
             // Another process (the CLI next to a first-starting IdP) may have been creating the

@@ -97,12 +97,24 @@ pub async fn token(
             OAuthFailure::server_error()
         })?,
     };
-    let client = tokio::task::spawn_blocking(move || clients::verify(candidate, &secret))
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "client authentication task failed");
-            OAuthFailure::server_error()
-        })?;
+    let client = match idp.verified.hit(&candidate, &secret) {
+        Some(client) => Some(client),
+        None => {
+            let stored = candidate.as_ref().map(|(_, hash)| hash.clone());
+            let checked_secret = secret.clone();
+            let client =
+                tokio::task::spawn_blocking(move || clients::verify(candidate, &checked_secret))
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "client authentication task failed");
+                        OAuthFailure::server_error()
+                    })?;
+            if let (Some(_), Some(stored)) = (&client, stored) {
+                idp.verified.remember(&stored, &secret);
+            }
+            client
+        }
+    };
     let Some(client) = client else {
         tracing::warn!(client = %id, "client authentication failed");
         return Err(OAuthFailure::invalid_client());
