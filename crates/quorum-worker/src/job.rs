@@ -52,6 +52,7 @@ pub(crate) async fn run(
         return;
     }
     tracing::info!(repository = %a.repository, commit = %a.commit, "accepted assignment");
+    let started = crate::ledger::now();
     let cancel = w.shutdown.child_token();
     let stopped = Arc::new(AtomicBool::new(false));
     let lease_end = CancellationToken::new();
@@ -76,7 +77,7 @@ pub(crate) async fn run(
     // The log is complete before the result arrives, so the controller can close it.
     let _ = shipper.await;
     match result {
-        Some(result) => report(&w, &client, &a, result, usage).await,
+        Some(result) => report(&w, &client, &a, result, usage, started).await,
         None if stopped.load(Ordering::SeqCst) => {
             tracing::info!("the controller stopped the assignment")
         }
@@ -397,14 +398,20 @@ async fn upload(
     Ok(sent)
 }
 
-/// Signs and delivers the result, retrying while the controller may be restarting.
+/// Signs and delivers the result, retrying while the controller may be restarting, then
+/// appends the assignment to the usage ledger (delivered or not: the work was done).
 async fn report(
     w: &Worker,
     client: &WorkerClient,
     a: &Assignment,
     result: ReportedResult,
     usage: Usage,
+    started: u64,
 ) {
+    let ledger_outcome = match &result {
+        ReportedResult::Success { .. } => crate::ledger::Outcome::Success,
+        ReportedResult::Failed { .. } => crate::ledger::Outcome::Failed,
+    };
     let outcome = match &result {
         ReportedResult::Success {
             manifest_digest, ..
@@ -421,13 +428,47 @@ async fn report(
         environment: w.environment.clone(),
     };
     let signed = client.sign_report(&report);
-    match with_retry("deliver the result", REPORT_BUDGET, &w.shutdown, || {
+    let reported = match with_retry("deliver the result", REPORT_BUDGET, &w.shutdown, || {
         client.result(&a.id, &signed)
     })
     .await
     {
-        Ok(()) => tracing::info!(%outcome, "reported the result"),
-        Err(e) => tracing::error!(error = %e, %outcome, "cannot deliver the result; giving up"),
+        Ok(()) => {
+            tracing::info!(%outcome, "reported the result");
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, %outcome, "cannot deliver the result; giving up");
+            false
+        }
+    };
+    let finished = crate::ledger::now();
+    let entry = crate::ledger::Entry {
+        assignment: a.id.clone(),
+        build_id: a.build_id.clone(),
+        bytes_uploaded: report.usage.bytes_uploaded,
+        controller: client.base().to_string(),
+        cpu_ms: report.usage.cpu_ms,
+        finished,
+        job: a.job.clone(),
+        outcome: ledger_outcome,
+        peak_rss_kib: report.usage.peak_rss_kib,
+        reported,
+        started,
+        tenant: a.tenant.clone(),
+        wall_ms: report.usage.wall_ms,
+        worker: w.config.name.clone(),
+    };
+    let data_dir = w.config.data_dir.clone();
+    let appended = tokio::task::spawn_blocking(move || {
+        let key = crate::ledger::worker_key(&data_dir)?;
+        crate::ledger::append(&data_dir, &key, entry)
+    })
+    .await;
+    match appended {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "cannot append to the usage ledger"),
+        Err(e) => tracing::error!(error = %e, "the usage ledger task failed"),
     }
 }
 

@@ -19,6 +19,7 @@ pub mod artifacts;
 mod enroll;
 pub mod executor;
 mod job;
+pub mod ledger;
 mod logship;
 mod retry;
 

@@ -5,6 +5,7 @@
 mod artifacts;
 mod client;
 mod executor;
+mod ledger;
 mod startup;
 
 use std::time::Duration;

@@ -77,6 +77,30 @@ enum ControllerAdmin {
 }
 
 #[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[command(subcommand)]
+    admin: Option<WorkerAdmin>,
+    #[command(flatten)]
+    serve: Option<ServeArgs>,
+}
+
+#[derive(Debug, Subcommand)]
+enum WorkerAdmin {
+    /// Print the worker's usage ledger, every record's signature verified (the worker need not
+    /// be running).
+    Usage {
+        /// The worker's TOML config file (its data_dir holds the ledger and the key).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value = "table", value_parser = ["table", "csv", "json"])]
+        format: String,
+        /// Only this tenant's records (and totals).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
 pub struct IdpArgs {
     #[command(subcommand)]
     admin: Option<IdpAdmin>,
@@ -153,8 +177,9 @@ enum Command {
     /// Run a controller, or administer one.
     #[command(args_conflicts_with_subcommands = true)]
     Controller(ControllerArgs),
-    /// Run a worker.
-    Worker(ServeArgs),
+    /// Run a worker, or print its usage ledger.
+    #[command(args_conflicts_with_subcommands = true)]
+    Worker(WorkerArgs),
     /// Run every role on loopback until interrupted (SQLite, local disk, keys made on first start).
     Up {
         /// Where the roles keep their state; reuse it to keep builds, keys and enrollments.
@@ -279,7 +304,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Controller(_) => {
             anyhow::bail!("`quorum controller` needs --config (or a subcommand such as enroll)")
         }
-        Command::Worker(s) => roles::worker(s).await,
+        Command::Worker(WorkerArgs {
+            admin:
+                Some(WorkerAdmin::Usage {
+                    config,
+                    format,
+                    tenant,
+                }),
+            ..
+        }) => roles::worker_usage(&config, &format, tenant.as_deref()),
+        Command::Worker(WorkerArgs { serve: Some(s), .. }) => roles::worker(s).await,
+        Command::Worker(_) => {
+            anyhow::bail!("`quorum worker` needs --config (or a subcommand such as usage)")
+        }
         Command::Up { data_dir, workers } => local::up(&data_dir, workers).await,
         Command::Run {
             repository,

@@ -78,6 +78,19 @@ pub async fn worker(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `quorum worker usage`: reads and verifies the ledger in the worker's data_dir and prints it.
+pub fn worker_usage(config: &Path, format: &str, tenant: Option<&str>) -> anyhow::Result<ExitCode> {
+    let config: quorum_worker::Config = quorum_service::load_config(config)?;
+    let format: quorum_worker::ledger::Format =
+        format.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let mut records = quorum_worker::ledger::read(&config.data_dir)?;
+    if let Some(tenant) = tenant {
+        records.retain(|r| r.entry.tenant == tenant);
+    }
+    print!("{}", quorum_worker::ledger::render(&records, format));
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn enroll(
     config: &Path,
     owner: &str,

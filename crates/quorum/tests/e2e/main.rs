@@ -169,6 +169,33 @@ async fn reproducible_example_is_verified_signed_and_fetchable() {
         Some(1),
         "a statement checked with another key must not verify"
     );
+
+    // Each worker's signed usage ledger has the two jobs it ran, billed to the project's tenant.
+    for w in ["w1", "w2", "w3"] {
+        let config = fx.dir.path().join(format!("{w}.toml"));
+        let out = fx.cli(&[
+            "worker",
+            "usage",
+            "--config",
+            config.to_str().unwrap(),
+            "--format",
+            "json",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let records: Vec<serde_json::Value> = serde_json::from_str(&stdout(&out)).unwrap();
+        let jobs: BTreeSet<&str> = records
+            .iter()
+            .filter(|r| r["build_id"] == status.id.as_str())
+            .map(|r| r["job"].as_str().unwrap())
+            .collect();
+        assert_eq!(jobs, BTreeSet::from(["build", "test"]), "{w}: {records:#?}");
+        assert!(
+            records
+                .iter()
+                .all(|r| r["tenant"] == "local" && r["outcome"] == "success"),
+            "{records:#?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
