@@ -2,6 +2,7 @@
 //! each handler's doc names its method, route and who may call it.
 
 mod builds;
+mod metrics;
 mod workers;
 
 use std::sync::Arc;
@@ -32,6 +33,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/api/v1/builds/{id}/artifacts", get(builds::artifacts))
         .route("/api/v1/signer/keys", get(builds::signer_keys))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics::metrics))
         .layer(axum::extract::DefaultBodyLimit::max(16 * 1024 * 1024))
         .with_state(state)
 }

@@ -334,6 +334,27 @@ async fn malicious_worker_makes_the_build_disputed_and_nothing_is_signed() {
         "{:?}",
         job.differing_paths
     );
+    // The controller's metrics count what happened, and leak no names.
+    let metrics = reqwest::get(format!("{}/metrics", fx.fed.controller_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("quorum_builds{state=\"disputed\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("quorum_jobs{state=\"skipped\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("quorum_workers_enrolled 3"), "{metrics}");
+    assert!(metrics.contains("quorum_statements_signed 0"), "{metrics}");
+    assert!(
+        !metrics.contains("mallory") && !metrics.contains(&build),
+        "{metrics}"
+    );
     let test_job = status.jobs.iter().find(|j| j.name == "test").unwrap();
     assert_eq!(
         test_job.state,
