@@ -5,7 +5,7 @@ use quorum_api::v1::idp::{
     TokenRequest, TokenResponse,
 };
 
-use crate::{ClientError, json, transport};
+use crate::{ClientError, send_json};
 
 #[derive(Clone)]
 pub struct IdpClient {
@@ -60,16 +60,12 @@ impl IdpClient {
             #[serde(flatten)]
             constraints: &'a TokenConstraints,
         }
-        let url = format!("{}/token", self.base);
-        let resp = self
+        let req = self
             .http
-            .post(&url)
+            .post(format!("{}/token", self.base))
             .basic_auth(&self.client_id, Some(&self.client_secret))
-            .form(&Form { req, constraints })
-            .send()
-            .await
-            .map_err(transport(&url))?;
-        json(&url, resp).await
+            .form(&Form { req, constraints });
+        send_json(req).await
     }
 
     /// The client's own access token (client credentials grant).

@@ -80,3 +80,42 @@ pub(crate) async fn json<T: serde::de::DeserializeOwned>(
         message: e.to_string(),
     })
 }
+
+/// Sends `req`; answers the URL it went to (for error messages) and the response.
+pub(crate) async fn send(
+    req: reqwest::RequestBuilder,
+) -> Result<(String, reqwest::Response), ClientError> {
+    let (client, req) = req.build_split();
+    let req = req.map_err(|source| ClientError::Transport {
+        url: source.url().map(|u| u.to_string()).unwrap_or_default(),
+        source,
+    })?;
+    let url = req.url().to_string();
+    let resp = client.execute(req).await.map_err(transport(&url))?;
+    Ok((url, resp))
+}
+
+/// Sends `req` and reads a JSON answer, turning a non-success status into an error.
+pub(crate) async fn send_json<T: serde::de::DeserializeOwned>(
+    req: reqwest::RequestBuilder,
+) -> Result<T, ClientError> {
+    let (url, resp) = send(req).await?;
+    json(&url, resp).await
+}
+
+/// Sends `req` and checks that it succeeded; the body is not read.
+pub(crate) async fn send_ok(req: reqwest::RequestBuilder) -> Result<(), ClientError> {
+    let (url, resp) = send(req).await?;
+    check(&url, resp).await.map(drop)
+}
+
+/// Sends `req` and reads the body as bytes, turning a non-success status into an error.
+pub(crate) async fn send_bytes(
+    req: reqwest::RequestBuilder,
+) -> Result<(reqwest::header::HeaderMap, bytes::Bytes), ClientError> {
+    let (url, resp) = send(req).await?;
+    let resp = check(&url, resp).await?;
+    let headers = resp.headers().clone();
+    let body = resp.bytes().await.map_err(transport(&url))?;
+    Ok((headers, body))
+}

@@ -7,7 +7,7 @@ use quorum_api::v1::store::{
 };
 use quorum_core::{Digest, Manifest};
 
-use crate::{ClientError, check, json, transport};
+use crate::{ClientError, send_bytes, send_json, send_ok};
 
 #[derive(Clone, Debug)]
 pub struct StoreClient {
@@ -27,22 +27,22 @@ impl StoreClient {
         &self.base
     }
 
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
     /// Which of `digests` the store lacks for this token's tenant.
     pub async fn missing(
         &self,
         token: &str,
         digests: Vec<Digest>,
     ) -> Result<Vec<Digest>, ClientError> {
-        let url = format!("{}/api/v1/missing", self.base);
-        let resp = self
+        let req = self
             .http
-            .post(&url)
+            .post(self.url("/api/v1/missing"))
             .bearer_auth(token)
-            .json(&MissingRequest { digests })
-            .send()
-            .await
-            .map_err(transport(&url))?;
-        Ok(json::<MissingResponse>(&url, resp).await?.missing)
+            .json(&MissingRequest { digests });
+        Ok(send_json::<MissingResponse>(req).await?.missing)
     }
 
     /// Uploads a blob from memory.
@@ -52,16 +52,13 @@ impl StoreClient {
         digest: &Digest,
         body: Vec<u8>,
     ) -> Result<(), ClientError> {
-        let url = format!("{}/api/v1/blobs/{digest}", self.base);
-        let resp = self
-            .http
-            .put(&url)
-            .bearer_auth(token)
-            .body(body)
-            .send()
-            .await
-            .map_err(transport(&url))?;
-        check(&url, resp).await.map(drop)
+        send_ok(
+            self.http
+                .put(self.url(&format!("/api/v1/blobs/{digest}")))
+                .bearer_auth(token)
+                .body(body),
+        )
+        .await
     }
 
     /// Streams a file to the store as blob `digest`.
@@ -71,7 +68,7 @@ impl StoreClient {
         digest: &Digest,
         path: &Path,
     ) -> Result<(), ClientError> {
-        let url = format!("{}/api/v1/blobs/{digest}", self.base);
+        let url = self.url(&format!("/api/v1/blobs/{digest}"));
         let file = tokio::fs::File::open(path)
             .await
             .map_err(|e| ClientError::Body {
@@ -83,16 +80,14 @@ impl StoreClient {
             file,
             256 * 1024,
         ));
-        let resp = self
-            .http
-            .put(&url)
-            .bearer_auth(token)
-            .header(reqwest::header::CONTENT_LENGTH, len)
-            .body(body)
-            .send()
-            .await
-            .map_err(transport(&url))?;
-        check(&url, resp).await.map(drop)
+        send_ok(
+            self.http
+                .put(url)
+                .bearer_auth(token)
+                .header(reqwest::header::CONTENT_LENGTH, len)
+                .body(body),
+        )
+        .await
     }
 
     /// Records the assignment's manifest; returns the digest the store computed.
@@ -101,16 +96,12 @@ impl StoreClient {
         token: &str,
         manifest: &Manifest,
     ) -> Result<Digest, ClientError> {
-        let url = format!("{}/api/v1/manifest", self.base);
-        let resp = self
+        let req = self
             .http
-            .put(&url)
+            .put(self.url("/api/v1/manifest"))
             .bearer_auth(token)
-            .json(manifest)
-            .send()
-            .await
-            .map_err(transport(&url))?;
-        Ok(json::<ManifestStored>(&url, resp).await?.digest)
+            .json(manifest);
+        Ok(send_json::<ManifestStored>(req).await?.digest)
     }
 
     pub async fn get_manifest(
@@ -119,15 +110,12 @@ impl StoreClient {
         build: &str,
         digest: &Digest,
     ) -> Result<Manifest, ClientError> {
-        let url = format!("{}/api/v1/builds/{build}/manifests/{digest}", self.base);
-        let resp = self
-            .http
-            .get(&url)
-            .bearer_auth(token)
-            .send()
-            .await
-            .map_err(transport(&url))?;
-        json(&url, resp).await
+        send_json(
+            self.http
+                .get(self.url(&format!("/api/v1/builds/{build}/manifests/{digest}")))
+                .bearer_auth(token),
+        )
+        .await
     }
 
     /// Downloads a blob of `build` into memory. Callers check the digest themselves.
@@ -137,19 +125,11 @@ impl StoreClient {
         build: &str,
         digest: &Digest,
     ) -> Result<bytes::Bytes, ClientError> {
-        let url = format!("{}/api/v1/builds/{build}/blobs/{digest}", self.base);
-        let resp = self
+        let req = self
             .http
-            .get(&url)
-            .bearer_auth(token)
-            .send()
-            .await
-            .map_err(transport(&url))?;
-        check(&url, resp)
-            .await?
-            .bytes()
-            .await
-            .map_err(transport(&url))
+            .get(self.url(&format!("/api/v1/builds/{build}/blobs/{digest}")))
+            .bearer_auth(token);
+        Ok(send_bytes(req).await?.1)
     }
 
     /// Revokes tokens of one build (a revoke token from the controller's IdP).
@@ -158,15 +138,12 @@ impl StoreClient {
         token: &str,
         jtis: Vec<String>,
     ) -> Result<RevokeResponse, ClientError> {
-        let url = format!("{}/api/v1/revoke", self.base);
-        let resp = self
-            .http
-            .post(&url)
-            .bearer_auth(token)
-            .json(&RevokeRequest { jtis })
-            .send()
-            .await
-            .map_err(transport(&url))?;
-        json(&url, resp).await
+        send_json(
+            self.http
+                .post(self.url("/api/v1/revoke"))
+                .bearer_auth(token)
+                .json(&RevokeRequest { jtis }),
+        )
+        .await
     }
 }

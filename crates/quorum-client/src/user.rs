@@ -5,7 +5,7 @@ use quorum_api::v1::controller::{
 };
 use quorum_core::attest::Envelope;
 
-use crate::{ClientError, check, json, transport};
+use crate::{ClientError, send_bytes, send_json, send_ok};
 
 #[derive(Clone)]
 pub struct UserClient {
@@ -35,32 +35,26 @@ impl UserClient {
         &self.base
     }
 
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
     async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let url = format!("{}{path}", self.base);
-        let resp = self
-            .http
-            .get(&url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(transport(&url))?;
-        json(&url, resp).await
+        send_json(self.http.get(self.url(path)).bearer_auth(&self.token)).await
     }
 
     pub async fn submit(&self, repository: &str, rev: &str) -> Result<BuildCreated, ClientError> {
-        let url = format!("{}/api/v1/builds", self.base);
-        let resp = self
-            .http
-            .post(&url)
-            .bearer_auth(&self.token)
-            .json(&SubmitBuild {
-                repository: repository.to_string(),
-                rev: rev.to_string(),
-            })
-            .send()
-            .await
-            .map_err(transport(&url))?;
-        json(&url, resp).await
+        let body = SubmitBuild {
+            repository: repository.to_string(),
+            rev: rev.to_string(),
+        };
+        send_json(
+            self.http
+                .post(self.url("/api/v1/builds"))
+                .bearer_auth(&self.token)
+                .json(&body),
+        )
+        .await
     }
 
     pub async fn status(&self, build: &str) -> Result<BuildStatus, ClientError> {
@@ -68,15 +62,12 @@ impl UserClient {
     }
 
     pub async fn cancel(&self, build: &str) -> Result<(), ClientError> {
-        let url = format!("{}/api/v1/builds/{build}/cancel", self.base);
-        let resp = self
-            .http
-            .post(&url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(transport(&url))?;
-        check(&url, resp).await.map(drop)
+        send_ok(
+            self.http
+                .post(self.url(&format!("/api/v1/builds/{build}/cancel")))
+                .bearer_auth(&self.token),
+        )
+        .await
     }
 
     pub async fn statement(&self, build: &str) -> Result<Envelope, ClientError> {
@@ -93,23 +84,12 @@ impl UserClient {
 
     /// Log bytes of an assignment from `offset`, and whether the log is complete.
     pub async fn log(&self, assignment: &str, offset: u64) -> Result<(Vec<u8>, bool), ClientError> {
-        let url = format!(
-            "{}/api/v1/assignments/{assignment}/log?offset={offset}",
-            self.base
-        );
-        let resp = self
-            .http
-            .get(&url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(transport(&url))?;
-        let resp = check(&url, resp).await?;
-        let complete = resp
-            .headers()
+        let path = format!("/api/v1/assignments/{assignment}/log?offset={offset}");
+        let (headers, bytes) =
+            send_bytes(self.http.get(self.url(&path)).bearer_auth(&self.token)).await?;
+        let complete = headers
             .get(HEADER_LOG_COMPLETE)
             .is_some_and(|v| v == "true");
-        let bytes = resp.bytes().await.map_err(transport(&url))?;
         Ok((bytes.to_vec(), complete))
     }
 }

@@ -20,8 +20,34 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
         .ok_or_else(|| ApiError::unauthorized(format!("missing header {name}")))
 }
 
+/// A worker's request whose signature checked out: who sent it, and the body it signed.
+/// Extracting it reads the body (within the router's body limit) and runs [`worker`].
+pub struct SignedWorker {
+    pub worker: WorkerRow,
+    pub body: axum::body::Bytes,
+}
+
+impl axum::extract::FromRequest<std::sync::Arc<State>> for SignedWorker {
+    type Rejection = ApiError;
+
+    async fn from_request(
+        req: axum::extract::Request,
+        state: &std::sync::Arc<State>,
+    ) -> Result<Self, ApiError> {
+        let (parts, body) = req.into_parts();
+        let body = axum::body::Bytes::from_request(
+            axum::extract::Request::from_parts(parts.clone(), body),
+            state,
+        )
+        .await
+        .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+        let worker = worker(state, &parts.method, &parts.uri, &parts.headers, &body).await?;
+        Ok(SignedWorker { worker, body })
+    }
+}
+
 /// Checks the worker's request signature and records that the worker was seen.
-pub async fn worker(
+async fn worker(
     state: &State,
     method: &Method,
     uri: &Uri,

@@ -30,12 +30,15 @@ pub(crate) struct Worker {
     /// One permit per job that may run at once, shared by all controllers.
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) jobs: TaskTracker,
+    /// The worker's own key, loaded once at start: it signs requests, reports and ledger records.
+    pub(crate) key: ed25519_dalek::SigningKey,
     pub(crate) shutdown: CancellationToken,
 }
 
 impl Worker {
     pub(crate) fn new(
         config: Config,
+        key: ed25519_dalek::SigningKey,
         hooks: Arc<dyn Hooks>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Worker> {
@@ -50,6 +53,7 @@ impl Worker {
             hooks,
             environment,
             jobs: TaskTracker::new(),
+            key,
             shutdown,
         })
     }

@@ -460,11 +460,9 @@ async fn report(
         worker: w.config.name.clone(),
     };
     let data_dir = w.config.data_dir.clone();
-    let appended = tokio::task::spawn_blocking(move || {
-        let key = crate::ledger::worker_key(&data_dir)?;
-        crate::ledger::append(&data_dir, &key, entry)
-    })
-    .await;
+    let key = w.key.clone();
+    let appended =
+        tokio::task::spawn_blocking(move || crate::ledger::append(&data_dir, &key, entry)).await;
     match appended {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "cannot append to the usage ledger"),

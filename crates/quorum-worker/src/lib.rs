@@ -109,7 +109,7 @@ pub async fn run_with_hooks(
         .with_context(|| format!("cannot create {}", builds.display()))?;
 
     let controllers: Vec<String> = config.controllers.iter().map(|c| c.url.clone()).collect();
-    let worker = Arc::new(agent::Worker::new(config, hooks, shutdown)?);
+    let worker = Arc::new(agent::Worker::new(config, key.clone(), hooks, shutdown)?);
     let mut loops = tokio::task::JoinSet::new();
     for (url, worker_id) in controllers.iter().zip(worker_ids) {
         let client = quorum_client::controller::WorkerClient::new(url, &worker_id, key.clone());

@@ -73,14 +73,11 @@ struct Saved {
     addresses: BTreeMap<String, String>,
 }
 
-struct RoleProcess {
-    child: Child,
-}
-
 pub struct Federation {
     spec: Spec,
     saved: Saved,
-    processes: BTreeMap<String, RoleProcess>,
+    /// The role processes, named `idp`, `store`, `controller` and after each worker.
+    launcher: Launcher,
     pub idp_url: String,
     pub store_url: String,
     pub controller_url: String,
@@ -119,10 +116,10 @@ impl Federation {
             },
         };
         let mut fed = Federation {
-            spec,
             api_token: saved.api_token.clone(),
+            launcher: Launcher::new(&spec.exe, &spec.data_dir, &spec.log_filter),
+            spec,
             saved,
-            processes: BTreeMap::new(),
             idp_url: String::new(),
             store_url: String::new(),
             controller_url: String::new(),
@@ -200,26 +197,10 @@ impl Federation {
 
     /// Starts (or restarts) the IdP, store or controller and waits for it to listen.
     pub async fn start_role(&mut self, role: &str) -> anyhow::Result<()> {
-        let dir = self.role_dir(role);
-        std::fs::create_dir_all(&dir)?;
-        let config = self.spec.data_dir.join(format!("{role}.toml"));
-        std::fs::write(&config, self.config_text(role)?)?;
-        let ready = self.spec.data_dir.join(format!("{role}.ready"));
-        let _ = std::fs::remove_file(&ready);
-        let child = self.spawn(
-            role,
-            &[
-                role,
-                "--config",
-                path_str(&config)?,
-                "--ready-file",
-                path_str(&ready)?,
-            ],
-        )?;
-        self.processes
-            .insert(role.to_string(), RoleProcess { child });
-        let addr = self.wait_ready(role, &ready).await?;
-        let url = format!("http://{addr}");
+        std::fs::create_dir_all(self.role_dir(role))?;
+        let config = self.config_text(role)?;
+        let url = self.launcher.server_text(role, role, &config).await?;
+        let addr = url.trim_start_matches("http://").to_string();
         self.saved.addresses.insert(role.to_string(), addr);
         match role {
             "idp" => self.idp_url = url,
@@ -269,60 +250,17 @@ impl Federation {
             allow_weaker_sandbox: true,
             limits: Default::default(),
         };
-        let path = self.spec.data_dir.join(format!("{}.toml", w.name));
-        std::fs::write(&path, toml::to_string(&config)?)?;
-        let child = self.spawn(&w.name, &["worker", "--config", path_str(&path)?])?;
-        self.processes.insert(w.name.clone(), RoleProcess { child });
-        Ok(())
-    }
-
-    fn spawn(&self, name: &str, args: &[&str]) -> anyhow::Result<Child> {
-        spawn_process(
-            &self.spec.exe,
-            &self.spec.data_dir,
-            &self.spec.log_filter,
-            name,
-            args,
-        )
-    }
-
-    async fn wait_ready(&mut self, role: &str, ready: &Path) -> anyhow::Result<String> {
-        let dir = self.spec.data_dir.clone();
-        let child = &mut self.processes.get_mut(role).expect("started above").child;
-        wait_ready(child, &dir, role, ready).await
+        self.launcher.worker(&w.name, &config)
     }
 
     /// Kills a role's process with SIGKILL, as a crash would.
     pub fn kill(&mut self, name: &str) -> anyhow::Result<()> {
-        if let Some(mut p) = self.processes.remove(name) {
-            p.child.kill()?;
-            p.child.wait()?;
-        }
-        Ok(())
-    }
-
-    /// Whether a role's process is still running.
-    pub fn is_running(&mut self, name: &str) -> bool {
-        self.processes
-            .get_mut(name)
-            .is_some_and(|p| matches!(p.child.try_wait(), Ok(None)))
+        self.launcher.kill(name)
     }
 
     /// Stops every role with SIGTERM, then SIGKILL after a grace period.
     pub fn shutdown(&mut self) {
-        for p in self.processes.values_mut() {
-            // SAFETY-free: kill(2) through libc, only on our own children's pids.
-            terminate(p.child.id());
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for p in self.processes.values_mut() {
-            while matches!(p.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = p.child.kill();
-            let _ = p.child.wait();
-        }
-        self.processes.clear();
+        self.launcher.shutdown();
     }
 
     /// The controller's signing public key, base64 of the raw 32 bytes.
@@ -333,12 +271,6 @@ impl Federation {
 
     pub fn user_client(&self) -> quorum_client::user::UserClient {
         quorum_client::user::UserClient::new(&self.controller_url, &self.api_token)
-    }
-}
-
-impl Drop for Federation {
-    fn drop(&mut self) {
-        self.shutdown();
     }
 }
 
@@ -429,8 +361,21 @@ impl Launcher {
         role: &str,
         config: &C,
     ) -> anyhow::Result<String> {
+        self.server_text(name, role, &toml::to_string(config)?)
+            .await
+    }
+
+    /// Like [`Launcher::server`], with the config already as TOML. Restarting a name replaces
+    /// its process.
+    pub async fn server_text(
+        &mut self,
+        name: &str,
+        role: &str,
+        config: &str,
+    ) -> anyhow::Result<String> {
+        self.kill(name)?;
         let path = self.dir.join(format!("{name}.toml"));
-        std::fs::write(&path, toml::to_string(config)?)?;
+        std::fs::write(&path, config)?;
         let ready = self.dir.join(format!("{name}.ready"));
         let _ = std::fs::remove_file(&ready);
         let child = spawn_process(
@@ -446,13 +391,18 @@ impl Launcher {
                 path_str(&ready)?,
             ],
         )?;
-        let child = self.processes.entry(name.to_string()).or_insert(child);
+        let child = self
+            .processes
+            .entry(name.to_string())
+            .insert_entry(child)
+            .into_mut();
         let addr = wait_ready(child, &self.dir, name, &ready).await?;
         Ok(format!("http://{addr}"))
     }
 
     /// Writes `config` as `<name>.toml` and starts `quorum worker` on it.
     pub fn worker(&mut self, name: &str, config: &quorum_worker::Config) -> anyhow::Result<()> {
+        self.kill(name)?;
         let path = self.dir.join(format!("{name}.toml"));
         std::fs::write(&path, toml::to_string(config)?)?;
         let child = spawn_process(
@@ -467,8 +417,18 @@ impl Launcher {
     }
 }
 
-impl Drop for Launcher {
-    fn drop(&mut self) {
+impl Launcher {
+    /// Kills one process with SIGKILL, as a crash would.
+    pub fn kill(&mut self, name: &str) -> anyhow::Result<()> {
+        if let Some(mut child) = self.processes.remove(name) {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Stops every process with SIGTERM, then SIGKILL after a grace period.
+    pub fn shutdown(&mut self) {
         for c in self.processes.values_mut() {
             terminate(c.id());
         }
@@ -480,6 +440,13 @@ impl Drop for Launcher {
             let _ = c.kill();
             let _ = c.wait();
         }
+        self.processes.clear();
+    }
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 

@@ -278,22 +278,7 @@ async fn malicious_worker_makes_the_build_disputed_and_nothing_is_signed() {
     )
     .await
     .unwrap();
-    let config = quorum_worker::Config {
-        name: "mallory-1".into(),
-        data_dir: fx.dir.path().join("mallory"),
-        controllers: vec![quorum_worker::ControllerConfig {
-            url: fx.fed.controller_url.clone(),
-            enrollment_token: Some(token),
-        }],
-        trusted_issuers: vec![quorum_client::trust::TrustedIssuer::any_tenant(
-            fx.fed.idp_url.clone(),
-        )],
-        max_jobs: 2,
-        allow_local_repositories: true,
-        sandbox: Default::default(),
-        allow_weaker_sandbox: false,
-        limits: Default::default(),
-    };
+    let config = in_process_worker(&fx, "mallory-1", "mallory", Some(token));
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(quorum_worker::run_with_hooks(
         config,
@@ -382,32 +367,9 @@ async fn worker_refuses_a_token_from_an_idp_it_does_not_trust_and_the_job_moves_
         util::LEASE_SECS,
     )
     .await;
-    let repo = repo_with(&[(
-        ".quorum.yml",
-        "policy: {quorum: 3}\njobs:\n  build:\n    script: [\"mkdir out && echo same > out/a\"]\n    artifacts: [out/a]\n",
-    )]);
+    let repo = repo_with(&[(".quorum.yml", QUICK)]);
     let build = fx.submit(repo.path()).await;
-    let s = fx
-        .wait_until(&build, LIMIT, "picky refusing", |s| {
-            s.jobs[0]
-                .assignments
-                .iter()
-                .any(|a| a.worker == "picky" && a.state == "refused")
-        })
-        .await;
-    let refused = s.jobs[0]
-        .assignments
-        .iter()
-        .find(|a| a.worker == "picky")
-        .unwrap();
-    assert!(
-        refused
-            .detail
-            .as_deref()
-            .unwrap_or_default()
-            .contains("not trusted"),
-        "{refused:?}"
-    );
+    let s = fx.wait_refused(&build, "picky", "not trusted").await;
     assert_ne!(s.state, BuildState::Verified);
 
     fx.fed
@@ -609,29 +571,9 @@ async fn worker_refuses_a_job_token_addressed_to_another_worker() {
     ));
     let repo = repo_with(&[(".quorum.yml", QUICK)]);
     let build = fx.submit(repo.path()).await;
-    let s = fx
-        .wait_until(&build, LIMIT, "the impostor refusing", |s| {
-            s.jobs[0]
-                .assignments
-                .iter()
-                .any(|a| a.worker == "victim" && a.state == "refused")
-        })
-        .await;
+    let s = fx.wait_refused(&build, "victim", "audience").await;
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), impostor).await;
-    let refused = s.jobs[0]
-        .assignments
-        .iter()
-        .find(|a| a.worker == "victim")
-        .unwrap();
-    assert!(
-        refused
-            .detail
-            .as_deref()
-            .unwrap_or_default()
-            .contains("audience"),
-        "{refused:?}"
-    );
     assert_ne!(
         s.state,
         BuildState::Verified,
@@ -654,27 +596,8 @@ async fn worker_refuses_local_repositories_unless_its_owner_allows_them() {
     .await;
     let repo = repo_with(&[(".quorum.yml", QUICK)]);
     let build = fx.submit(repo.path()).await;
-    let s = fx
-        .wait_until(&build, LIMIT, "strict refusing", |s| {
-            s.jobs[0]
-                .assignments
-                .iter()
-                .any(|a| a.worker == "strict" && a.state == "refused")
-        })
+    fx.wait_refused(&build, "strict", "allow_local_repositories")
         .await;
-    let refused = s.jobs[0]
-        .assignments
-        .iter()
-        .find(|a| a.worker == "strict")
-        .unwrap();
-    assert!(
-        refused
-            .detail
-            .as_deref()
-            .unwrap_or_default()
-            .contains("allow_local_repositories"),
-        "{refused:?}"
-    );
     // It ran nothing: no build directory, no mirror of the repository.
     assert!(
         !fx.fed.role_dir("strict").join("git").exists()

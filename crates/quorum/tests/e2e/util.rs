@@ -153,6 +153,34 @@ impl Fixture {
         }
     }
 
+    /// Waits (bounded) until `worker` has refused its assignment of the build's first job, and
+    /// checks that the reason it gave mentions `reason`.
+    pub async fn wait_refused(&self, build: &str, worker: &str, reason: &str) -> BuildStatus {
+        let what = format!("{worker} refusing");
+        let s = self
+            .wait_until(build, Duration::from_secs(120), &what, |s| {
+                s.jobs[0]
+                    .assignments
+                    .iter()
+                    .any(|a| a.worker == worker && a.state == "refused")
+            })
+            .await;
+        let refused = s.jobs[0]
+            .assignments
+            .iter()
+            .find(|a| a.worker == worker && a.state == "refused")
+            .unwrap();
+        assert!(
+            refused
+                .detail
+                .as_deref()
+                .unwrap_or_default()
+                .contains(reason),
+            "{refused:?}"
+        );
+        s
+    }
+
     /// Every role's log, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();
