@@ -1,8 +1,14 @@
 //! The issuers a component trusts, and their keys: fetched by OIDC discovery and JWKS, cached by
-//! (issuer, kid), refreshed at most once per unknown kid. Trust is decided by the verifier's own
-//! config: a token's `kid`, `jku` or `x5u` never chooses where keys come from.
+//! (issuer, kid) for `KEYS_TTL`. A kid missing from a cached set makes one refetch (the issuer
+//! may have rotated its key), and such refetches are at most one per issuer per
+//! `REFRESH_MIN_INTERVAL`, so a burst of tokens naming made-up kids costs the issuer one request.
+//! Each issuer's keys have a lock of their own, and each discovery or JWKS request a time limit,
+//! so an issuer that is slow or hangs holds up only the tokens naming it.
+//! Trust is decided by the verifier's own config: a token's `kid`, `jku` or `x5u` never chooses
+//! where keys come from.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::VerifyingKey;
@@ -59,17 +65,24 @@ pub enum TrustError {
 const KEYS_TTL: Duration = Duration::from_secs(300);
 /// At most one refresh per issuer in this window when tokens name unknown kids.
 const REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(10);
+/// Longest a discovery or JWKS request may take, connecting included.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 struct IssuerKeys {
     keys: HashMap<String, VerifyingKey>,
     fetched: Option<Instant>,
+    /// When a kid missing from a fresh set last made a refetch. Only these refetches are
+    /// throttled: a set fetched a moment ago for a known kid must not stop a rotated-in key from
+    /// being found.
+    refreshed_for_unknown: Option<Instant>,
 }
 
 pub struct TrustedIssuers {
     issuers: Vec<TrustedIssuer>,
     http: reqwest::Client,
-    cache: Mutex<HashMap<String, IssuerKeys>>,
+    /// One slot per issuer, locked across its fetches (so a burst waits for one refetch).
+    cache: std::sync::Mutex<HashMap<String, Arc<Mutex<IssuerKeys>>>>,
 }
 
 impl std::fmt::Debug for TrustedIssuers {
@@ -85,7 +98,7 @@ impl TrustedIssuers {
         TrustedIssuers {
             issuers,
             http: crate::http_client(),
-            cache: Mutex::default(),
+            cache: std::sync::Mutex::default(),
         }
     }
 
@@ -128,16 +141,28 @@ impl TrustedIssuers {
     }
 
     async fn key(&self, issuer: &str, kid: &str) -> Result<VerifyingKey, TrustError> {
-        let mut cache = self.cache.lock().await;
-        let entry = cache.entry(issuer.to_string()).or_default();
+        let slot = self
+            .cache
+            .lock()
+            .expect("issuer key cache")
+            .entry(issuer.to_string())
+            .or_default()
+            .clone();
+        let mut entry = slot.lock().await;
         let fresh = entry.fetched.is_some_and(|t| t.elapsed() < KEYS_TTL);
         if fresh && let Some(k) = entry.keys.get(kid) {
             return Ok(*k);
         }
-        let may_refresh = entry
-            .fetched
-            .is_none_or(|t| t.elapsed() >= REFRESH_MIN_INTERVAL);
+        // The lock is held across the fetch, so a burst of unknown kids waits for the one
+        // refetch and then finds the throttle set, instead of each fetching.
+        let may_refresh = !fresh
+            || entry
+                .refreshed_for_unknown
+                .is_none_or(|t| t.elapsed() >= REFRESH_MIN_INTERVAL);
         if may_refresh {
+            if fresh {
+                entry.refreshed_for_unknown = Some(Instant::now());
+            }
             entry.keys = self.fetch(issuer).await?;
             entry.fetched = Some(Instant::now());
         }
@@ -162,6 +187,7 @@ impl TrustedIssuers {
         let resp = self
             .http
             .get(&url)
+            .timeout(FETCH_TIMEOUT)
             .send()
             .await
             .map_err(transport(&url))
@@ -177,6 +203,7 @@ impl TrustedIssuers {
         let resp = self
             .http
             .get(&url)
+            .timeout(FETCH_TIMEOUT)
             .send()
             .await
             .map_err(transport(&url))

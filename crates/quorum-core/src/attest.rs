@@ -1,5 +1,6 @@
-//! Attestation formats: the DSSE envelope, an in-toto Statement v1 whose predicate is SLSA
-//! Provenance v1, and checking an envelope's signature. Signing itself happens only in
+//! Attestation formats: the DSSE envelope, in-toto Statements v1 whose predicates are SLSA
+//! Provenance v1 and SLSA Verification Summary v1, and checking an envelope's signature against
+//! one key or a set of keys (a signer's key ring). Signing itself happens only in
 //! `quorum-signer`; this module builds the bytes and verifies them.
 
 use base64::Engine as _;
@@ -15,6 +16,13 @@ pub const PAYLOAD_TYPE: &str = "application/vnd.in-toto+json";
 pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
 pub const PROVENANCE_TYPE: &str = "https://slsa.dev/provenance/v1";
 pub const BUILD_TYPE: &str = "https://quorum.invalid/build/v1";
+pub const VSA_TYPE: &str = "https://slsa.dev/verification_summary/v1";
+/// The policy a summary names: at least `quorum` identical results from distinct owners, at
+/// least `trusted` of them from trusted workers, per job (the numbers are in its annotations).
+pub const POLICY_URI: &str = "https://quorum.invalid/policy/identical-results/v1";
+/// The level a summary claims: provenance made and signed by the signer, from results it
+/// re-checked, never by build code (SLSA Build L2: hosted platform, signed provenance).
+pub const VERIFIED_LEVEL: &str = "SLSA_BUILD_LEVEL_2";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
@@ -108,6 +116,30 @@ pub fn verify_envelope(envelope: &Envelope, key: &VerifyingKey) -> Result<Value,
     Ok(statement)
 }
 
+/// Checks the envelope against a set of keys (a signer's published ring): the signature whose
+/// `keyid` names one of `keys` must verify with it. Key ids are derived from the keys, so a
+/// signature cannot claim another key's id and pass.
+pub fn verify_envelope_with_any(
+    envelope: &Envelope,
+    keys: &[VerifyingKey],
+) -> Result<Value, VerifyError> {
+    let key = envelope
+        .signatures
+        .iter()
+        .find_map(|s| keys.iter().find(|k| key_id(k) == s.keyid))
+        .ok_or_else(|| {
+            VerifyError::NoSignatureByKey(
+                envelope
+                    .signatures
+                    .iter()
+                    .map(|s| s.keyid.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+        })?;
+    verify_envelope(envelope, key)
+}
+
 /// The subjects of a verified statement.
 pub fn subjects(statement: &Value) -> Result<Vec<Subject>, VerifyError> {
     let subjects = statement
@@ -151,15 +183,7 @@ pub struct Builder {
 /// The in-toto Statement with SLSA Provenance v1 for a verified build. Subject names are
 /// `<job>/<path>`.
 pub fn provenance_statement(facts: &BuildFacts) -> Value {
-    let subject: Vec<Value> = facts
-        .jobs
-        .iter()
-        .flat_map(|j| {
-            j.artifacts
-                .iter()
-                .map(move |(path, d)| json!({"name": format!("{}/{}", j.name, path), "digest": {"sha256": d.hex()}}))
-        })
-        .collect();
+    let subject = subjects_of(facts);
     let jobs: Vec<Value> = facts
         .jobs
         .iter()
@@ -197,6 +221,66 @@ pub fn provenance_statement(facts: &BuildFacts) -> Value {
             },
         },
     })
+}
+
+/// The in-toto Statement with an SLSA Verification Summary v1 for a verified build whose
+/// provenance is `provenance`: the same subjects, the policy (identical results required per
+/// job), the provenance as the input attestation (by the SHA-256 of its statement bytes), and,
+/// as an extension field, the builders whose identical results met the policy.
+pub fn verification_summary(facts: &BuildFacts, provenance: &Envelope) -> Value {
+    let subject = subjects_of(facts);
+    let policy: Vec<Value> = facts
+        .jobs
+        .iter()
+        .map(|j| json!({"job": j.name, "quorum": j.policy.quorum, "trusted": j.policy.trusted}))
+        .collect();
+    let policy_bytes = serde_json::to_vec(&policy).expect("policies serialize");
+    let provenance_bytes = B64.decode(&provenance.payload).unwrap_or_default();
+    let builders: Vec<Value> = facts
+        .jobs
+        .iter()
+        .map(|j| json!({"job": j.name, "manifest": j.manifest.to_string(), "builders": j.builders}))
+        .collect();
+    let build_uri = format!(
+        "{}/api/v1/builds/{}",
+        facts.controller.trim_end_matches('/'),
+        facts.build_id
+    );
+    json!({
+        "_type": STATEMENT_TYPE,
+        "subject": subject,
+        "predicateType": VSA_TYPE,
+        "predicate": {
+            "verifier": {"id": facts.controller},
+            "timeVerified": facts.finished_on,
+            "resourceUri": build_uri,
+            "policy": {
+                "uri": POLICY_URI,
+                "digest": {"sha256": Digest::of(&policy_bytes).hex()},
+                "annotations": {"jobs": policy},
+            },
+            "inputAttestations": [{
+                "uri": format!("{build_uri}/statement"),
+                "digest": {"sha256": Digest::of(&provenance_bytes).hex()},
+            }],
+            "verificationResult": "PASSED",
+            "verifiedLevels": [VERIFIED_LEVEL],
+            "slsaVersion": "1.0",
+            "agreement": builders,
+        },
+    })
+}
+
+fn subjects_of(facts: &BuildFacts) -> Vec<Value> {
+    facts
+        .jobs
+        .iter()
+        .flat_map(|j| {
+            j.artifacts
+                .iter()
+                .map(move |(path, d)| json!({"name": format!("{}/{}", j.name, path), "digest": {"sha256": d.hex()}}))
+        })
+        .collect()
 }
 
 /// Wraps a signature made elsewhere into an envelope. `sign` receives the PAE bytes.
@@ -241,6 +325,90 @@ mod tests {
                 artifacts: vec![("out/a".into(), Digest::of(b"a"))],
             }],
         }
+    }
+
+    #[test]
+    fn the_summary_names_the_policy_the_builders_and_the_provenance() {
+        let key = SigningKey::from_bytes(&[7u8; 32]);
+        let mut facts = facts();
+        facts.jobs[0].builders = vec![
+            Builder {
+                worker: "w1".into(),
+                owner: "alice".into(),
+                key_id: "sha256:aa".into(),
+                trusted: true,
+            },
+            Builder {
+                worker: "w2".into(),
+                owner: "bob".into(),
+                key_id: "sha256:bb".into(),
+                trusted: false,
+            },
+        ];
+        let provenance = provenance_statement(&facts);
+        let env = envelope_with(&provenance, key_id(&key.verifying_key()), |m| {
+            key.sign(m).to_bytes()
+        });
+        let vsa = verification_summary(&facts, &env);
+        assert_eq!(vsa["_type"], STATEMENT_TYPE);
+        assert_eq!(vsa["predicateType"], VSA_TYPE);
+        assert_eq!(vsa["subject"], provenance["subject"]);
+        let p = &vsa["predicate"];
+        assert_eq!(p["verificationResult"], "PASSED");
+        assert_eq!(p["verifier"]["id"], "http://127.0.0.1:1");
+        assert_eq!(p["resourceUri"], "http://127.0.0.1:1/api/v1/builds/b1");
+        assert_eq!(p["policy"]["uri"], POLICY_URI);
+        assert_eq!(
+            p["policy"]["annotations"]["jobs"],
+            json!([{"job": "build", "quorum": 2, "trusted": 0}])
+        );
+        let payload = B64.decode(&env.payload).unwrap();
+        assert_eq!(
+            p["inputAttestations"][0]["digest"]["sha256"],
+            Digest::of(&payload).hex()
+        );
+        let builders = &p["agreement"][0]["builders"];
+        assert_eq!(builders[0]["worker"], "w1");
+        assert_eq!(builders[0]["owner"], "alice");
+        assert_eq!(builders[1]["owner"], "bob");
+        // Another policy is another digest.
+        let mut stricter = facts.clone();
+        stricter.jobs[0].policy.quorum = 3;
+        let other = verification_summary(&stricter, &env);
+        assert_ne!(
+            other["predicate"]["policy"]["digest"],
+            p["policy"]["digest"]
+        );
+    }
+
+    #[test]
+    fn a_ring_verifies_by_key_id_and_a_borrowed_key_id_does_not_help() {
+        let (old, new, thief) = (
+            SigningKey::from_bytes(&[1u8; 32]),
+            SigningKey::from_bytes(&[2u8; 32]),
+            SigningKey::from_bytes(&[3u8; 32]),
+        );
+        let ring = [new.verifying_key(), old.verifying_key()];
+        let statement = provenance_statement(&facts());
+        let by_old = envelope_with(&statement, key_id(&old.verifying_key()), |m| {
+            old.sign(m).to_bytes()
+        });
+        assert!(verify_envelope_with_any(&by_old, &ring).is_ok());
+        // Signed by a key outside the ring but claiming a ring key's id.
+        let borrowed = envelope_with(&statement, key_id(&old.verifying_key()), |m| {
+            thief.sign(m).to_bytes()
+        });
+        assert!(matches!(
+            verify_envelope_with_any(&borrowed, &ring),
+            Err(VerifyError::BadSignature(_))
+        ));
+        let outside = envelope_with(&statement, key_id(&thief.verifying_key()), |m| {
+            thief.sign(m).to_bytes()
+        });
+        assert!(matches!(
+            verify_envelope_with_any(&outside, &ring),
+            Err(VerifyError::NoSignatureByKey(id)) if id == key_id(&thief.verifying_key())
+        ));
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! Clients kept in the IdP's SQLite database (`data_dir/idp.db`), managed by the admin CLI
-//! (`quorum idp client add|list|disable|rotate`) with or without the IdP running.
+//! (`quorum idp client add|list|disable|enable|rotate`) with or without the IdP running. The
+//! same file holds the signing keys (`keys.rs`), so it is created mode 0600 and kept so.
 //!
 //! The running IdP reads this table on every token request (it is small), so a change made by the
 //! CLI counts from the IdP's next request: no reload, no signal. Two processes may open the file
 //! at once, hence WAL (readers never block the writer), a busy timeout (a writer waits for the
 //! other instead of failing), `BEGIN IMMEDIATE` for the write that reads first (so two `add`s of
-//! one id cannot both pass the check), and one retry of the migration (two first starts may race
+//! one id cannot both pass the check), and retries of the migration (two first starts may race
 //! to create the schema; the loser finds it made).
 //!
 //! Config-file clients stay read-only here: an id lives in one place only, and a database client
@@ -70,6 +71,10 @@ pub enum AdminError {
     Db(#[from] sqlx::Error),
     #[error("hashing the new secret failed: {0}")]
     Hashing(String),
+    #[error("cannot use the legacy signing key file {0}: {1}")]
+    LegacyKey(PathBuf, String),
+    #[error("cannot make {0} private (mode 0600): {1}")]
+    Private(PathBuf, std::io::Error),
 }
 
 /// Where a client is registered.
@@ -118,11 +123,14 @@ impl ClientDb {
             source,
         })?;
         let path = data_dir.join(DB_FILE);
+        make_private(&path)?;
         let options = SqliteConnectOptions::new()
             .filename(&path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(Duration::from_secs(10))
+            // A rotated-out signing key's bytes are overwritten, not left in free pages.
+            .pragma("secure_delete", "ON");
         // Switching a new file to WAL needs a lock that the busy timeout does not cover, so a
         // second process opening the same new file at the same moment can be told "locked":
         // try again shortly, a bounded number of times.
@@ -147,14 +155,19 @@ impl ClientDb {
             }
         };
         let migrator = sqlx::migrate!("./migrations");
-        if let Err(first) = migrator.run(&pool).await {
-            // Another process (the CLI next to a first-starting IdP) may have been creating the
-            // same schema; its work is visible now, so a second run finds nothing left to do.
-            tracing::debug!(error = %first, "migrating the client database failed once; retrying");
-            migrator
-                .run(&pool)
-                .await
-                .map_err(|source| AdminError::Migrate { path, source })?;
+        // Another process (the CLI next to a first-starting IdP) may be creating the same
+        // schema: each failure means it applied a migration first, and a new run skips what is
+        // done, so one run per migration (plus one) always gets through.
+        let mut runs = 0;
+        loop {
+            runs += 1;
+            match migrator.run(&pool).await {
+                Ok(()) => break,
+                Err(e) if runs <= migrator.iter().count() => {
+                    tracing::debug!(error = %e, "migrating the client database failed; retrying");
+                }
+                Err(source) => return Err(AdminError::Migrate { path, source }),
+            }
         }
         Ok(ClientDb { pool })
     }
@@ -211,9 +224,36 @@ impl ClientDb {
         Ok(())
     }
 
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     pub(crate) async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Creates the database file mode 0600 if it is missing, and makes an existing one (and its
+/// WAL and shared-memory files) 0600: it holds the active signing key. SQLite gives the WAL and
+/// shared-memory files it creates the database file's mode.
+fn make_private(path: &Path) -> Result<(), AdminError> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| AdminError::Private(path.to_path_buf(), e))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", path.display()));
+        match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(AdminError::Private(file, e)),
+        }
+    }
+    Ok(())
 }
 
 /// The admin CLI's view of the registrations: config-file clients (read-only) and database
@@ -294,6 +334,20 @@ impl ClientAdmin {
     pub async fn disable(&self, id: &str) -> Result<(), AdminError> {
         self.refuse_config_client(id)?;
         let done = sqlx::query("UPDATE clients SET disabled = 1 WHERE id = ?")
+            .bind(id)
+            .execute(&self.db.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(AdminError::UnknownClient(id.into()));
+        }
+        Ok(())
+    }
+
+    /// Enables a disabled database client again: from the IdP's next request on its current
+    /// secret works. Enabling an enabled client is harmless.
+    pub async fn enable(&self, id: &str) -> Result<(), AdminError> {
+        self.refuse_config_client(id)?;
+        let done = sqlx::query("UPDATE clients SET disabled = 0 WHERE id = ?")
             .bind(id)
             .execute(&self.db.pool)
             .await?;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::StatusCode;
 use quorum_api::v1::idp::{Discovery, GRANT_CLIENT_CREDENTIALS, GRANT_TOKEN_EXCHANGE};
 use quorum_token::Jwks;
 
@@ -23,8 +24,11 @@ pub async fn discovery(State(idp): State<Arc<Idp>>) -> Json<Discovery> {
     })
 }
 
-pub async fn jwks(State(idp): State<Arc<Idp>>) -> Json<Jwks> {
-    Json(Jwks {
-        keys: vec![idp.key.jwk()],
-    })
+/// The active key and every retiring one (`keys.rs`), read from the database per request.
+pub async fn jwks(State(idp): State<Arc<Idp>>) -> Result<Json<Jwks>, StatusCode> {
+    let keys = idp.keys.published().await.map_err(|e| {
+        tracing::error!(error = %e, "cannot read the signing keys");
+        StatusCode::INTERNAL_SERVER_ERROR
+    })?;
+    Ok(Json(Jwks { keys }))
 }

@@ -4,11 +4,13 @@
 //!
 //! Clients come from two places: `[[clients]]` in the config file (read-only) and the SQLite
 //! database in `data_dir` (`db.rs`), which the admin CLI manages through `ClientAdmin` and the
-//! token endpoint reads on every request.
+//! token endpoint reads on every request. The signing keys are a key ring in the same database
+//! (`keys.rs`), rotated with `KeyAdmin` while the IdP runs.
 
 mod clients;
 mod db;
 mod discovery;
+mod keys;
 mod token;
 
 use std::path::PathBuf;
@@ -17,13 +19,13 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use axum::Router;
 use axum::routing::{get, post};
-use quorum_token::IssuerKey;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use clients::{ClientsError, hash_secret};
 pub use db::{AdminError, ClientAdmin, ClientInfo, ClientSource, DB_FILE};
+pub use keys::{KeyAdmin, KeyInfo, KeyState, LEGACY_KEY_FILE, rfc3339};
 
 /// `quorum idp --config idp.toml`
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -32,7 +34,7 @@ pub struct Config {
     /// Address to listen on, such as `127.0.0.1:8101`; `--listen` overrides it.
     #[serde(default = "default_listen")]
     pub listen: String,
-    /// Where the signing key and database live.
+    /// Where the database (clients and signing keys, mode 0600) lives.
     pub data_dir: PathBuf,
     /// The issuer URL put in tokens and discovery. Defaults to `http://<bound address>`.
     #[serde(default)]
@@ -98,7 +100,8 @@ impl Config {
 /// What every handler shares.
 struct Idp {
     issuer: String,
-    key: IssuerKey,
+    /// Read per request, so `quorum idp key rotate` counts from the next one.
+    keys: keys::KeyRing,
     clients: Arc<clients::Clients>,
     /// Read per request, so the admin CLI's changes count from the next one.
     db: db::ClientDb,
@@ -108,8 +111,8 @@ struct Idp {
     verified: clients::VerifiedCache,
 }
 
-/// Serves the IdP on `listener` until `shutdown` is cancelled. The signing key is created in
-/// `data_dir` on first start and reused afterwards, so tokens outlive a restart.
+/// Serves the IdP on `listener` until `shutdown` is cancelled. The first signing key is created
+/// in the database on first start and kept until rotated, so tokens outlive a restart.
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -125,10 +128,8 @@ pub async fn run(
         .unwrap_or_else(|| format!("http://{addr}"));
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
-    let key = IssuerKey::new(quorum_service::load_or_create_key(
-        &config.data_dir.join("idp-signing.key"),
-    )?);
     let db = db::ClientDb::open(&config.data_dir).await?;
+    let kid = keys::ensure_active(&db, &config.data_dir).await?;
     db.check_no_conflict(&clients).await?;
     let db_clients = db.list().await?.len();
     if clients.len() == 0 && db_clients == 0 {
@@ -136,10 +137,10 @@ pub async fn run(
             "no clients are registered yet; token requests are refused until `quorum idp client add` adds one"
         );
     }
-    tracing::info!(%issuer, kid = %key.kid, config_clients = clients.len(), db_clients, %addr, "identity provider listening");
+    tracing::info!(%issuer, %kid, config_clients = clients.len(), db_clients, %addr, "identity provider listening");
     let idp = Arc::new(Idp {
         issuer,
-        key,
+        keys: keys::KeyRing::new(&db, config.max_token_lifetime_secs),
         clients: Arc::new(clients),
         db: db.clone(),
         max_lifetime_secs: config.max_token_lifetime_secs,

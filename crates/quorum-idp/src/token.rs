@@ -130,8 +130,8 @@ pub async fn token(
     let req: TokenRequest = serde_urlencoded::from_bytes(&form).map_err(unreadable)?;
     let constraints: TokenConstraints = serde_urlencoded::from_bytes(&form).map_err(unreadable)?;
     let issued = match req.grant_type.as_str() {
-        GRANT_CLIENT_CREDENTIALS => client_credentials(&idp, &client),
-        GRANT_TOKEN_EXCHANGE => exchange(&idp, &client, &req, &constraints)?,
+        GRANT_CLIENT_CREDENTIALS => client_credentials(&idp, &client).await?,
+        GRANT_TOKEN_EXCHANGE => exchange(&idp, &client, &req, &constraints).await?,
         other => {
             return Err(OAuthFailure::new(
                 "unsupported_grant_type",
@@ -160,19 +160,20 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     Some((id.to_string(), secret.to_string()))
 }
 
-fn client_credentials(idp: &Idp, client: &Client) -> TokenResponse {
+async fn client_credentials(idp: &Idp, client: &Client) -> Result<TokenResponse, OAuthFailure> {
     let lifetime = DEFAULT_LIFETIME_SECS.min(idp.max_lifetime_secs);
     let claims = idp.claims(client, &idp.issuer, lifetime, None);
-    tracing::info!(client = %client.id, tenant = %client.tenant, jti = %claims.jti, lifetime, "issued access token");
-    TokenResponse {
-        access_token: quorum_token::mint(TYP_ACCESS, &claims, &idp.key),
+    let key = idp.signing_key().await?;
+    tracing::info!(client = %client.id, tenant = %client.tenant, jti = %claims.jti, kid = %key.kid, lifetime, "issued access token");
+    Ok(TokenResponse {
+        access_token: quorum_token::mint(TYP_ACCESS, &claims, &key),
         issued_token_type: TOKEN_TYPE_ACCESS.into(),
         token_type: "Bearer".into(),
         expires_in: lifetime,
-    }
+    })
 }
 
-fn exchange(
+async fn exchange(
     idp: &Idp,
     client: &Client,
     req: &TokenRequest,
@@ -193,13 +194,29 @@ fn exchange(
         audience: &idp.issuer,
         max_lifetime_secs: idp.max_lifetime_secs,
     };
-    let subject =
-        quorum_token::verify(subject, &idp.key.key.verifying_key(), &expect).map_err(|e| {
-            OAuthFailure::new(
-                "invalid_grant",
-                format!("subject_token is not a valid access token of this IdP: {e}"),
-            )
+    let invalid = |e: quorum_token::TokenError| {
+        OAuthFailure::new(
+            "invalid_grant",
+            format!("subject_token is not a valid access token of this IdP: {e}"),
+        )
+    };
+    // The access token may predate a rotation: any published key of this IdP will do.
+    let kid = quorum_token::peek(subject).map_err(invalid)?.kid;
+    let key = idp
+        .keys
+        .public_key(&kid)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot read the signing keys");
+            OAuthFailure::server_error()
+        })?
+        .ok_or_else(|| {
+            invalid(quorum_token::TokenError::UnknownKey {
+                iss: idp.issuer.clone(),
+                kid: kid.clone(),
+            })
         })?;
+    let subject = quorum_token::verify(subject, &key, &expect).map_err(invalid)?;
     // An access token is the client's own credential; it never speaks for another client.
     if subject.sub != client.id || subject.tenant != client.tenant {
         return Err(OAuthFailure::new(
@@ -257,12 +274,13 @@ fn exchange(
         source_cidrs,
     };
     let claims = idp.claims(client, audience, lifetime, Some(scope));
+    let key = idp.signing_key().await?;
     tracing::info!(
-        client = %client.id, tenant = %client.tenant, typ, audience, build, jti = %claims.jti, lifetime,
+        client = %client.id, tenant = %client.tenant, typ, audience, build, jti = %claims.jti, kid = %key.kid, lifetime,
         "issued exchanged token"
     );
     Ok(TokenResponse {
-        access_token: quorum_token::mint(typ, &claims, &idp.key),
+        access_token: quorum_token::mint(typ, &claims, &key),
         issued_token_type: token_type.into(),
         token_type: "Bearer".into(),
         expires_in: lifetime,
@@ -304,6 +322,14 @@ fn optional(value: &Option<String>, name: &str) -> Result<Option<String>, OAuthF
 }
 
 impl Idp {
+    /// The active key, read after the claims are built (see `keys.rs` for why the order matters).
+    async fn signing_key(&self) -> Result<quorum_token::IssuerKey, OAuthFailure> {
+        self.keys.active().await.map_err(|e| {
+            tracing::error!(error = %e, "cannot read the active signing key");
+            OAuthFailure::server_error()
+        })
+    }
+
     fn claims(
         &self,
         client: &Client,

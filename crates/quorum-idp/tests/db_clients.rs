@@ -144,6 +144,41 @@ async fn a_client_added_while_the_idp_runs_gets_tokens_for_its_tenant_until_disa
 }
 
 #[tokio::test]
+async fn a_disabled_client_enabled_again_gets_tokens_with_its_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = Idp::start(config(dir.path())).await;
+    bounded(async {
+        let admin = ClientAdmin::open(&config(dir.path())).await.unwrap();
+        let secret = admin.add("worker-1", "eliza").await.unwrap();
+        admin.disable("worker-1").await.unwrap();
+        let (status, _) = idp.token_raw("worker-1", &secret).await;
+        assert_eq!(status, 401, "disabled first");
+
+        admin.enable("worker-1").await.unwrap();
+        assert_eq!(idp.tenant_of("worker-1", &secret).await, "eliza");
+        let row = admin.list().await.unwrap();
+        assert!(!row.iter().find(|c| c.id == "worker-1").unwrap().disabled);
+        // Enabling an enabled client is harmless; a wrong secret is still refused.
+        admin.enable("worker-1").await.unwrap();
+        let (status, body) = idp.token_raw("worker-1", "wrong").await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("invalid_client"))
+        );
+        // Config-file clients and unknown ids are refused by name, and nothing changes.
+        let config_client = admin.enable(CONFIG_CLIENT.0).await.unwrap_err();
+        assert!(matches!(&config_client, AdminError::ConfigClient(id) if id == CONFIG_CLIENT.0));
+        let ghost = admin.enable("ghost").await.unwrap_err();
+        assert!(matches!(&ghost, AdminError::UnknownClient(id) if id == "ghost"));
+        assert!(ghost.to_string().contains("`ghost`"), "{ghost}");
+        assert_eq!(admin.list().await.unwrap().len(), 2);
+        admin.close().await;
+    })
+    .await;
+    idp.stop().await;
+}
+
+#[tokio::test]
 async fn rotation_retires_the_old_secret_at_the_next_request() {
     let dir = tempfile::tempdir().unwrap();
     let idp = Idp::start(config(dir.path())).await;

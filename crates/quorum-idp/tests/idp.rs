@@ -174,7 +174,11 @@ async fn discovery_and_jwks_publish_the_issuer_and_its_key() {
         assert_eq!(jwks.keys.len(), 1);
         let key = jwks.keys[0].verifying_key().unwrap();
         assert_eq!(jwks.keys[0].kid, quorum_token::Jwk::thumbprint(&key));
-        assert!(dir.path().join("idp-signing.key").exists());
+        // The key lives in the database, which only its owner may read.
+        use std::os::unix::fs::PermissionsExt as _;
+        let db = std::fs::metadata(dir.path().join(quorum_idp::DB_FILE)).unwrap();
+        assert_eq!(db.permissions().mode() & 0o777, 0o600);
+        assert!(!dir.path().join(quorum_idp::LEGACY_KEY_FILE).exists());
     })
     .await;
     idp.stop().await;
@@ -394,7 +398,8 @@ async fn exchange_refuses_another_clients_or_another_idps_access_token() {
         assert_eq!(status, 400);
         assert!(err.error_description.contains("another client"), "{err:?}");
 
-        // Same client id and secret at another IdP: its access token is signed with another key.
+        // Same client id and secret at another IdP: its access token is signed with another key,
+        // which this IdP's key ring does not hold.
         let foreign = client(&other, 0).access_token().await.unwrap().access_token;
         let (status, err) = exchange_raw(
             &idp,
@@ -405,7 +410,12 @@ async fn exchange_refuses_another_clients_or_another_idps_access_token() {
         .await;
         assert_eq!(status, 400);
         assert_eq!(err.error, "invalid_grant");
-        assert!(err.error_description.contains("signature"), "{err:?}");
+        let foreign_kid = quorum_token::peek(&foreign).unwrap().kid;
+        assert!(
+            err.error_description
+                .contains(&format!("has no key `{foreign_kid}`")),
+            "{err:?}"
+        );
 
         // An exchanged token is not an access token and cannot be exchanged again.
         let access = dinah.access_token().await.unwrap().access_token;

@@ -1,20 +1,28 @@
 //! The only crate that touches the signing key. The signer does not take the controller's word
 //! for a verdict: given the stored evidence (every worker's signed report and the worker keys
 //! from enrollment) it re-checks each report's signature, recomputes each job's verdict, and
-//! only then signs the build's provenance statement.
+//! only then signs the build's provenance statement and, beside it, an SLSA Verification
+//! Summary naming the policy and the agreeing builders.
+//!
+//! The signing key is a key ring (`ring.rs`): one active key, retired keys kept public so older
+//! statements keep verifying, rotation and revocation by the operator's CLI.
 //!
 //! Nothing on the worker side may depend on this crate (a test checks `cargo tree`).
+
+mod ring;
 
 use std::path::Path;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
+use ed25519_dalek::{Signature, Signer as _, Verifier as _, VerifyingKey};
 use quorum_api::v1::controller::{ReportedResult, ResultReport};
 use quorum_api::v1::worker_auth::report_message;
 use quorum_core::attest::{self, BuildFacts, Builder, Envelope, JobFacts};
 use quorum_core::pipeline::Policy;
 use quorum_core::verdict::{JobVerdict, ResultView, job_verdict};
+
+pub use ring::{KeyRing, RING_FILE, SignerKeyInfo, SignerKeyState};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SignError {
@@ -46,6 +54,12 @@ pub enum SignError {
     NotVerified { job: String, verdict: String },
     #[error("the build has no jobs")]
     Empty,
+    #[error("the signer has no key `{0}`")]
+    UnknownKey(String),
+    #[error("key `{0}` is the active signing key; rotate to a new key before revoking it")]
+    RevokeActive(String),
+    #[error("the active signing key `{0}` is revoked; rotate to a new key before signing")]
+    ActiveRevoked(String),
 }
 
 /// The stored evidence for one build.
@@ -81,8 +95,20 @@ pub struct ResultEvidence {
     pub signature: String,
 }
 
+/// What the signer signs for one verified build: the provenance and the verification summary,
+/// by the same key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedBuild {
+    pub provenance: Envelope,
+    pub summary: Envelope,
+}
+
+/// Signs with the active key of its ring, read from disk at every signature so a rotation made
+/// while the controller runs counts from the next build. No `Debug` of key material.
 pub struct Signer {
-    key: SigningKey,
+    ring: KeyRing,
+    /// The active key when the signer was loaded, for logs and the local federation's banner.
+    loaded: VerifyingKey,
 }
 
 impl std::fmt::Debug for Signer {
@@ -94,58 +120,31 @@ impl std::fmt::Debug for Signer {
 }
 
 impl Signer {
-    /// Loads the signing key from `path` (32 raw bytes, mode 0600), creating it on first start.
+    /// Opens the key ring whose active key is `path` (32 raw bytes, mode 0600), creating the
+    /// key on first start and listing it in the ring (`signer-keys.json` beside it).
     pub fn load_or_create(path: &Path) -> Result<Signer, SignError> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let err = |message: String| SignError::Key {
-            path: path.display().to_string(),
-            message,
-        };
-        match std::fs::read(path) {
-            Ok(bytes) => {
-                let arr: [u8; 32] = bytes
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| err("not a 32-byte key".into()))?;
-                Ok(Signer {
-                    key: SigningKey::from_bytes(&arr),
-                })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let key = SigningKey::generate(&mut rand_core::OsRng);
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-                }
-                let tmp = path.with_extension("tmp");
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .map_err(|e| err(e.to_string()))?;
-                f.write_all(key.as_bytes())
-                    .and_then(|_| f.sync_all())
-                    .map_err(|e| err(e.to_string()))?;
-                std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))?;
-                Ok(Signer { key })
-            }
-            Err(e) => Err(err(e.to_string())),
-        }
+        let ring = KeyRing::new(path);
+        let loaded = ring.active()?.verifying_key();
+        Ok(Signer { ring, loaded })
     }
 
+    /// The active key when the signer was loaded.
     pub fn public_key(&self) -> VerifyingKey {
-        self.key.verifying_key()
+        self.loaded
     }
 
     pub fn key_id(&self) -> String {
-        attest::key_id(&self.key.verifying_key())
+        attest::key_id(&self.loaded)
     }
 
-    /// Re-checks the evidence and signs the build's provenance. Refuses unless every job is
-    /// verified by its own evidence.
-    pub fn sign_build(&self, evidence: &Evidence) -> Result<Envelope, SignError> {
+    /// The public keys consumers may verify statements with: every key not revoked.
+    pub fn published_keys(&self) -> Result<Vec<SignerKeyInfo>, SignError> {
+        self.ring.published()
+    }
+
+    /// Re-checks the evidence and signs the build's provenance and its verification summary
+    /// with the active key. Refuses unless every job is verified by its own evidence.
+    pub fn sign_build(&self, evidence: &Evidence) -> Result<SignedBuild, SignError> {
         if evidence.jobs.is_empty() {
             return Err(SignError::Empty);
         }
@@ -162,10 +161,17 @@ impl Signer {
             finished_on: evidence.finished_on.clone(),
             jobs,
         };
-        let statement = attest::provenance_statement(&facts);
-        Ok(attest::envelope_with(&statement, self.key_id(), |m| {
-            self.key.sign(m).to_bytes()
-        }))
+        let key = self.ring.active()?;
+        let keyid = attest::key_id(&key.verifying_key());
+        let sign = |statement: &serde_json::Value| {
+            attest::envelope_with(statement, keyid.clone(), |m| key.sign(m).to_bytes())
+        };
+        let provenance = sign(&attest::provenance_statement(&facts));
+        let summary = sign(&attest::verification_summary(&facts, &provenance));
+        Ok(SignedBuild {
+            provenance,
+            summary,
+        })
     }
 }
 
@@ -267,6 +273,7 @@ fn check_job(build_id: &str, job: &JobEvidence) -> Result<JobFacts, SignError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ed25519_dalek::SigningKey;
     use quorum_api::v1::controller::{EnvironmentFacts, Usage};
     use quorum_core::{Digest, Manifest, ManifestEntry};
 
@@ -322,10 +329,8 @@ mod tests {
         }
     }
 
-    fn signer() -> Signer {
-        Signer {
-            key: SigningKey::from_bytes(&[9; 32]),
-        }
+    fn signer(dir: &Path) -> Signer {
+        Signer::load_or_create(&dir.join("signer.key")).unwrap()
     }
 
     #[test]
@@ -334,16 +339,72 @@ mod tests {
             SigningKey::from_bytes(&[1; 32]),
             SigningKey::from_bytes(&[2; 32]),
         );
-        let s = signer();
-        let env = s
+        let dir = tempfile::tempdir().unwrap();
+        let s = signer(dir.path());
+        let signed = s
             .sign_build(&evidence(vec![
                 report(&w1, "w1", "a1", b"x"),
                 report(&w2, "w2", "a2", b"x"),
             ]))
             .unwrap();
-        let statement = attest::verify_envelope(&env, &s.public_key()).unwrap();
+        let statement = attest::verify_envelope(&signed.provenance, &s.public_key()).unwrap();
         let subjects = attest::subjects(&statement).unwrap();
         assert_eq!(subjects[0].digest.sha256, Digest::of(b"x").hex());
+        let summary = attest::verify_envelope(&signed.summary, &s.public_key()).unwrap();
+        assert_eq!(summary["predicateType"], attest::VSA_TYPE);
+        assert_eq!(attest::subjects(&summary).unwrap(), subjects);
+        let p = &summary["predicate"];
+        assert_eq!(
+            p["policy"]["annotations"]["jobs"][0],
+            serde_json::json!({"job": "build", "quorum": 2, "trusted": 0})
+        );
+        let owners: Vec<&str> = p["agreement"][0]["builders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["owner"].as_str().unwrap())
+            .collect();
+        assert_eq!(owners, ["owner-w1", "owner-w2"]);
+    }
+
+    #[test]
+    fn a_signer_loaded_before_a_rotation_signs_with_the_new_key() {
+        let (w1, w2) = (
+            SigningKey::from_bytes(&[1; 32]),
+            SigningKey::from_bytes(&[2; 32]),
+        );
+        let e = evidence(vec![
+            report(&w1, "w1", "a1", b"x"),
+            report(&w2, "w2", "a2", b"x"),
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let s = signer(dir.path());
+        let before = s.sign_build(&e).unwrap();
+        assert_eq!(before.provenance.signatures[0].keyid, s.key_id());
+        let new = KeyRing::new(&dir.path().join("signer.key"))
+            .rotate()
+            .unwrap();
+        let after = s.sign_build(&e).unwrap();
+        for env in [&after.provenance, &after.summary] {
+            assert_eq!(env.signatures[0].keyid, new.keyid);
+        }
+        let keys: Vec<VerifyingKey> = s
+            .published_keys()
+            .unwrap()
+            .iter()
+            .map(|k| {
+                let raw: [u8; 32] = B64.decode(&k.public_key).unwrap().try_into().unwrap();
+                VerifyingKey::from_bytes(&raw).unwrap()
+            })
+            .collect();
+        for env in [
+            &before.provenance,
+            &before.summary,
+            &after.provenance,
+            &after.summary,
+        ] {
+            attest::verify_envelope_with_any(env, &keys).unwrap();
+        }
     }
 
     #[test]
@@ -352,7 +413,8 @@ mod tests {
             SigningKey::from_bytes(&[1; 32]),
             SigningKey::from_bytes(&[2; 32]),
         );
-        let s = signer();
+        let dir = tempfile::tempdir().unwrap();
+        let s = signer(dir.path());
         let differ = evidence(vec![
             report(&w1, "w1", "a1", b"x"),
             report(&w2, "w2", "a2", b"evil"),
