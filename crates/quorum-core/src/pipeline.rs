@@ -40,7 +40,7 @@ impl Default for Policy {
 #[serde(deny_unknown_fields)]
 struct RawPipeline {
     #[serde(default)]
-    policy: Option<Policy>,
+    policy: Option<RawPolicy>,
     jobs: BTreeMap<String, RawJob>,
 }
 
@@ -58,7 +58,110 @@ struct RawJob {
     #[serde(default)]
     labels: BTreeMap<String, String>,
     #[serde(default)]
-    policy: Option<Policy>,
+    policy: Option<RawPolicy>,
+    #[serde(default)]
+    inputs: Vec<Input>,
+    /// Times a failed job (its workers agree it fails) is run again; disputes are not retried.
+    #[serde(default)]
+    retries: u32,
+    /// An approval gate: the job waits for `quorum approve BUILD JOB` before it is scheduled.
+    #[serde(default)]
+    manual: bool,
+    /// One job per combination of values, named `<job>-<value>...` in key order; `${{ matrix.KEY }}`
+    /// in the script, artifacts and label values is replaced by the combination's value.
+    #[serde(default)]
+    matrix: BTreeMap<String, Vec<String>>,
+}
+
+/// A policy as written: [`Policy`] plus the most assignments a job may use per round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default = "default_quorum")]
+    quorum: u32,
+    #[serde(default)]
+    trusted: u32,
+    #[serde(default)]
+    attempts: Option<u32>,
+}
+
+impl Default for RawPolicy {
+    fn default() -> RawPolicy {
+        RawPolicy {
+            quorum: default_quorum(),
+            trusted: 0,
+            attempts: None,
+        }
+    }
+}
+
+impl RawPolicy {
+    fn policy(self) -> Policy {
+        Policy {
+            quorum: self.quorum,
+            trusted: self.trusted,
+        }
+    }
+}
+
+/// Most retries of a failed job, most matrix combinations of one job, most attempts per round.
+pub const MAX_RETRIES: u32 = 10;
+pub const MAX_MATRIX_JOBS: usize = 64;
+pub const MAX_ATTEMPTS: u32 = 100;
+
+/// A file a job declares it needs besides its source: the worker downloads it outside the
+/// sandbox, checks it against the pinned digest, and mounts it read-only at `/inputs/<name>`.
+/// Checked while parsing, so a bad entry is reported with its line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Input {
+    /// The file's name under `/inputs`: 1 to 100 of `A-Z a-z 0-9 . _ -`, not starting with `.`.
+    pub name: String,
+    /// Where to download it from: an `https://` or `http://` URL.
+    pub url: String,
+    pub sha256: crate::Digest,
+}
+
+impl<'de> Deserialize<'de> for Input {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Input, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Raw {
+            name: String,
+            url: String,
+            sha256: String,
+        }
+        let raw = Raw::deserialize(d)?;
+        let err = |m: String| serde::de::Error::custom(format!("input `{}`: {m}", raw.name));
+        let name_ok = (1..=100).contains(&raw.name.len())
+            && !raw.name.starts_with('.')
+            && raw
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !name_ok {
+            return Err(err(
+                "the name must be 1 to 100 of A-Z a-z 0-9 . _ - and not start with `.`".into(),
+            ));
+        }
+        if !(raw.url.starts_with("https://") || raw.url.starts_with("http://")) {
+            return Err(err(format!(
+                "url `{}` must start with https:// or http://",
+                raw.url
+            )));
+        }
+        let hex = raw.sha256.strip_prefix("sha256:").unwrap_or(&raw.sha256);
+        let sha256 = format!("sha256:{hex}").parse().map_err(|_| {
+            err(format!(
+                "sha256 `{}` is not 64 lowercase hex digits",
+                raw.sha256
+            ))
+        })?;
+        Ok(Input {
+            name: raw.name,
+            url: raw.url,
+            sha256,
+        })
+    }
 }
 
 /// Seconds, given in the file as an integer or as `90s`, `10m`, `2h`.
@@ -117,6 +220,26 @@ pub struct JobSpec {
     pub timeout_secs: u64,
     pub labels: BTreeMap<String, String>,
     pub policy: Policy,
+    #[serde(default)]
+    pub inputs: Vec<Input>,
+    /// The most assignments one round of the job may use (refusals and lost leases count);
+    /// `None`: three per required result, plus three.
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    #[serde(default)]
+    pub retries: u32,
+    #[serde(default)]
+    pub manual: bool,
+    /// For a job expanded from a `matrix`: its combination of values.
+    #[serde(default)]
+    pub matrix: BTreeMap<String, String>,
+}
+
+impl JobSpec {
+    /// The most assignments one round of this job may use.
+    pub fn attempt_limit(&self) -> u32 {
+        self.max_attempts.unwrap_or(self.policy.quorum * 3 + 3)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,14 +258,16 @@ impl Pipeline {
         let raw: RawPipeline =
             serde_yaml_ng::from_str(text).map_err(|e| PipelineError(e.to_string()))?;
         let default_policy = raw.policy.unwrap_or_default();
-        check_policy("policy", default_policy)?;
+        check_policy("policy", default_policy.policy())?;
+        check_attempts(text, None, default_policy)?;
         if raw.jobs.is_empty() {
             return Err(PipelineError(
                 "`jobs` is empty; define at least one job".into(),
             ));
         }
+        let (raw_jobs, instances) = expand_matrices(text, raw.jobs)?;
         let mut jobs = BTreeMap::new();
-        for (name, job) in raw.jobs {
+        for ((name, matrix), job) in raw_jobs {
             check_job_name(&name).map_err(PipelineError)?;
             let script = job.script.unwrap_or_default();
             if script.is_empty() {
@@ -169,9 +294,31 @@ impl Pipeline {
                     "job `{name}`: timeout must be between 1 second and {MAX_TIMEOUT_SECS} seconds"
                 )));
             }
-            let policy = job.policy.unwrap_or(default_policy);
+            let raw_policy = job.policy.unwrap_or(default_policy);
+            let policy = raw_policy.policy();
             check_policy(&format!("job `{name}`: policy"), policy)?;
-            let mut needs = job.needs.clone();
+            check_attempts(text, Some(&name), raw_policy)?;
+            if job.retries > MAX_RETRIES {
+                return Err(job_error(
+                    text,
+                    &name,
+                    format!("`retries` is {}; at most {MAX_RETRIES}", job.retries),
+                ));
+            }
+            let mut names: Vec<&str> = job.inputs.iter().map(|i| i.name.as_str()).collect();
+            names.sort();
+            if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+                return Err(PipelineError(format!(
+                    "job `{name}` declares the input `{}` twice",
+                    w[0]
+                )));
+            }
+            // A need naming a matrix job means every job expanded from it.
+            let mut needs: Vec<String> = job
+                .needs
+                .iter()
+                .flat_map(|n| instances.get(n).cloned().unwrap_or_else(|| vec![n.clone()]))
+                .collect();
             needs.sort();
             if needs.windows(2).any(|w| w[0] == w[1]) {
                 return Err(PipelineError(format!(
@@ -188,6 +335,11 @@ impl Pipeline {
                     timeout_secs,
                     labels: job.labels,
                     policy,
+                    inputs: job.inputs,
+                    max_attempts: raw_policy.attempts,
+                    retries: job.retries,
+                    manual: job.manual,
+                    matrix,
                 },
             );
         }
@@ -210,6 +362,170 @@ impl Pipeline {
     pub fn job(&self, name: &str) -> Option<&JobSpec> {
         self.jobs.iter().find(|j| j.name == name)
     }
+}
+
+/// An error about job `name`, with the line its key is on when it can be found (for a job
+/// expanded from a matrix, the line of the matrix job).
+fn job_error(text: &str, name: &str, message: String) -> PipelineError {
+    let line = std::iter::successors(Some(name), |n| n.rsplit_once('-').map(|(base, _)| base))
+        .find_map(|n| job_line(text, n));
+    match line {
+        Some(line) => PipelineError(format!("line {line}: job `{name}`: {message}")),
+        None => PipelineError(format!("job `{name}`: {message}")),
+    }
+}
+
+/// The 1-based line of job `name`'s key under the top-level `jobs:` key.
+fn job_line(text: &str, name: &str) -> Option<usize> {
+    let mut in_jobs = false;
+    for (i, line) in text.lines().enumerate() {
+        let indented = line.starts_with([' ', '\t']);
+        if !indented && !line.trim().is_empty() {
+            in_jobs = line.trim_end() == "jobs:";
+            continue;
+        }
+        let key = line.trim_start();
+        let key = key
+            .strip_prefix(name)
+            .or_else(|| key.strip_prefix(&format!("\"{name}\"")))
+            .or_else(|| key.strip_prefix(&format!("'{name}'")));
+        if in_jobs && indented && key.is_some_and(|rest| rest.trim_start().starts_with(':')) {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+fn check_attempts(text: &str, job: Option<&str>, p: RawPolicy) -> Result<(), PipelineError> {
+    let Some(attempts) = p.attempts else {
+        return Ok(());
+    };
+    if attempts >= p.quorum && attempts <= MAX_ATTEMPTS {
+        return Ok(());
+    }
+    let message = format!(
+        "policy `attempts` is {attempts}; it must be at least `quorum` ({}) and at most {MAX_ATTEMPTS}",
+        p.quorum
+    );
+    Err(match job {
+        Some(name) => job_error(text, name, message),
+        None => PipelineError(message),
+    })
+}
+
+/// The jobs keyed by (name, matrix values), each matrix job replaced by one job per
+/// combination; and, for each matrix job, the names of the jobs it became.
+#[allow(clippy::type_complexity)]
+fn expand_matrices(
+    text: &str,
+    raw: BTreeMap<String, RawJob>,
+) -> Result<
+    (
+        BTreeMap<(String, BTreeMap<String, String>), RawJob>,
+        BTreeMap<String, Vec<String>>,
+    ),
+    PipelineError,
+> {
+    let mut out = BTreeMap::new();
+    let mut instances = BTreeMap::new();
+    for (name, job) in raw {
+        if job.matrix.is_empty() {
+            out.insert((name, BTreeMap::new()), job);
+            continue;
+        }
+        let mut combos: Vec<BTreeMap<String, String>> = vec![BTreeMap::new()];
+        for (key, values) in &job.matrix {
+            if values.is_empty() {
+                return Err(job_error(
+                    text,
+                    &name,
+                    format!("matrix `{key}` has no values"),
+                ));
+            }
+            combos = combos
+                .into_iter()
+                .flat_map(|c| {
+                    values.iter().map(move |v| {
+                        let mut c = c.clone();
+                        c.insert(key.clone(), v.clone());
+                        c
+                    })
+                })
+                .collect();
+            if combos.len() > MAX_MATRIX_JOBS {
+                return Err(job_error(
+                    text,
+                    &name,
+                    format!("the matrix makes more than {MAX_MATRIX_JOBS} jobs"),
+                ));
+            }
+        }
+        let mut names = Vec::new();
+        for combo in combos {
+            let instance = std::iter::once(name.as_str())
+                .chain(combo.values().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join("-");
+            check_job_name(&instance)
+                .map_err(|e| job_error(text, &name, format!("matrix job `{instance}`: {e}")))?;
+            let sub = |s: &String| substitute(s, &combo).map_err(|e| job_error(text, &name, e));
+            let mut expanded = job.clone();
+            expanded.matrix = BTreeMap::new();
+            expanded.script = job
+                .script
+                .as_ref()
+                .map(|steps| steps.iter().map(sub).collect())
+                .transpose()?;
+            expanded.artifacts = job.artifacts.iter().map(sub).collect::<Result<_, _>>()?;
+            expanded.labels = job
+                .labels
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), sub(v)?)))
+                .collect::<Result<_, PipelineError>>()?;
+            names.push(instance.clone());
+            out.insert((instance, combo), expanded);
+        }
+        instances.insert(name, names);
+    }
+    // A plain job may carry the name of a matrix expansion made before or after it.
+    let mut seen = BTreeSet::new();
+    for (name, _) in out.keys() {
+        if !seen.insert(name) {
+            return Err(job_error(
+                text,
+                name,
+                format!("matrix job `{name}` has the name of another job"),
+            ));
+        }
+    }
+    Ok((out, instances))
+}
+
+/// Replaces each `${{ matrix.KEY }}` in `s` by the combination's value for KEY.
+fn substitute(s: &str, combo: &BTreeMap<String, String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 3..];
+        let end = after
+            .find("}}")
+            .ok_or_else(|| format!("`${{{{` without a closing `}}}}` in `{s}`"))?;
+        let expr = after[..end].trim();
+        let value = expr
+            .strip_prefix("matrix.")
+            .and_then(|k| combo.get(k))
+            .ok_or_else(|| {
+                format!(
+                    "`${{{{ {expr} }}}}` names no matrix key; this job's keys are {}",
+                    combo.keys().cloned().collect::<Vec<_>>().join(", ")
+                )
+            })?;
+        out.push_str(value);
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 fn check_policy(context: &str, p: Policy) -> Result<(), PipelineError> {
@@ -325,6 +641,41 @@ jobs:
     }
 
     #[test]
+    fn inputs_are_parsed_and_bad_ones_named_with_their_line() {
+        let digest = "a".repeat(64);
+        let text = format!(
+            "jobs:\n  build:\n    script: [make]\n    inputs:\n      - name: zlib.tar.gz\n        \
+             url: https://example.org/zlib.tar.gz\n        sha256: {digest}\n"
+        );
+        let p = Pipeline::parse(&text).unwrap();
+        let input = &p.job("build").unwrap().inputs[0];
+        assert_eq!(input.name, "zlib.tar.gz");
+        assert_eq!(input.sha256.to_string(), format!("sha256:{digest}"));
+
+        for (bad, says) in [
+            (
+                text.replace("zlib.tar.gz\n", "../x\n"),
+                "input `../x`: the name",
+            ),
+            (
+                text.replace("https://", "file://"),
+                "must start with https://",
+            ),
+            (text.replace(&digest, "abc"), "sha256 `abc` is not 64"),
+        ] {
+            let err = Pipeline::parse(&bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{err}");
+            assert!(err.contains("line 5"), "{err}");
+        }
+        let twice = text.clone() + &text[text.find("      - name").unwrap()..];
+        let err = Pipeline::parse(&twice).unwrap_err().to_string();
+        assert!(
+            err.contains("declares the input `zlib.tar.gz` twice"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn syntax_error_is_reported() {
         let err = Pipeline::parse("jobs:\n  build: [unclosed\n")
             .unwrap_err()
@@ -366,5 +717,99 @@ jobs:
             .unwrap_err()
             .to_string();
         assert!(err.contains("must be relative"), "{err}");
+    }
+
+    const MATRIX: &str = r#"
+jobs:
+  build:
+    matrix:
+      arch: [x86_64, aarch64]
+      opt: ["0", "2"]
+    script: ["make ARCH=${{ matrix.arch }} O=${{matrix.opt}}"]
+    artifacts: ["out-${{ matrix.arch }}/*"]
+    labels: {arch: "${{ matrix.arch }}"}
+    retries: 2
+    policy: {quorum: 2, attempts: 4}
+  release:
+    needs: [build]
+    manual: true
+    script: [publish]
+"#;
+
+    #[test]
+    fn a_matrix_expands_into_one_job_per_combination_and_needs_follow() {
+        let p = Pipeline::parse(MATRIX).unwrap();
+        let names: Vec<&str> = p.jobs.iter().map(|j| j.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "build-aarch64-0",
+                "build-aarch64-2",
+                "build-x86_64-0",
+                "build-x86_64-2",
+                "release"
+            ]
+        );
+        let b = p.job("build-x86_64-2").unwrap();
+        assert_eq!(b.script, ["make ARCH=x86_64 O=2"]);
+        assert_eq!(b.artifacts, ["out-x86_64/*"]);
+        assert_eq!(b.labels["arch"], "x86_64");
+        assert_eq!(b.matrix["opt"], "2");
+        assert_eq!((b.retries, b.attempt_limit(), b.manual), (2, 4, false));
+        let r = p.job("release").unwrap();
+        assert_eq!(r.needs.len(), 4, "{:?}", r.needs);
+        assert!(r.manual);
+        assert_eq!(
+            r.attempt_limit(),
+            9,
+            "three per required result, plus three"
+        );
+    }
+
+    #[test]
+    fn bad_new_fields_are_refused_with_their_line() {
+        let unknown_key = MATRIX.replace("${{matrix.opt}}", "${{ matrix.cpu }}");
+        let err = Pipeline::parse(&unknown_key).unwrap_err().to_string();
+        assert!(err.contains("line 3: job `build`"), "{err}");
+        assert!(err.contains("matrix.cpu"), "{err}");
+        let err = Pipeline::parse(&MATRIX.replace("attempts: 4", "attempts: 1"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 3: job `build-aarch64-0`: policy `attempts` is 1"),
+            "{err}"
+        );
+        let err = Pipeline::parse(&MATRIX.replace("retries: 2", "retries: 11"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`retries` is 11; at most 10"), "{err}");
+        let err = Pipeline::parse(&MATRIX.replace("[x86_64, aarch64]", "[]"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("matrix `arch` has no values"), "{err}");
+        let err = Pipeline::parse(&MATRIX.replace("[x86_64, aarch64]", "[\"a b\"]"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("matrix job `build-a b-0`"), "{err}");
+        let clash = format!("{MATRIX}  build-x86_64-0:\n    script: [x]\n");
+        let err = Pipeline::parse(&clash).unwrap_err().to_string();
+        assert!(err.contains("has the name of another job"), "{err}");
+        let err = Pipeline::parse("jobs:\n  a: {script: [x], manual: yes-please}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2"),
+            "serde's errors carry the line too: {err}"
+        );
+    }
+
+    #[test]
+    fn specs_stored_before_these_fields_still_load() {
+        let old = r#"{"name":"a","script":["x"],"artifacts":[],"needs":[],"timeout_secs":60,"labels":{},"policy":{"quorum":2,"trusted":0}}"#;
+        let spec: JobSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (spec.retries, spec.manual, spec.attempt_limit()),
+            (0, false, 9)
+        );
     }
 }

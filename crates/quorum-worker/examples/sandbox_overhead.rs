@@ -1,11 +1,13 @@
 //! Start-up overhead per step: runs N `true` steps through the process and the namespace
 //! executors and prints the mean and median milliseconds per step and their ratio.
-//! `cargo run --release -p quorum-worker --example sandbox_overhead [N]`
+//! `cargo build --release -p quorum-worker --bins --examples &&
+//! target/release/examples/sandbox_overhead [N]`
 
 use std::time::{Duration, Instant};
 
+use quorum_worker::executor::landlock::INIT_NAME;
 use quorum_worker::executor::{
-    Executor, JobSpec, JobStatus, Limits, ProcessExecutor, SandboxExecutor, run_job,
+    Executor, JobSpec, JobStatus, Limits, ProcessExecutor, SandboxError, SandboxExecutor, run_job,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -18,6 +20,7 @@ async fn measure(executor: &dyn Executor, n: usize) -> Vec<Duration> {
         source_date_epoch: 0,
         script: vec!["true".into()],
         timeout: Duration::from_secs(30),
+        inputs: Vec::new(),
     };
     std::fs::create_dir_all(&job.build_dir).expect("cannot create the build directory");
     let mut times = Vec::with_capacity(n);
@@ -33,6 +36,54 @@ async fn measure(executor: &dyn Executor, n: usize) -> Vec<Duration> {
         drain.await.expect("the log drain panicked");
     }
     times
+}
+
+/// Adds `quorum-sandbox-init` from the same target directory (`cargo build --bins` puts it one
+/// level above the examples), so the figures include the Landlock step.
+fn with_init(sandbox: SandboxExecutor) -> Result<SandboxExecutor, SandboxError> {
+    let init = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join(INIT_NAME)));
+    match init {
+        Some(init) if init.is_file() => sandbox.with_init(&init),
+        _ => {
+            eprintln!("note: no {INIT_NAME} built; measuring without Landlock");
+            Ok(sandbox)
+        }
+    }
+}
+
+/// Wall time of each of `n` bare `bwrap` runs of `/bin/true` with only a user, pid and network
+/// namespace and /usr: what bubblewrap itself costs here, without the executor's layers.
+#[allow(clippy::disallowed_methods)] // a baseline outside the executor
+fn bare_bwrap(n: usize) -> Vec<Duration> {
+    let mut args: Vec<String> = ["--unshare-user", "--unshare-pid", "--unshare-net"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    args.extend(["--ro-bind", "/usr", "/usr"].map(String::from));
+    for top in ["bin", "lib", "lib64"] {
+        let host = std::path::Path::new("/").join(top);
+        if let Ok(target) = std::fs::read_link(&host) {
+            args.extend([
+                "--symlink".into(),
+                target.display().to_string(),
+                host.display().to_string(),
+            ]);
+        }
+    }
+    (0..n)
+        .map(|_| {
+            let started = Instant::now();
+            let status = std::process::Command::new("bwrap")
+                .args(&args)
+                .arg("/usr/bin/true")
+                .status()
+                .expect("cannot run bwrap");
+            assert!(status.success(), "bare bwrap failed");
+            started.elapsed()
+        })
+        .collect()
 }
 
 fn stats(times: &mut [Duration]) -> (f64, f64) {
@@ -53,9 +104,9 @@ async fn main() {
         memory_bytes: Some(1 << 30),
         pids: Some(256),
         cpu_quota: Some(1.0),
-        nice: None,
+        ..Limits::default()
     };
-    let sandbox = match SandboxExecutor::new(state.path(), limits) {
+    let sandbox = match SandboxExecutor::new(state.path(), limits).and_then(with_init) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{e}");
@@ -64,13 +115,13 @@ async fn main() {
     };
     let mut plain = measure(&ProcessExecutor, n).await;
     let mut boxed = measure(&sandbox, n).await;
+    let mut bare = bare_bwrap(n);
+    let (bm, bmed) = stats(&mut bare);
     let (pm, pmed) = stats(&mut plain);
     let (sm, smed) = stats(&mut boxed);
-    println!(
-        "steps: {n} x `true`; sandbox cgroups: {:?}",
-        sandbox.cgroups()
-    );
+    println!("steps: {n} x `true`; sandbox: {}", sandbox.description());
     println!("process:    mean {pm:.2} ms, median {pmed:.2} ms");
+    println!("bare bwrap: mean {bm:.2} ms, median {bmed:.2} ms");
     println!("namespaces: mean {sm:.2} ms, median {smed:.2} ms");
     println!(
         "ratio (namespaces / process): mean {:.2}, median {:.2}",

@@ -27,6 +27,7 @@ fn steps_see_only_the_allow_listed_environment() {
         source_date_epoch: 1_234_567_890,
         script: vec!["env".into()],
         timeout: Duration::from_secs(30),
+        inputs: Vec::new(),
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (outcome, log) = rt.block_on(async {

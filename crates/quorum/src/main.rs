@@ -8,6 +8,10 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 fn main() -> ExitCode {
+    // The same binary is the sandbox's first program (it applies Landlock, then runs the step).
+    if let Some(code) = quorum_worker::executor::landlock::multicall_main() {
+        return code;
+    }
     let cli = cmd::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| cli.default_log_filter().into());

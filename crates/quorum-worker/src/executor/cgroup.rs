@@ -30,6 +30,16 @@ pub struct Limits {
     /// Niceness of the step's processes (0 to 19; higher yields to the owner's own work).
     #[serde(default)]
     pub nice: Option<i32>,
+    /// Wall-clock seconds one step may run (the pipeline's timeout covers the whole job).
+    #[serde(default)]
+    pub step_timeout_secs: Option<u64>,
+    /// Bytes the job's build directory may hold: `/build` is then a tmpfs of this size, private
+    /// to the job, and a build that fills it gets `ENOSPC`.
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
+    /// Bytes of each step's private `/tmp` (a tmpfs; the kernel's default is half the RAM).
+    #[serde(default)]
+    pub tmp_bytes: Option<u64>,
 }
 
 impl Limits {
@@ -46,6 +56,8 @@ pub enum LimitHit {
     Memory { bytes: u64 },
     /// A fork or clone failed because the step had this many processes.
     Pids { max: u64 },
+    /// The step ran longer than the owner allows one step; its whole tree was killed.
+    StepTime { secs: u64 },
 }
 
 impl std::fmt::Display for LimitHit {
@@ -55,6 +67,10 @@ impl std::fmt::Display for LimitHit {
                 write!(f, "the worker's memory limit (memory_bytes = {bytes})")
             }
             LimitHit::Pids { max } => write!(f, "the worker's process limit (pids = {max})"),
+            LimitHit::StepTime { secs } => write!(
+                f,
+                "the worker's per-step time limit (step_timeout_secs = {secs})"
+            ),
         }
     }
 }
@@ -175,7 +191,7 @@ impl Hierarchy {
                 memory_bytes: Some(1 << 30),
                 pids: Some(64),
                 cpu_quota: Some(1.0),
-                nice: None,
+                ..Limits::default()
             },
         )?;
         check.remove();
@@ -294,13 +310,20 @@ impl StepCgroup {
         Ok(())
     }
 
-    /// `cgroup.procs` of each controller, opened for the step's process to join them before exec.
+    /// The files the step's process writes `0` to, to join each controller's group before exec.
+    ///
+    /// On cgroup v1 that is `tasks`, not `cgroup.procs`: moving a whole process takes the
+    /// kernel's global threadgroup lock, whose first writer after a pause waits for an RCU grace
+    /// period (5 to 20 ms per step on a busy machine, most of the sandbox's start-up cost),
+    /// while moving the calling thread alone skips that lock. The child is single-threaded
+    /// between fork and exec, so moving its thread moves the process.
     pub(crate) fn procs_files(&self) -> Result<Vec<fs::File>, CgroupError> {
+        let file = if self.v2 { "cgroup.procs" } else { "tasks" };
         self.dirs
             .unique()
             .into_iter()
             .map(|dir| {
-                let path = dir.join("cgroup.procs");
+                let path = dir.join(file);
                 fs::OpenOptions::new()
                     .write(true)
                     .open(&path)

@@ -10,7 +10,7 @@
 
 use std::future::Future;
 use std::io::{PipeReader, PipeWriter, Write as _};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -20,12 +20,16 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 mod cgroup;
+mod disk;
+pub mod landlock;
 mod probe;
 mod process;
 mod sandbox;
 mod seccomp;
 
 pub use cgroup::{CgroupError, LimitHit, Limits};
+pub use disk::release_stale_mounts;
+pub use landlock::LandlockTier;
 pub use probe::{ProbeError, SandboxTier, probe};
 pub use process::ProcessExecutor;
 pub use sandbox::{BUILD_PATH, SandboxError, SandboxExecutor, sandbox_environment};
@@ -36,12 +40,53 @@ pub use seccomp::SeccompError;
 pub struct JobSpec {
     /// The exported source tree; steps run here.
     pub build_dir: PathBuf,
-    /// The job's own temporary directory (`TMPDIR`), inside the job directory.
+    /// The job's own temporary directory (`TMPDIR`), inside the job directory, for the process
+    /// tier; the sandbox gives each step a private tmpfs at /tmp instead.
     pub tmp_dir: PathBuf,
     pub source_date_epoch: i64,
     pub script: Vec<String>,
     /// For all steps together.
     pub timeout: Duration,
+    /// Verified declared inputs, bound read-only at `/inputs/<name>` (namespace tier only).
+    pub inputs: Vec<MountedInput>,
+}
+
+/// A declared input the worker has verified (`crate::inputs`), as a tier mounts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountedInput {
+    /// The file's name under `/inputs`.
+    pub name: String,
+    /// The verified file on the host.
+    pub path: PathBuf,
+}
+
+/// Where one job's files live, made by [`Executor::workspace`] before its source is exported
+/// into `build_dir`. Dropping it releases what the tier set up for the job (the sandbox's
+/// size-limited build directory); the caller removes the files.
+#[derive(Debug)]
+pub struct Workspace {
+    pub build_dir: PathBuf,
+    pub tmp_dir: PathBuf,
+    disk: Option<disk::BuildDisk>,
+}
+
+impl Workspace {
+    /// `job_dir/src` and `job_dir/tmp` as plain directories.
+    fn plain(job_dir: &Path) -> std::io::Result<Workspace> {
+        let workspace = Workspace {
+            build_dir: job_dir.join("src"),
+            tmp_dir: job_dir.join("tmp"),
+            disk: None,
+        };
+        std::fs::create_dir_all(&workspace.build_dir)?;
+        std::fs::create_dir_all(&workspace.tmp_dir)?;
+        Ok(workspace)
+    }
+
+    /// Whether `build_dir` is a size-limited file system of its own.
+    pub fn has_disk_limit(&self) -> bool {
+        self.disk.is_some()
+    }
 }
 
 /// The whole environment of a step: nothing of the worker's own environment is passed on.
@@ -99,8 +144,16 @@ pub type StepFuture<'a> = Pin<Box<dyn Future<Output = Result<StepRun, ExecError>
 pub trait Executor: Send + Sync {
     /// Recorded with each result (`EnvironmentFacts::executor`).
     fn name(&self) -> &'static str;
+    /// The isolation layers in force, recorded with each result (`EnvironmentFacts::sandbox`).
+    fn description(&self) -> String {
+        self.name().to_string()
+    }
     /// Runs one step to its end. When it returns, no process the step started may be left.
     fn run_step<'a>(&'a self, step: StepContext<'a>) -> StepFuture<'a>;
+    /// Creates the directories of a job in `job_dir` (which must exist).
+    fn workspace(&self, job_dir: &Path) -> Result<Workspace, ExecError> {
+        Workspace::plain(job_dir).map_err(ExecError::Setup)
+    }
 }
 
 /// The executor itself failed; the build did not get to run (or to finish) for the worker's sake.

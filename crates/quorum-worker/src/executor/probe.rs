@@ -57,6 +57,7 @@ pub fn probe(state_dir: &Path, limits: &Limits) -> Result<SandboxExecutor, Probe
         source_date_epoch: 0,
         script: vec!["true".into()],
         timeout: PROBE_TIMEOUT,
+        inputs: Vec::new(),
     };
     std::fs::create_dir_all(&job.build_dir).map_err(setup)?;
     std::fs::create_dir_all(&job.tmp_dir).map_err(setup)?;

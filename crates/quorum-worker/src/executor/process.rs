@@ -5,14 +5,16 @@
 //! This tier normalises a build; it does not contain one. A step can read whatever the worker's
 //! user can read (the namespace sandbox tier is what hides the rest of the host).
 
-// `pre_exec`, `wait4`, `killpg` and `memfd_create` are libc calls whose contracts Rust cannot check; this module
+// `pre_exec`, `wait4`, `killpg`, `memfd_create`, `mount` and `umount2` are libc calls whose contracts Rust cannot check; this module
 // is the one place in the workspace allowed `unsafe`, and each block says why it is sound.
 #![allow(unsafe_code)]
 
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 use std::io::{self, Seek as _, Write as _};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::CommandExt as _;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -37,6 +39,13 @@ impl Executor for ProcessExecutor {
 }
 
 async fn run_step(step: StepContext<'_>) -> Result<StepRun, ExecError> {
+    if let Some(input) = step.job.inputs.first() {
+        return Err(ExecError::Setup(std::io::Error::other(format!(
+            "the job declares inputs (`{}`), which only the namespace sandbox can mount at \
+             /inputs; this worker runs builds as plain processes",
+            input.name
+        ))));
+    }
     let mut cmd = command(step.job, step.command);
     supervise(&mut cmd, Supervision::default());
     run_supervised(cmd, &step).await
@@ -47,8 +56,9 @@ async fn run_step(step: StepContext<'_>) -> Result<StepRun, ExecError> {
 #[derive(Debug, Default)]
 pub(super) struct Supervision {
     pub nice: Option<i32>,
-    /// `cgroup.procs` files, opened for writing; the child writes `0` (itself) to each, so it
-    /// is inside its limits before it runs a single instruction of the build.
+    /// `cgroup.procs` (v2) or `tasks` (v1) files, opened for writing; the child writes `0`
+    /// (itself) to each, so it is inside its limits before it runs a single instruction of the
+    /// build.
     pub cgroups: Vec<std::fs::File>,
 }
 
@@ -180,6 +190,37 @@ pub(super) fn inherit_fd(cmd: &mut Command, fd: OwnedFd) -> RawFd {
         });
     }
     raw
+}
+
+/// Mounts a tmpfs of `bytes` at `dir` (no devices, no setuid), in the worker's own mount
+/// namespace; needs `CAP_SYS_ADMIN` there.
+pub(super) fn mount_tmpfs(dir: &Path, bytes: u64) -> io::Result<()> {
+    let target = CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let options = CString::new(format!("size={bytes},mode=0755")).map_err(io::Error::other)?;
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    let r = unsafe {
+        libc::mount(
+            c"quorum-build".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            options.as_ptr().cast(),
+        )
+    };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Detaches the mount at `dir`; it goes away once nothing uses it any more.
+pub(super) fn unmount(dir: &Path) -> io::Result<()> {
+    let target = CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: `target` is a NUL-terminated string that outlives the call.
+    if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// SIGKILLs one process; for leftovers found in a step's cgroup. A pid that is already gone is

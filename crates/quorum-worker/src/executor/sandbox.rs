@@ -1,8 +1,9 @@
 //! The namespace tier: each step runs under bubblewrap (`bwrap`) in new user, mount, pid,
 //! network, UTS, IPC and cgroup namespaces, as uid/gid 1000 `build` on host `quorum-build`, with
 //! only loopback, a fresh /proc, a minimal /dev, the host's /usr bound read-only, the build
-//! directory at /build and the job's temporary directory at /tmp. Nothing else of the host, and
-//! nothing of the worker's data directory, is visible inside.
+//! directory at /build (a size-limited tmpfs of the job's own with `disk_bytes`) and a private,
+//! size-limited tmpfs at /tmp for each step. Nothing else of the host, and nothing of the
+//! worker's data directory, is visible inside.
 //!
 //! The sandbox's init (bwrap, pid 1 of the step's pid namespace) is in the step's process group,
 //! so the same group kill the process tier uses ends the whole namespace, including processes
@@ -10,18 +11,24 @@
 //! the sandbox joins before exec.
 //!
 //! Inside, a seccomp filter ([`super::seccomp`], compiled once per executor) denies the system
-//! calls builds never need with `EPERM`. bwrap reads it from a memfd each step inherits.
+//! calls builds never need with `EPERM`. bwrap reads it from a memfd each step inherits. The
+//! step's first program is `quorum-sandbox-init` when the worker has it ([`super::landlock`]):
+//! it adds the Landlock rules, which must come after bwrap's mounts, and executes the step.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use super::cgroup::{CgroupError, Hierarchy, Limits, StepCgroup};
+use super::cgroup::{CgroupError, Hierarchy, LimitHit, Limits, StepCgroup};
+use super::disk::{self, BuildDisk};
+use super::landlock::{self, INIT_NAME, LandlockTier};
 use super::process::{Supervision, inherit_fd, memfd_with, run_supervised, supervise};
 use super::seccomp::{self, SeccompError};
 use super::{
-    ExecError, Executor, JobSpec, StepContext, StepExit, StepFuture, StepRun, build_environment,
+    ExecError, Executor, JobSpec, StepContext, StepExit, StepFuture, StepRun, Workspace,
+    build_environment,
 };
 
 /// Where the build directory appears inside the sandbox; the same on every worker, so paths
@@ -29,6 +36,8 @@ use super::{
 pub const BUILD_PATH: &str = "/build";
 const UID: u32 = 1000;
 const HOSTNAME: &str = "quorum-build";
+/// Where declared inputs appear, one read-only file per input.
+const INPUTS_PATH: &str = "/inputs";
 
 /// Host files under /etc that toolchains read (dynamic loader cache, alternatives symlinks);
 /// bound read-only when present. Everything else of /etc stays hidden.
@@ -57,6 +66,14 @@ pub enum SandboxError {
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    #[error(
+        "[limits] disk_bytes is set, but {0}; the worker mounts a size-limited tmpfs for each \
+         job's build directory, which needs it to run as root: run it as root or remove \
+         disk_bytes"
+    )]
+    DiskLimit(String),
+    #[error("{INIT_NAME} does not work ({0}); reinstall it next to the worker's executable")]
+    Init(String),
 }
 
 /// Runs steps in bubblewrap sandboxes.
@@ -69,6 +86,9 @@ pub struct SandboxExecutor {
     cgroups: Option<Hierarchy>,
     /// The compiled seccomp filter, as bwrap reads it.
     seccomp: Vec<u8>,
+    /// `quorum-sandbox-init` on the host, when the worker has it.
+    init: Option<PathBuf>,
+    landlock: LandlockTier,
 }
 
 /// Numbers step groups; process-wide, because several executors may share one hierarchy.
@@ -81,6 +101,9 @@ impl SandboxExecutor {
     pub fn new(state_dir: &Path, limits: Limits) -> Result<SandboxExecutor, SandboxError> {
         let bwrap = find_on_path("bwrap").ok_or(SandboxError::BwrapMissing)?;
         let seccomp = seccomp::program()?;
+        if limits.disk_bytes.is_some() {
+            disk::check(state_dir).map_err(SandboxError::DiskLimit)?;
+        }
         let cgroups = match Hierarchy::detect() {
             Ok(h) => Some(h),
             Err(e) if limits.need_cgroups() => return Err(e.into()),
@@ -108,13 +131,43 @@ impl SandboxExecutor {
             format!("root:x:0:\nbuild:x:{UID}:\nnogroup:x:65534:\n"),
         )
         .map_err(state)?;
-        Ok(SandboxExecutor {
+        let executor = SandboxExecutor {
             bwrap,
             etc_dir,
             limits,
             cgroups,
             seccomp,
-        })
+            init: None,
+            landlock: LandlockTier::None,
+        };
+        match find_init() {
+            Some(init) => executor.with_init(&init),
+            None => {
+                tracing::warn!(
+                    "{INIT_NAME} is not next to the worker's executable nor on PATH: build \
+                     steps run without Landlock"
+                );
+                Ok(executor)
+            }
+        }
+    }
+
+    /// Uses `init` as `quorum-sandbox-init` and checks which Landlock tier it reaches here.
+    pub fn with_init(mut self, init: &Path) -> Result<SandboxExecutor, SandboxError> {
+        let init = init
+            .canonicalize()
+            .map_err(|e| SandboxError::Init(format!("{}: {e}", init.display())))?;
+        self.landlock = landlock::probe_init(&init).map_err(SandboxError::Init)?;
+        if !matches!(self.landlock, LandlockTier::Full { .. }) {
+            tracing::warn!(landlock = %self.landlock, "the kernel does not enforce every Landlock rule for build steps");
+        }
+        self.init = Some(init);
+        Ok(self)
+    }
+
+    /// How much of the Landlock layer steps get.
+    pub fn landlock(&self) -> LandlockTier {
+        self.landlock
     }
 
     /// "cgroup v1", "cgroup v2", or `None` when steps run without cgroups.
@@ -126,6 +179,18 @@ impl SandboxExecutor {
     /// seccomp filter is read from, so it fails only when that cannot be created.
     #[allow(clippy::disallowed_methods)] // the executor is where build processes are created
     pub(crate) fn command(&self, job: &JobSpec, step: &str) -> std::io::Result<Command> {
+        // Names are checked when the pipeline is parsed; a second check keeps a bind from
+        // landing anywhere but directly in /inputs.
+        if let Some(bad) = job
+            .inputs
+            .iter()
+            .find(|i| i.name.is_empty() || i.name.starts_with('.') || i.name.contains('/'))
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("input name `{}` is not a plain file name", bad.name),
+            ));
+        }
         let mut cmd = Command::new(&self.bwrap);
         // A fresh memfd per step: bwrap reads the filter from the descriptor's offset, which
         // steps started at the same time would otherwise share.
@@ -134,7 +199,11 @@ impl SandboxExecutor {
         cmd.args(self.arguments(job))
             .arg("--seccomp")
             .arg(fd.to_string())
-            .args(["--", "/bin/sh", "-e", "-c", step])
+            .arg("--");
+        if self.init.is_some() {
+            cmd.args(landlock::init_arguments(Path::new(landlock::INIT_PATH)));
+        }
+        cmd.args(["/bin/sh", "-e", "-c", step])
             .env_clear()
             .current_dir("/")
             .stdin(Stdio::null());
@@ -196,10 +265,20 @@ impl SandboxExecutor {
             &"--ro-bind",
             &self.etc_dir.join("group"),
             &"/etc/group",
-            // The job's own temporary directory: private to the job, kept between its steps like
-            // TMPDIR in the process tier, and on disk rather than in the worker's RAM.
-            &"--bind",
-            &job.tmp_dir,
+        ]);
+        if let Some(init) = &self.init {
+            push(&[&"--ro-bind", init, &landlock::INIT_PATH]);
+        }
+        for input in &job.inputs {
+            let inside = Path::new(INPUTS_PATH).join(&input.name);
+            push(&[&"--ro-bind", &input.path, &inside]);
+        }
+        // A private /tmp per step, in the sandbox's own memory (charged to its cgroup).
+        if let Some(bytes) = self.limits.tmp_bytes {
+            push(&[&"--size", &bytes.to_string()]);
+        }
+        push(&[
+            &"--tmpfs",
             &"/tmp",
             &"--bind",
             &job.build_dir,
@@ -222,6 +301,15 @@ impl SandboxExecutor {
 
     async fn run(&self, step: StepContext<'_>) -> Result<StepRun, ExecError> {
         let setup = ExecError::Setup;
+        // The owner's per-step limit, when it comes before the job's deadline.
+        let step_limit = self.limits.step_timeout_secs.and_then(|secs| {
+            let until = tokio::time::Instant::now() + Duration::from_secs(secs);
+            (until < step.deadline).then_some((secs, until))
+        });
+        let step = StepContext {
+            deadline: step_limit.map_or(step.deadline, |(_, until)| until),
+            ..step
+        };
         let group = match &self.cgroups {
             Some(h) => {
                 let n = STEPS.fetch_add(1, Ordering::Relaxed);
@@ -248,26 +336,30 @@ impl SandboxExecutor {
             },
         );
         let mut run = run_supervised(cmd, &step).await?;
-        let Some(group) = group else {
-            return Ok(run);
-        };
-        let usage = tokio::task::spawn_blocking(move || {
-            let usage = group.usage();
-            group.remove();
-            usage
-        })
-        .await
-        .map_err(|e| setup(std::io::Error::other(e)))?;
-        run.cpu = usage.cpu.unwrap_or(run.cpu);
-        if let Some(peak) = usage.peak_memory_bytes {
-            run.peak_rss_kib = peak / 1024;
+        if let Some(group) = group {
+            let usage = tokio::task::spawn_blocking(move || {
+                let usage = group.usage();
+                group.remove();
+                usage
+            })
+            .await
+            .map_err(|e| setup(std::io::Error::other(e)))?;
+            run.cpu = usage.cpu.unwrap_or(run.cpu);
+            if let Some(peak) = usage.peak_memory_bytes {
+                run.peak_rss_kib = peak / 1024;
+            }
+            // A limit explains a failure; a step that hit a limit and still succeeded is fine.
+            if !matches!(
+                run.exit,
+                StepExit::Exited(0) | StepExit::TimedOut | StepExit::Cancelled
+            ) {
+                run.limit = usage.limit;
+            }
         }
-        // A limit explains a failure; a step that hit a limit and still succeeded is fine.
-        if !matches!(
-            run.exit,
-            StepExit::Exited(0) | StepExit::TimedOut | StepExit::Cancelled
-        ) {
-            run.limit = usage.limit;
+        // The deadline that passed was the step's own, not the job's: a limit, not a timeout.
+        if let (StepExit::TimedOut, Some((secs, _))) = (run.exit, step_limit) {
+            run.exit = StepExit::Signaled(libc::SIGKILL);
+            run.limit = Some(LimitHit::StepTime { secs });
         }
         Ok(run)
     }
@@ -278,8 +370,30 @@ impl Executor for SandboxExecutor {
         "namespaces"
     }
 
+    /// For example "namespaces, seccomp, landlock ABI 7, cgroup v1, disk 1073741824 bytes".
+    fn description(&self) -> String {
+        let mut layers = format!(
+            "namespaces, seccomp, {}, {}",
+            self.landlock,
+            self.cgroups().unwrap_or("no cgroups")
+        );
+        if let Some(bytes) = self.limits.disk_bytes {
+            layers.push_str(&format!(", disk {bytes} bytes"));
+        }
+        layers
+    }
+
     fn run_step<'a>(&'a self, step: StepContext<'a>) -> StepFuture<'a> {
         Box::pin(self.run(step))
+    }
+
+    fn workspace(&self, job_dir: &Path) -> Result<Workspace, ExecError> {
+        let mut workspace = Workspace::plain(job_dir).map_err(ExecError::Setup)?;
+        if let Some(bytes) = self.limits.disk_bytes {
+            workspace.disk =
+                Some(BuildDisk::mount(&workspace.build_dir, bytes).map_err(ExecError::Setup)?);
+        }
+        Ok(workspace)
     }
 }
 
@@ -293,6 +407,17 @@ pub fn sandbox_environment(job: &JobSpec) -> Vec<(&'static str, String)> {
             _ => (key, value),
         })
         .collect()
+}
+
+/// `quorum-sandbox-init` next to the worker's own executable, or else on PATH, or else the
+/// worker's own executable when it is a multi-call binary that can act as the init.
+fn find_init() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok();
+    exe.as_ref()
+        .and_then(|exe| Some(exe.parent()?.join(INIT_NAME)))
+        .filter(|p| p.is_file())
+        .or_else(|| find_on_path(INIT_NAME))
+        .or_else(|| exe.filter(|_| landlock::is_multicall()))
 }
 
 /// The first executable `name` in the worker's PATH.

@@ -10,6 +10,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -31,6 +33,16 @@ static long unix_connect(const char *path, int abstract) {
         len = sizeof a;
     }
     return connect(s, (struct sockaddr *)&a, len);
+}
+
+/* TCP to 127.0.0.1:port (connect) or on it (bind; port 0 for any). */
+static long tcp(const char *port, int bind_it) {
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    if (s < 0) return -1;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(port))};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    return bind_it ? bind(s, (struct sockaddr *)&a, sizeof a)
+                   : connect(s, (struct sockaddr *)&a, sizeof a);
 }
 
 static void *thread_main(void *arg) { return arg; }
@@ -96,6 +108,9 @@ int main(int argc, char **argv) {
             if (p > 0 && waitpid(p, &status, 0) == p) r = WEXITSTATUS(status);
         } else if (!strcmp(name, "unix_path")) r = unix_connect(value, 0);
         else if (!strcmp(name, "unix_abstract")) r = unix_connect(value, 1);
+        else if (!strcmp(name, "tcp_connect")) r = tcp(value, 0);
+        else if (!strcmp(name, "tcp_bind")) r = tcp(value, 1);
+        else if (!strcmp(name, "kill_pid")) r = kill(atoi(value), 0);
         else { printf("unknown %s\n", name); return 2; }
         printf("R %s %ld %d\n", name, r, r == -1 ? errno : 0);
     }
