@@ -3,6 +3,7 @@
 
 pub mod controller;
 pub mod idp;
+pub mod publish;
 pub mod store;
 pub mod trust;
 pub mod user;

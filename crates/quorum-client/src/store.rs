@@ -3,7 +3,8 @@
 use std::path::Path;
 
 use quorum_api::v1::store::{
-    ManifestStored, MissingRequest, MissingResponse, RevokeRequest, RevokeResponse,
+    BlobsStored, ManifestStored, MissingRequest, MissingResponse, RevokeRequest, RevokeResponse,
+    StatementStored, TenantUsage,
 };
 use quorum_core::{Digest, Manifest};
 
@@ -55,6 +56,19 @@ impl StoreClient {
         send_ok(
             self.http
                 .put(self.url(&format!("/api/v1/blobs/{digest}")))
+                .bearer_auth(token)
+                .body(body),
+        )
+        .await
+    }
+
+    /// Uploads a batch of blobs in one request (`POST /api/v1/blobs`): `body` is their frames,
+    /// each [`quorum_api::v1::store::batch_frame_header`] and the blob's bytes. The store keeps
+    /// all of them or none.
+    pub async fn put_blobs(&self, token: &str, body: Vec<u8>) -> Result<BlobsStored, ClientError> {
+        send_json(
+            self.http
+                .post(self.url("/api/v1/blobs"))
                 .bearer_auth(token)
                 .body(body),
         )
@@ -130,6 +144,52 @@ impl StoreClient {
             .get(self.url(&format!("/api/v1/builds/{build}/blobs/{digest}")))
             .bearer_auth(token);
         Ok(send_bytes(req).await?.1)
+    }
+
+    /// Downloads a file of `build` by the path job `job` gave it, whole or (`range` as
+    /// `start..end`) in part. Callers check digests themselves.
+    pub async fn get_file(
+        &self,
+        token: &str,
+        build: &str,
+        job: &str,
+        path: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<bytes::Bytes, ClientError> {
+        let mut req = self
+            .http
+            .get(self.url(&format!("/api/v1/builds/{build}/files/{job}/{path}")))
+            .bearer_auth(token);
+        if let Some(r) = range.filter(|r| r.end > r.start) {
+            req = req.header(
+                reqwest::header::RANGE,
+                format!("bytes={}-{}", r.start, r.end - 1),
+            );
+        }
+        Ok(send_bytes(req).await?.1)
+    }
+
+    /// Records the build's signed statement (its DSSE envelope, as JSON) beside its artifacts,
+    /// and makes the build public if `public` (the controller's revoke token for the build).
+    pub async fn put_statement(
+        &self,
+        token: &str,
+        build: &str,
+        envelope: &quorum_core::attest::Envelope,
+        public: bool,
+    ) -> Result<StatementStored, ClientError> {
+        send_json(
+            self.http
+                .put(self.url(&format!("/api/v1/builds/{build}/statement?public={public}")))
+                .bearer_auth(token)
+                .json(envelope),
+        )
+        .await
+    }
+
+    /// The token's tenant's bytes stored and transferred here (a controller's revoke token).
+    pub async fn usage(&self, token: &str) -> Result<TenantUsage, ClientError> {
+        send_json(self.http.get(self.url("/api/v1/usage")).bearer_auth(token)).await
     }
 
     /// Revokes tokens of one build (a revoke token from the controller's IdP).

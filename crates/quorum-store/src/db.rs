@@ -1,61 +1,158 @@
-//! The store's metadata in SQLite: which blobs exist, which tenants uploaded them, and the
-//! manifests recorded per assignment. Every query is scoped by tenant.
+//! The store's metadata, in SQLite (the default, `data_dir/store.db`) or PostgreSQL
+//! (`database_url = "postgres://..."`), through one code path over sqlx's `Any` driver: the SQL
+//! is written once with `$N` parameters, which both accept, and each has its own migrations.
+//! Every query is scoped by tenant.
+//!
+//! Writes that must see a consistent state go through [`Db::write`], which serializes them:
+//! `BEGIN IMMEDIATE` in SQLite, a transaction-scoped advisory lock in PostgreSQL. Placing a
+//! blob's bytes and deleting them in garbage collection both happen inside such a transaction,
+//! so a row in `blobs` always means the bytes are there.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
 use quorum_core::{Digest, Manifest};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
-use sqlx::{Row as _, SqliteConnection};
+use sqlx::any::AnyPoolOptions;
+use sqlx::{Any, AnyConnection, AnyPool, Row as _, Transaction};
 
 /// Digests per `IN (...)` query, well under SQLite's bound-parameter limit.
 const CHUNK: usize = 500;
 /// Rows per multi-row insert into `build_blobs` (four parameters each).
 const INSERT_CHUNK: usize = 200;
+/// The PostgreSQL advisory lock every serialized write takes (an arbitrary constant: "QRMS").
+const WRITE_LOCK: i64 = 0x5152_4d53;
 
-/// Opens (creating if needed) the database and brings its schema up to date.
-pub async fn open(path: &Path) -> Result<SqlitePool, sqlx::Error> {
-    let options = SqliteConnectOptions::new()
-        .filename(path)
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .foreign_keys(true)
-        .busy_timeout(Duration::from_secs(30));
-    let pool = SqlitePoolOptions::new()
-        .max_connections(4)
-        .connect_with(options)
-        .await?;
-    sqlx::migrate!("./migrations").run(&pool).await?;
-    Ok(pool)
+static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Sqlite,
+    Postgres,
 }
 
-fn placeholders(n: usize) -> String {
-    vec!["?"; n].join(", ")
+/// A serialized write transaction (see [`Db::write`]).
+pub type Tx = Transaction<'static, Any>;
+
+/// The metadata database.
+#[derive(Debug, Clone)]
+pub struct Db {
+    pool: AnyPool,
+    kind: Kind,
+}
+
+impl Db {
+    /// Opens the SQLite database at `path`, creating it if needed.
+    pub async fn open_sqlite(path: &Path) -> Result<Db, sqlx::Error> {
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let db = Db::connect(&url, Kind::Sqlite).await?;
+        // WAL lets downloads read while an upload commits; it is a property of the file, set
+        // once (switching needs the file to itself, which `quorum store gc` beside a running
+        // store would not have).
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&db.pool)
+            .await?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&db.pool)
+                .await?;
+        }
+        Ok(db)
+    }
+
+    /// Opens the PostgreSQL database at `url` (`postgres://...`), which must exist.
+    pub async fn open_postgres(url: &str) -> Result<Db, sqlx::Error> {
+        Db::connect(url, Kind::Postgres).await
+    }
+
+    async fn connect(url: &str, kind: Kind) -> Result<Db, sqlx::Error> {
+        sqlx::any::install_default_drivers();
+        let mut options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(30));
+        options = match kind {
+            Kind::Sqlite => options.max_connections(4).after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("PRAGMA busy_timeout = 30000")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA foreign_keys = ON")
+                        .execute(conn)
+                        .await
+                        .map(drop)
+                })
+            }),
+            Kind::Postgres => options.max_connections(16),
+        };
+        let pool = options.connect(url).await?;
+        match kind {
+            Kind::Sqlite => SQLITE.run(&pool).await?,
+            Kind::Postgres => POSTGRES.run(&pool).await?,
+        }
+        Ok(Db { pool, kind })
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Begins a write transaction that no other serialized write overlaps: what it reads stays
+    /// true until it commits.
+    pub async fn write(&self) -> Result<Tx, sqlx::Error> {
+        match self.kind {
+            Kind::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Kind::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(WRITE_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(tx)
+            }
+        }
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await
+    }
+}
+
+fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn parse_digest(s: &str) -> Result<Digest, sqlx::Error> {
     s.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
-/// The sizes of those of `digests` that `tenant` has uploaded.
-pub async fn tenant_blobs(
-    conn: &mut SqliteConnection,
-    tenant: &str,
-    digests: &[Digest],
-) -> Result<HashMap<Digest, u64>, sqlx::Error> {
-    let unique: Vec<String> = digests
+/// Database integers are signed 64 bits; sizes beyond that do not occur.
+pub fn int(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn unique(digests: &[Digest]) -> Vec<String> {
+    digests
         .iter()
         .collect::<HashSet<_>>()
         .into_iter()
         .map(Digest::to_string)
-        .collect();
+        .collect()
+}
+
+/// The sizes of those of `digests` that `tenant` has uploaded.
+pub async fn tenant_blobs(
+    conn: &mut AnyConnection,
+    tenant: &str,
+    digests: &[Digest],
+) -> Result<HashMap<Digest, u64>, sqlx::Error> {
     let mut found = HashMap::new();
-    for chunk in unique.chunks(CHUNK) {
+    for chunk in unique(digests).chunks(CHUNK) {
         let sql = format!(
             "SELECT b.digest, b.size FROM tenant_blobs t JOIN blobs b ON b.digest = t.digest \
-             WHERE t.tenant = ? AND t.digest IN ({})",
-            placeholders(chunk.len())
+             WHERE t.tenant = $1 AND t.digest IN ({})",
+            placeholders(2, chunk.len())
         );
         let mut query = sqlx::query(&sql).bind(tenant);
         for d in chunk {
@@ -69,31 +166,204 @@ pub async fn tenant_blobs(
     Ok(found)
 }
 
-/// Records that `tenant` uploaded a verified blob.
+/// Restarts the provisional lifetime of `tenant`'s links to `digests`: a blob just reported
+/// present must survive garbage collection long enough for the manifest that will name it.
+pub async fn touch_links(
+    tx: &mut Tx,
+    tenant: &str,
+    digests: &[Digest],
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    for chunk in unique(digests).chunks(CHUNK) {
+        let sql = format!(
+            "UPDATE tenant_blobs SET linked_at = $1 WHERE tenant = $2 AND digest IN ({})",
+            placeholders(3, chunk.len())
+        );
+        let mut query = sqlx::query(&sql).bind(now).bind(tenant);
+        for d in chunk {
+            query = query.bind(d);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Whether `tenant` has uploaded the blob itself.
+pub async fn is_linked(
+    conn: &mut AnyConnection,
+    tenant: &str,
+    digest: Digest,
+) -> Result<bool, sqlx::Error> {
+    let hit: Option<i64> =
+        sqlx::query_scalar("SELECT 1 FROM tenant_blobs WHERE tenant = $1 AND digest = $2")
+            .bind(tenant)
+            .bind(digest.to_string())
+            .fetch_optional(conn)
+            .await?;
+    Ok(hit.is_some())
+}
+
+/// Records that `tenant` uploaded a verified blob (whose bytes are in place), counting it in the
+/// tenant's stored bytes if the link is new, and `received` bytes in.
 pub async fn link_blob(
-    pool: &SqlitePool,
+    tx: &mut Tx,
     tenant: &str,
     digest: Digest,
     size: u64,
+    received: u64,
 ) -> Result<(), sqlx::Error> {
     let now = quorum_service::now_unix();
     let digest = digest.to_string();
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     sqlx::query(
-        "INSERT INTO blobs (digest, size, stored_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+        "INSERT INTO blobs (digest, size, stored_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
     )
     .bind(&digest)
-    .bind(size as i64)
+    .bind(int(size))
     .bind(now)
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
-    sqlx::query("INSERT INTO tenant_blobs (tenant, digest, linked_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
-        .bind(tenant)
-        .bind(&digest)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await
+    let new = sqlx::query(
+        "INSERT INTO tenant_blobs (tenant, digest, linked_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (tenant, digest) DO NOTHING",
+    )
+    .bind(tenant)
+    .bind(&digest)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if new == 0 {
+        // Uploaded again: the link's provisional lifetime starts over.
+        sqlx::query("UPDATE tenant_blobs SET linked_at = $1 WHERE tenant = $2 AND digest = $3")
+            .bind(now)
+            .bind(tenant)
+            .bind(&digest)
+            .execute(&mut **tx)
+            .await?;
+    }
+    let stored = if new == 1 { int(size) } else { 0 };
+    add_usage(tx, tenant, stored, int(received), 0).await
+}
+
+/// Records that `tenant` uploaded a batch of verified blobs (digest, size; bytes in place) in a
+/// few multi-row statements. `linked` are those of them the tenant had already, as
+/// [`tenant_blobs`] answered inside the same transaction: their links' provisional lifetime
+/// starts over, and only the others count toward the tenant's stored bytes. `received` bytes
+/// count in.
+pub async fn link_blobs(
+    tx: &mut Tx,
+    tenant: &str,
+    blobs: &[(Digest, u64)],
+    linked: &HashMap<Digest, u64>,
+    received: u64,
+) -> Result<(), sqlx::Error> {
+    let now = quorum_service::now_unix();
+    let sizes: HashMap<Digest, u64> = blobs.iter().copied().collect();
+    let all: Vec<(String, i64)> = sizes
+        .iter()
+        .map(|(d, n)| (d.to_string(), int(*n)))
+        .collect();
+    for chunk in all.chunks(INSERT_CHUNK) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|i| format!("(${}, ${}, $1)", 2 * i + 2, 2 * i + 3))
+            .collect();
+        let sql = format!(
+            "INSERT INTO blobs (digest, size, stored_at) VALUES {} ON CONFLICT DO NOTHING",
+            rows.join(", ")
+        );
+        let mut query = sqlx::query(&sql).bind(now);
+        for (d, n) in chunk {
+            query = query.bind(d).bind(*n);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    let (again, new): (Vec<Digest>, Vec<Digest>) =
+        sizes.keys().partition(|d| linked.contains_key(*d));
+    for chunk in new.chunks(INSERT_CHUNK) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|i| format!("($1, ${}, $2)", i + 3))
+            .collect();
+        let sql = format!(
+            "INSERT INTO tenant_blobs (tenant, digest, linked_at) VALUES {} \
+             ON CONFLICT (tenant, digest) DO NOTHING",
+            rows.join(", ")
+        );
+        let mut query = sqlx::query(&sql).bind(tenant).bind(now);
+        for d in chunk {
+            query = query.bind(d.to_string());
+        }
+        query.execute(&mut **tx).await?;
+    }
+    // Uploaded again: those links' provisional lifetime starts over.
+    touch_links(tx, tenant, &again, now).await?;
+    let stored: u64 = new.iter().map(|d| sizes[d]).sum();
+    add_usage(tx, tenant, int(stored), int(received), 0).await
+}
+
+/// Adds to a tenant's usage counters.
+pub async fn add_usage(
+    conn: &mut AnyConnection,
+    tenant: &str,
+    stored: i64,
+    bytes_in: i64,
+    bytes_out: i64,
+) -> Result<(), sqlx::Error> {
+    if stored == 0 && bytes_in == 0 && bytes_out == 0 {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO tenant_usage (tenant, stored_bytes, bytes_in, bytes_out) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (tenant) DO UPDATE SET stored_bytes = tenant_usage.stored_bytes + $2, \
+         bytes_in = tenant_usage.bytes_in + $3, bytes_out = tenant_usage.bytes_out + $4",
+    )
+    .bind(tenant)
+    .bind(stored)
+    .bind(bytes_in)
+    .bind(bytes_out)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// One tenant's usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    pub tenant: String,
+    pub stored_bytes: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// The usage of `tenant`, or of every tenant when `None`, by tenant name.
+pub async fn usage(db: &Db, tenant: Option<&str>) -> Result<Vec<Usage>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT tenant, stored_bytes, bytes_in, bytes_out FROM tenant_usage \
+         WHERE $1 IS NULL OR tenant = $1 ORDER BY tenant",
+    )
+    .bind(tenant)
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let n = |i: usize| r.try_get::<i64, _>(i).map(|v| v.max(0) as u64);
+            Ok(Usage {
+                tenant: r.try_get(0)?,
+                stored_bytes: n(1)?,
+                bytes_in: n(2)?,
+                bytes_out: n(3)?,
+            })
+        })
+        .collect()
+}
+
+/// The bytes `tenant` stores now.
+pub async fn stored_bytes(conn: &mut AnyConnection, tenant: &str) -> Result<u64, sqlx::Error> {
+    let n: Option<i64> =
+        sqlx::query_scalar("SELECT stored_bytes FROM tenant_usage WHERE tenant = $1")
+            .bind(tenant)
+            .fetch_optional(conn)
+            .await?;
+    Ok(n.unwrap_or(0).max(0) as u64)
 }
 
 /// Where a manifest is recorded: one assignment of one job of one build of a tenant.
@@ -125,23 +395,25 @@ pub enum Recorded {
     },
 }
 
-/// Records `manifest` for `slot`, if every blob it names is the tenant's own. One immediate
-/// transaction, so the check and the write see the same state and concurrent writers queue.
+/// Records `manifest` for `slot`, if every blob it names is the tenant's own. One serialized
+/// transaction, so the check and the write see the same state, and garbage collection cannot
+/// remove a checked blob before the manifest's references to it are written.
 pub async fn record_manifest(
-    pool: &SqlitePool,
+    db: &Db,
     slot: &Slot,
     manifest: &Manifest,
     digest: Digest,
 ) -> Result<Recorded, sqlx::Error> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let existing: Option<String> =
-        sqlx::query_scalar("SELECT digest FROM manifests WHERE tenant = ? AND build = ? AND job = ? AND assignment = ?")
-            .bind(&slot.tenant)
-            .bind(&slot.build)
-            .bind(&slot.job)
-            .bind(&slot.assignment)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let mut tx = db.write().await?;
+    let existing: Option<String> = sqlx::query_scalar(
+        "SELECT digest FROM manifests WHERE tenant = $1 AND build = $2 AND job = $3 AND assignment = $4",
+    )
+    .bind(&slot.tenant)
+    .bind(&slot.build)
+    .bind(&slot.job)
+    .bind(&slot.assignment)
+    .fetch_optional(&mut *tx)
+    .await?;
     if let Some(existing) = existing {
         let existing = parse_digest(&existing)?;
         return Ok(if existing == digest {
@@ -181,13 +453,16 @@ pub async fn record_manifest(
         }
     }
     let digest_text = digest.to_string();
-    sqlx::query("INSERT INTO manifest_bodies (digest, body) VALUES (?, ?) ON CONFLICT DO NOTHING")
-        .bind(&digest_text)
-        .bind(manifest.canonical_bytes())
-        .execute(&mut *tx)
-        .await?;
     sqlx::query(
-        "INSERT INTO manifests (tenant, build, job, assignment, digest, recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO manifest_bodies (digest, body) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(&digest_text)
+    .bind(manifest.canonical_bytes())
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO manifests (tenant, build, job, assignment, digest, recorded_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(&slot.tenant)
     .bind(&slot.build)
@@ -197,26 +472,21 @@ pub async fn record_manifest(
     .bind(quorum_service::now_unix())
     .execute(&mut *tx)
     .await?;
-    let unique: Vec<String> = manifest
-        .entries
-        .iter()
-        .map(|e| e.digest)
-        .collect::<HashSet<_>>()
-        .iter()
-        .map(Digest::to_string)
-        .collect();
-    for chunk in unique.chunks(INSERT_CHUNK) {
+    let digests: Vec<Digest> = manifest.entries.iter().map(|e| e.digest).collect();
+    for chunk in unique(&digests).chunks(INSERT_CHUNK) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|i| format!("($1, $2, ${}, $3)", i + 4))
+            .collect();
         let sql = format!(
             "INSERT INTO build_blobs (tenant, build, digest, manifest) VALUES {} ON CONFLICT DO NOTHING",
-            vec!["(?, ?, ?, ?)"; chunk.len()].join(", ")
+            rows.join(", ")
         );
-        let mut query = sqlx::query(&sql);
+        let mut query = sqlx::query(&sql)
+            .bind(&slot.tenant)
+            .bind(&slot.build)
+            .bind(&digest_text);
         for d in chunk {
-            query = query
-                .bind(&slot.tenant)
-                .bind(&slot.build)
-                .bind(d)
-                .bind(&digest_text);
+            query = query.bind(d);
         }
         query.execute(&mut *tx).await?;
     }
@@ -226,36 +496,237 @@ pub async fn record_manifest(
 
 /// The canonical body of a manifest recorded in `build` of `tenant`.
 pub async fn manifest_body(
-    pool: &SqlitePool,
+    db: &Db,
     tenant: &str,
     build: &str,
     digest: Digest,
 ) -> Result<Option<Vec<u8>>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT b.body FROM manifests m JOIN manifest_bodies b ON b.digest = m.digest \
-         WHERE m.tenant = ? AND m.build = ? AND m.digest = ? LIMIT 1",
+         WHERE m.tenant = $1 AND m.build = $2 AND m.digest = $3 LIMIT 1",
     )
     .bind(tenant)
     .bind(build)
     .bind(digest.to_string())
-    .fetch_optional(pool)
+    .fetch_optional(db.pool())
+    .await
+}
+
+/// The distinct manifests that the assignments of `job` in `build` of `tenant` recorded, as
+/// canonical bodies.
+pub async fn job_manifests(
+    db: &Db,
+    tenant: &str,
+    build: &str,
+    job: &str,
+) -> Result<Vec<Vec<u8>>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT b.body FROM manifest_bodies b WHERE b.digest IN \
+         (SELECT digest FROM manifests WHERE tenant = $1 AND build = $2 AND job = $3) \
+         ORDER BY b.digest",
+    )
+    .bind(tenant)
+    .bind(build)
+    .bind(job)
+    .fetch_all(db.pool())
     .await
 }
 
 /// Whether a manifest recorded in `build` of `tenant` names the blob.
 pub async fn build_names_blob(
-    pool: &SqlitePool,
+    db: &Db,
     tenant: &str,
     build: &str,
     digest: Digest,
 ) -> Result<bool, sqlx::Error> {
     let hit: Option<i64> = sqlx::query_scalar(
-        "SELECT 1 FROM build_blobs WHERE tenant = ? AND build = ? AND digest = ? LIMIT 1",
+        "SELECT 1 FROM build_blobs WHERE tenant = $1 AND build = $2 AND digest = $3 LIMIT 1",
     )
     .bind(tenant)
     .bind(build)
     .bind(digest.to_string())
-    .fetch_optional(pool)
+    .fetch_optional(db.pool())
     .await?;
     Ok(hit.is_some())
+}
+
+/// Records (or replaces) the signed statement of `build`, and whether the build is public.
+pub async fn record_statement(
+    db: &Db,
+    tenant: &str,
+    build: &str,
+    envelope: &[u8],
+    public: bool,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO statements (tenant, build, envelope, public, recorded_at) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (tenant, build) DO UPDATE SET envelope = $3, public = $4, recorded_at = $5",
+    )
+    .bind(tenant)
+    .bind(build)
+    .bind(envelope)
+    .bind(i64::from(public))
+    .bind(quorum_service::now_unix())
+    .execute(db.pool())
+    .await?;
+    Ok(())
+}
+
+/// The signed statement of `build` and whether the build is public.
+pub async fn statement(
+    db: &Db,
+    tenant: &str,
+    build: &str,
+) -> Result<Option<(Vec<u8>, bool)>, sqlx::Error> {
+    let row =
+        sqlx::query("SELECT envelope, public FROM statements WHERE tenant = $1 AND build = $2")
+            .bind(tenant)
+            .bind(build)
+            .fetch_optional(db.pool())
+            .await?;
+    row.map(|r| Ok((r.try_get(0)?, r.try_get::<i64, _>(1)? != 0)))
+        .transpose()
+}
+
+/// What [`expire`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Expired {
+    /// Manifests past the retention period.
+    pub manifests: u64,
+    /// Tenants' links to blobs that no manifest of theirs names, past the provisional period.
+    pub links: u64,
+}
+
+/// Drops manifests recorded before `retain_after` (public builds keep theirs), then links that
+/// no manifest of their tenant names and that were made or confirmed before `linked_before`:
+/// all of them, or with `cache_bytes`, least recently used first and only until the blobs the
+/// store holds fit in `cache_bytes`. Stored bytes of the tenants are lowered to match.
+pub async fn expire(
+    db: &Db,
+    retain_after: Option<i64>,
+    linked_before: i64,
+    cache_bytes: Option<u64>,
+) -> Result<Expired, sqlx::Error> {
+    let mut collected = Expired::default();
+    let mut tx = db.write().await?;
+    if let Some(cutoff) = retain_after {
+        collected.manifests = sqlx::query(
+            "DELETE FROM manifests WHERE recorded_at < $1 AND NOT EXISTS (SELECT 1 FROM statements s \
+             WHERE s.tenant = manifests.tenant AND s.build = manifests.build AND s.public = 1)",
+        )
+        .bind(cutoff)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query(
+            "DELETE FROM build_blobs WHERE NOT EXISTS (SELECT 1 FROM manifests m \
+             WHERE m.tenant = build_blobs.tenant AND m.build = build_blobs.build \
+             AND m.digest = build_blobs.manifest)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM manifest_bodies WHERE NOT EXISTS \
+             (SELECT 1 FROM manifests m WHERE m.digest = manifest_bodies.digest)",
+        )
+        .execute(&mut *tx)
+        .await?;
+    }
+    // Least recently used first: `linked_at` is renewed by every upload and by `missing`.
+    let expired = sqlx::query(
+        "SELECT t.tenant, t.digest, b.size FROM tenant_blobs t JOIN blobs b ON b.digest = t.digest \
+         WHERE t.linked_at < $1 AND NOT EXISTS (SELECT 1 FROM build_blobs bb \
+         WHERE bb.tenant = t.tenant AND bb.digest = t.digest) \
+         ORDER BY t.linked_at, t.tenant, t.digest",
+    )
+    .bind(linked_before)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut held: i64 =
+        sqlx::query_scalar("SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM blobs")
+            .fetch_one(&mut *tx)
+            .await?;
+    let mut freed: HashMap<String, i64> = HashMap::new();
+    let mut dropped = 0u64;
+    for row in &expired {
+        if cache_bytes.is_some_and(|budget| held <= int(budget)) {
+            break;
+        }
+        let tenant: String = row.try_get(0)?;
+        let digest: String = row.try_get(1)?;
+        let size: i64 = row.try_get(2)?;
+        sqlx::query("DELETE FROM tenant_blobs WHERE tenant = $1 AND digest = $2")
+            .bind(&tenant)
+            .bind(&digest)
+            .execute(&mut *tx)
+            .await?;
+        let still_used: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 WHERE EXISTS (SELECT 1 FROM tenant_blobs WHERE digest = $1) \
+             OR EXISTS (SELECT 1 FROM build_blobs WHERE digest = $1)",
+        )
+        .bind(&digest)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if still_used.is_none() {
+            // The next step of the collection deletes these bytes.
+            held -= size;
+        }
+        *freed.entry(tenant).or_default() += size;
+        dropped += 1;
+    }
+    for (tenant, bytes) in freed {
+        add_usage(&mut tx, &tenant, -bytes, 0, 0).await?;
+    }
+    collected.links = dropped;
+    tx.commit().await?;
+    Ok(collected)
+}
+
+/// Up to `limit` blobs that no tenant links and no manifest names: garbage. Call inside the
+/// write transaction that deletes them, so none can be linked again in between.
+pub async fn unreferenced_blobs(tx: &mut Tx, limit: i64) -> Result<Vec<Digest>, sqlx::Error> {
+    let rows: Vec<String> = sqlx::query_scalar(
+        "SELECT digest FROM blobs b WHERE NOT EXISTS (SELECT 1 FROM tenant_blobs t WHERE t.digest = b.digest) \
+         AND NOT EXISTS (SELECT 1 FROM build_blobs bb WHERE bb.digest = b.digest) LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(&mut **tx)
+    .await?;
+    rows.iter().map(|d| parse_digest(d)).collect()
+}
+
+pub async fn delete_blob_row(tx: &mut Tx, digest: Digest) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM blobs WHERE digest = $1")
+        .bind(digest.to_string())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Which of `digests` have a row in `blobs`.
+pub async fn known_blobs(tx: &mut Tx, digests: &[Digest]) -> Result<HashSet<Digest>, sqlx::Error> {
+    let mut found = HashSet::new();
+    for chunk in unique(digests).chunks(CHUNK) {
+        let sql = format!(
+            "SELECT digest FROM blobs WHERE digest IN ({})",
+            placeholders(1, chunk.len())
+        );
+        let mut query = sqlx::query_scalar::<_, String>(&sql);
+        for d in chunk {
+            query = query.bind(d);
+        }
+        for d in query.fetch_all(&mut **tx).await? {
+            found.insert(parse_digest(&d)?);
+        }
+    }
+    Ok(found)
+}
+
+/// The size of a stored blob.
+pub async fn blob_size(db: &Db, digest: Digest) -> Result<Option<u64>, sqlx::Error> {
+    let size: Option<i64> = sqlx::query_scalar("SELECT size FROM blobs WHERE digest = $1")
+        .bind(digest.to_string())
+        .fetch_optional(db.pool())
+        .await?;
+    Ok(size.map(|s| s.max(0) as u64))
 }

@@ -7,11 +7,14 @@ use quorum_service::ApiError;
 
 use crate::blobs::BlobError;
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Already says what to answer.
+    #[error("{}", .0.message)]
     Api(ApiError),
+    #[error("database: {0}")]
     Db(sqlx::Error),
+    #[error(transparent)]
     Blob(BlobError),
 }
 
@@ -44,7 +47,13 @@ impl IntoResponse for Error {
             Error::Blob(e @ BlobError::TooLarge { .. }) => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
             }
-            Error::Blob(e @ (BlobError::Gone(_) | BlobError::Io(_))) => ApiError::internal(e),
+            Error::Blob(e @ BlobError::Full) => {
+                tracing::error!("blob storage is full");
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+            }
+            Error::Blob(
+                e @ (BlobError::Gone(_) | BlobError::Io(_) | BlobError::ObjectStore(_)),
+            ) => ApiError::internal(e),
         };
         if api.status.is_client_error() {
             tracing::info!(status = %api.status, error = %api.message, "request refused");

@@ -19,6 +19,32 @@ pub struct MissingResponse {
 // `PUT /api/v1/blobs/{digest}`, upload token, body = the blob. The store hashes while it
 // receives and keeps the blob only if the digest matches.
 
+/// `POST /api/v1/blobs`, upload token: many blobs in one streamed request, kept all or none.
+/// The body is a sequence of frames, each a header line [`batch_frame_header`] (`sha256:<hex>
+/// <size>\n`) followed by exactly `size` bytes, ended by the end of the body. The store hashes
+/// each frame as it arrives and keeps the batch only if every frame matches its digest, the body
+/// ends on a frame boundary, and the token's `max_files` (one per frame) and `max_bytes` and the
+/// tenant's quota take the whole batch; otherwise it keeps nothing of it. The call counts once
+/// against `max_calls`. At most [`MAX_BATCH_BLOBS`] frames and [`MAX_BATCH_BYTES`] bytes of
+/// content per batch; larger blobs go one per `PUT /api/v1/blobs/{digest}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlobsStored {
+    pub blobs: u64,
+    pub bytes: u64,
+}
+
+/// Most frames in one batch.
+pub const MAX_BATCH_BLOBS: usize = 1000;
+/// Most content bytes (the frames' sizes summed) in one batch.
+pub const MAX_BATCH_BYTES: u64 = 64 << 20;
+/// Longest frame header line, newline included.
+pub const MAX_FRAME_HEADER: usize = 128;
+
+/// The header line of one frame of a batch.
+pub fn batch_frame_header(digest: &Digest, size: u64) -> String {
+    format!("{digest} {size}\n")
+}
+
 /// `PUT /api/v1/manifest`, upload token: records the assignment's manifest. Every blob it names
 /// must already be stored for the token's tenant.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -47,4 +73,42 @@ pub struct RevokeResponse {
     pub revoked: Vec<String>,
     /// The ids that belong to another tenant, build or issuer here; nothing was done to them.
     pub unknown: Vec<String>,
+}
+
+// `GET /api/v1/builds/{build}/files/{job}/{path}`, read token: a file of the build by the name
+// it has as a subject of the signed statement; single-range requests answered with 206 and
+// `Content-Range`, 416 when the range lies outside the file. The same under
+// `/api/v1/public/{tenant}/builds/{build}/...` without a token once the build is public (also
+// for `blobs/{digest}` and `statement`).
+
+/// `PUT /api/v1/builds/{build}/statement`, revoke token of the build's controller (the one
+/// build-scoped token a controller holds and a worker never does), body = the DSSE envelope of
+/// the build's signed statement. Every subject must name a blob of the build. `public = true`
+/// makes the build's files, blobs and statement readable without a token.
+/// `GET /api/v1/builds/{build}/statement`, read token: the envelope as it was recorded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatementQuery {
+    #[serde(default)]
+    pub public: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatementStored {
+    pub subjects: usize,
+    pub public: bool,
+}
+
+/// `GET /api/v1/usage`, revoke token of the tenant's controller: what the tenant stores here and
+/// has transferred.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TenantUsage {
+    pub tenant: String,
+    /// Bytes of the blobs the tenant has uploaded and still keeps here (shared blobs count for
+    /// every tenant that uploaded them).
+    pub stored_bytes: u64,
+    /// Blob bytes of the tenant's uploads that the store kept (refused uploads are not counted;
+    /// sending a blob again counts again).
+    pub bytes_in: u64,
+    /// Blob bytes served from the tenant's builds (ranges count what they asked for).
+    pub bytes_out: u64,
 }

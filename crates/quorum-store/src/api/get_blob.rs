@@ -1,14 +1,15 @@
-//! `GET /api/v1/builds/{build}/blobs/{digest}`, read token for the build: a blob that a manifest
-//! of the build names, streamed from the backend.
+//! `GET /api/v1/builds/{build}/blobs/{digest}`, read token for the build, and
+//! `GET /api/v1/public/{tenant}/builds/{build}/blobs/{digest}`, no token, for a public build: a
+//! blob that a manifest of the build names, streamed from the backend, with range requests.
 
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::header;
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
+use axum::response::Response;
 use quorum_core::Digest;
 
+use super::read::{Scope, serve_blob};
 use crate::Store;
 use crate::auth::Read;
 use crate::error::Error;
@@ -17,24 +18,38 @@ pub async fn get_blob(
     State(store): State<Arc<Store>>,
     read: Read,
     Path((build, digest)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let not_found = || super::not_in_build("blob", &build, &digest);
+    let scope = Scope::token(read, &build, "blob", &digest)?;
+    blob(&store, &scope, &digest, &headers).await
+}
+
+pub async fn get_public_blob(
+    State(store): State<Arc<Store>>,
+    Path((tenant, build, digest)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    let scope = Scope::public(&store, &tenant, &build, "blob", &digest).await?;
+    blob(&store, &scope, &digest, &headers).await
+}
+
+async fn blob(
+    store: &Store,
+    scope: &Scope,
+    digest: &str,
+    headers: &HeaderMap,
+) -> Result<Response, Error> {
+    let not_found = || super::not_in_build("blob", &scope.build, digest);
     let parsed: Digest = digest.parse().map_err(|_| not_found())?;
-    if read.build != build
-        || !crate::db::build_names_blob(&store.db, &read.tenant, &build, parsed).await?
-    {
+    if !crate::db::build_names_blob(&store.db, &scope.tenant, &scope.build, parsed).await? {
         return Err(not_found().into());
     }
-    // The empty blob is never stored; every store holds it implicitly.
-    let (size, body) = if parsed == Digest::empty() {
-        (0, Body::empty())
+    let size = if parsed == Digest::empty() {
+        0
     } else {
-        let blob = store.blobs.get(parsed).await?;
-        (blob.size, Body::from_stream(blob.body))
+        crate::db::blob_size(&store.db, parsed)
+            .await?
+            .ok_or_else(not_found)?
     };
-    let headers = [
-        (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-        (header::CONTENT_LENGTH, size.to_string()),
-    ];
-    Ok((headers, body).into_response())
+    serve_blob(store, scope, parsed, size, headers).await
 }

@@ -1,5 +1,6 @@
 //! `POST /api/v1/missing`, upload token: which of the listed blobs this tenant must upload. A
-//! blob stored only for other tenants is missing for this one.
+//! blob stored only for other tenants is missing for this one. A blob reported present is kept
+//! at least `gc.provisional_secs` from then on, for the manifest that will name it.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -31,8 +32,13 @@ pub async fn missing(
         ))
         .into());
     }
-    let mut conn = store.db.acquire().await?;
-    let stored = crate::db::tenant_blobs(&mut conn, &slot.tenant, &req.digests).await?;
+    // One serialized transaction: a blob reported present has its provisional lifetime
+    // restarted before garbage collection can look at it again, so it stays for the manifest.
+    let mut tx = store.db.write().await?;
+    let stored = crate::db::tenant_blobs(&mut tx, &slot.tenant, &req.digests).await?;
+    let present: Vec<Digest> = stored.keys().copied().collect();
+    crate::db::touch_links(&mut tx, &slot.tenant, &present, quorum_service::now_unix()).await?;
+    tx.commit().await?;
     let empty = Digest::empty();
     let mut seen = HashSet::new();
     let missing: Vec<Digest> = req

@@ -1,11 +1,16 @@
 //! The store's HTTP API (v1): one file per endpoint, each stating its method, route and token.
 
 mod get_blob;
+mod get_file;
 mod get_manifest;
 mod missing;
 mod put_blob;
+mod put_blobs;
 mod put_manifest;
+mod read;
 mod revoke;
+mod statement;
+mod usage;
 
 use std::sync::Arc;
 
@@ -17,7 +22,7 @@ use quorum_service::ApiError;
 
 use crate::Store;
 
-/// Largest manifest body accepted: 100 000 entries with long paths fit.
+/// Largest manifest (or statement) body accepted: 100 000 entries with long paths fit.
 const MANIFEST_MAX_BYTES: usize = 64 << 20;
 
 pub fn router(store: Arc<Store>) -> Router {
@@ -27,6 +32,11 @@ pub fn router(store: Arc<Store>) -> Router {
         .route(
             "/api/v1/blobs/{digest}",
             put(put_blob::put_blob).layer(DefaultBodyLimit::disable()),
+        )
+        // Batches are capped by frame count and content bytes as they arrive.
+        .route(
+            "/api/v1/blobs",
+            post(put_blobs::put_blobs).layer(DefaultBodyLimit::disable()),
         )
         .route(
             "/api/v1/manifest",
@@ -40,6 +50,29 @@ pub fn router(store: Arc<Store>) -> Router {
             "/api/v1/builds/{build}/blobs/{digest}",
             get(get_blob::get_blob),
         )
+        .route(
+            "/api/v1/builds/{build}/files/{job}/{*path}",
+            get(get_file::get_file),
+        )
+        .route(
+            "/api/v1/builds/{build}/statement",
+            put(statement::put_statement)
+                .get(statement::get_statement)
+                .layer(DefaultBodyLimit::max(MANIFEST_MAX_BYTES)),
+        )
+        .route(
+            "/api/v1/public/{tenant}/builds/{build}/blobs/{digest}",
+            get(get_blob::get_public_blob),
+        )
+        .route(
+            "/api/v1/public/{tenant}/builds/{build}/files/{job}/{*path}",
+            get(get_file::get_public_file),
+        )
+        .route(
+            "/api/v1/public/{tenant}/builds/{build}/statement",
+            get(statement::get_public_statement),
+        )
+        .route("/api/v1/usage", get(usage::usage))
         .route("/api/v1/revoke", post(revoke::revoke))
         .with_state(store)
 }

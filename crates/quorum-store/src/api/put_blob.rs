@@ -63,7 +63,7 @@ pub async fn put_blob(
         meter.lock().expect("meter lock").reserved = n;
     }
     let stream = metered(body, store.clone(), limits.clone(), meter.clone());
-    let put = store.blobs.put(digest, stream, store.max_blob_bytes).await;
+    let put = crate::ingest::store_blob(&store, &slot.tenant, digest, stream, declared).await;
     let (received, reserved, over) = {
         let m = meter.lock().expect("meter lock");
         (m.received, m.reserved, m.over)
@@ -74,7 +74,6 @@ pub async fn put_blob(
         return Err(over_bytes(limits.max_bytes.unwrap_or_default()));
     }
     let size = put?;
-    crate::db::link_blob(&store.db, &slot.tenant, digest, size).await?;
     tracing::info!(tenant = %slot.tenant, build = %slot.build, %digest, size, "blob stored");
     Ok(StatusCode::CREATED)
 }
