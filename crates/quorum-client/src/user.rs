@@ -2,6 +2,7 @@
 
 use quorum_api::v1::controller::{
     ArtifactList, BuildCreated, BuildStatus, HEADER_LOG_COMPLETE, SignerKeys, SubmitBuild,
+    UsageView,
 };
 use quorum_core::attest::Envelope;
 
@@ -76,6 +77,31 @@ impl UserClient {
 
     pub async fn artifacts(&self, build: &str) -> Result<ArtifactList, ClientError> {
         self.get(&format!("/api/v1/builds/{build}/artifacts")).await
+    }
+
+    /// Opens the approval gate of a manual job.
+    pub async fn approve(&self, build: &str, job: &str) -> Result<(), ClientError> {
+        send_ok(
+            self.http
+                .post(self.url(&format!("/api/v1/builds/{build}/jobs/{job}/approve")))
+                .bearer_auth(&self.token),
+        )
+        .await
+    }
+
+    /// Usage per tenant and per build (the `limit` most recent), optionally for one tenant.
+    pub async fn usage(&self, tenant: Option<&str>, limit: u32) -> Result<UsageView, ClientError> {
+        let mut query = vec![("limit", limit.to_string())];
+        if let Some(t) = tenant {
+            query.push(("tenant", t.to_string()));
+        }
+        send_json(
+            self.http
+                .get(self.url("/api/v1/usage"))
+                .query(&query)
+                .bearer_auth(&self.token),
+        )
+        .await
     }
 
     pub async fn signer_keys(&self) -> Result<SignerKeys, ClientError> {

@@ -82,12 +82,16 @@ async fn worker(
     key.verify(&message(method.as_str(), path, ts, body), &sig)
         .map_err(|_| unknown())?;
     let was_offline = w.last_seen < now - state.lease_secs as i64;
-    sqlx::query("UPDATE workers SET last_seen = ? WHERE id = ?")
-        .bind(now)
-        .bind(id)
-        .execute(&state.pool)
-        .await
-        .map_err(ApiError::internal)?;
+    // Seconds are the resolution of `last_seen`: a busy worker's many requests in one second
+    // need one write, not one each.
+    if w.last_seen < now {
+        sqlx::query("UPDATE workers SET last_seen = $1 WHERE id = $2 AND last_seen < $1")
+            .bind(now)
+            .bind(id)
+            .execute(&state.pool)
+            .await
+            .map_err(ApiError::internal)?;
+    }
     if was_offline {
         // A worker coming (back) online may be what a waiting job needs.
         state.wake.notify_one();

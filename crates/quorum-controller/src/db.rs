@@ -1,36 +1,86 @@
-//! The controller's database: opening SQLite with WAL, the schema, and the rows the rest of the
-//! controller reads. Every state change goes through here, so a restarted controller picks up
-//! exactly where the last one stopped.
+//! The controller's database: SQLite in the data dir by default, PostgreSQL when the config
+//! gives a `postgres://` URL. One code path serves both through sqlx's `Any` driver: queries use
+//! `$1` placeholders (which SQLite accepts too) and SQL both understand; each backend has its own
+//! migrations (`migrations/sqlite`, `migrations/postgres`) creating the same tables and columns.
+//! Every state change goes through here, so a restarted controller picks up exactly where the
+//! last one stopped.
 
 use std::path::Path;
-use std::str::FromStr as _;
 
 use anyhow::Context as _;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row as _, SqlitePool};
+use sqlx::Row as _;
+use sqlx::any::{AnyPoolOptions, AnyRow};
 
-pub type Pool = SqlitePool;
+pub type Pool = sqlx::AnyPool;
 
-pub async fn open(data_dir: &Path) -> anyhow::Result<Pool> {
+/// Where the controller keeps its state: `controller.db` in `data_dir`, or `database_url`.
+pub async fn open(data_dir: &Path, database_url: Option<&str>) -> anyhow::Result<Pool> {
+    sqlx::any::install_default_drivers();
+    match database_url {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            open_postgres(url).await
+        }
+        Some(url) => anyhow::bail!(
+            "database_url `{}` is not a postgres:// URL; leave it out to use SQLite in the data dir",
+            redact(url)
+        ),
+        None => open_sqlite(data_dir).await,
+    }
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+async fn open_postgres(url: &str) -> anyhow::Result<Pool> {
+    let pool = AnyPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect(url)
+        .await
+        .with_context(|| format!("cannot connect to the database at {}", redact(url)))?;
+    // Concurrent starts are safe: sqlx takes an advisory lock around PostgreSQL migrations.
+    sqlx::migrate!("./migrations/postgres")
+        .run(&pool)
+        .await
+        .with_context(|| format!("cannot apply the database migrations to {}", redact(url)))?;
+    Ok(pool)
+}
+
+async fn open_sqlite(data_dir: &Path) -> anyhow::Result<Pool> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let path = data_dir.join("controller.db");
-    let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full)
-        .foreign_keys(true)
-        .busy_timeout(std::time::Duration::from_secs(10));
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    // The `Any` driver takes SQLite's options from the URL only, so the pragmas are set on
+    // each new connection: WAL, a full fsync per commit, foreign keys, and a busy timeout.
+    let options = AnyPoolOptions::new()
+        .max_connections(4)
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                use sqlx::Executor as _;
+                conn.execute(
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                     PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
+                )
+                .await?;
+                Ok(())
+            })
+        });
     // Switching a new file to WAL needs a lock that the busy timeout does not cover, so a second
     // process opening the same new file at the same moment (`controller enroll` beside a
     // starting controller) can be told "locked": try again shortly, a bounded number of times.
     let mut attempt = 0;
     let pool = loop {
-        match SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts.clone())
-            .await
-        {
+        match options.clone().connect(&url).await {
             Ok(pool) => break pool,
             Err(e) if attempt < 20 && e.to_string().contains("locked") => {
                 attempt += 1;
@@ -43,7 +93,7 @@ pub async fn open(data_dir: &Path) -> anyhow::Result<Pool> {
     };
     // Another process may be migrating the same file at this moment (the operator's
     // `controller enroll` next to a starting controller); its success is ours, so look again.
-    let migrator = sqlx::migrate!("./migrations");
+    let migrator = sqlx::migrate!("./migrations/sqlite");
     if let Err(first) = migrator.run(&pool).await {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         migrator.run(&pool).await.with_context(|| {
@@ -51,6 +101,12 @@ pub async fn open(data_dir: &Path) -> anyhow::Result<Pool> {
         })?;
     }
     Ok(pool)
+}
+
+/// Whether `e` is a unique-key violation (a concurrent insert of the same key won).
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation())
 }
 
 #[derive(Debug, Clone)]
@@ -63,7 +119,7 @@ pub struct WorkerRow {
     pub last_seen: i64,
 }
 
-pub fn worker_from_row(r: &sqlx::sqlite::SqliteRow) -> WorkerRow {
+pub fn worker_from_row(r: &AnyRow) -> WorkerRow {
     WorkerRow {
         id: r.get("id"),
         owner: r.get("owner"),
@@ -75,7 +131,7 @@ pub fn worker_from_row(r: &sqlx::sqlite::SqliteRow) -> WorkerRow {
 }
 
 pub async fn worker(pool: &Pool, id: &str) -> anyhow::Result<Option<WorkerRow>> {
-    let row = sqlx::query("SELECT * FROM workers WHERE id = ?")
+    let row = sqlx::query("SELECT * FROM workers WHERE id = $1")
         .bind(id)
         .fetch_optional(pool)
         .await?;
@@ -93,9 +149,11 @@ pub struct AssignmentRow {
     pub report: Option<String>,
     pub signature: Option<String>,
     pub outcome: Option<String>,
+    /// The job's round this assignment belongs to (a retry starts a new one).
+    pub round: i64,
 }
 
-pub fn assignment_from_row(r: &sqlx::sqlite::SqliteRow) -> AssignmentRow {
+pub fn assignment_from_row(r: &AnyRow) -> AssignmentRow {
     AssignmentRow {
         id: r.get("id"),
         build_id: r.get("build_id"),
@@ -106,11 +164,12 @@ pub fn assignment_from_row(r: &sqlx::sqlite::SqliteRow) -> AssignmentRow {
         report: r.get("report"),
         signature: r.get("signature"),
         outcome: r.get("outcome"),
+        round: r.get("round"),
     }
 }
 
 pub async fn assignment(pool: &Pool, id: &str) -> anyhow::Result<Option<AssignmentRow>> {
-    let row = sqlx::query("SELECT * FROM assignments WHERE id = ?")
+    let row = sqlx::query("SELECT * FROM assignments WHERE id = $1")
         .bind(id)
         .fetch_optional(pool)
         .await?;
@@ -128,7 +187,7 @@ pub struct BuildRow {
     pub finished_at: Option<i64>,
 }
 
-pub fn build_from_row(r: &sqlx::sqlite::SqliteRow) -> BuildRow {
+pub fn build_from_row(r: &AnyRow) -> BuildRow {
     BuildRow {
         id: r.get("id"),
         repository: r.get("repository"),
@@ -141,7 +200,7 @@ pub fn build_from_row(r: &sqlx::sqlite::SqliteRow) -> BuildRow {
 }
 
 pub async fn build(pool: &Pool, id: &str) -> anyhow::Result<Option<BuildRow>> {
-    let row = sqlx::query("SELECT * FROM builds WHERE id = ?")
+    let row = sqlx::query("SELECT * FROM builds WHERE id = $1")
         .bind(id)
         .fetch_optional(pool)
         .await?;
@@ -156,34 +215,46 @@ pub struct JobRow {
     pub detail: String,
     pub manifest: Option<String>,
     pub differing_paths: Vec<String>,
+    pub round: i64,
+    pub approved_at: Option<i64>,
 }
 
 pub async fn jobs(pool: &Pool, build_id: &str) -> anyhow::Result<Vec<JobRow>> {
-    let rows = sqlx::query("SELECT * FROM jobs WHERE build_id = ? ORDER BY position")
+    let rows = sqlx::query("SELECT * FROM jobs WHERE build_id = $1 ORDER BY position")
         .bind(build_id)
         .fetch_all(pool)
         .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(JobRow {
-                name: r.get("name"),
-                spec: serde_json::from_str(&r.get::<String, _>("spec"))
-                    .context("stored job spec")?,
-                state: r.get("state"),
-                detail: r.get("detail"),
-                manifest: r.get("manifest"),
-                differing_paths: serde_json::from_str(&r.get::<String, _>("differing_paths"))
-                    .unwrap_or_default(),
-            })
-        })
-        .collect()
+    rows.iter().map(job_from_row).collect()
+}
+
+pub async fn job(pool: &Pool, build_id: &str, name: &str) -> anyhow::Result<Option<JobRow>> {
+    let row = sqlx::query("SELECT * FROM jobs WHERE build_id = $1 AND name = $2")
+        .bind(build_id)
+        .bind(name)
+        .fetch_optional(pool)
+        .await?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
+fn job_from_row(r: &AnyRow) -> anyhow::Result<JobRow> {
+    Ok(JobRow {
+        name: r.get("name"),
+        spec: serde_json::from_str(&r.get::<String, _>("spec")).context("stored job spec")?,
+        state: r.get("state"),
+        detail: r.get("detail"),
+        manifest: r.get("manifest"),
+        differing_paths: serde_json::from_str(&r.get::<String, _>("differing_paths"))
+            .unwrap_or_default(),
+        round: r.get("round"),
+        approved_at: r.get("approved_at"),
+    })
 }
 
 pub async fn assignments_of_build(
     pool: &Pool,
     build_id: &str,
 ) -> anyhow::Result<Vec<AssignmentRow>> {
-    let rows = sqlx::query("SELECT * FROM assignments WHERE build_id = ? ORDER BY created_at, id")
+    let rows = sqlx::query("SELECT * FROM assignments WHERE build_id = $1 ORDER BY created_at, id")
         .bind(build_id)
         .fetch_all(pool)
         .await?;

@@ -31,6 +31,10 @@ pub struct Config {
     #[serde(default = "default_listen")]
     pub listen: String,
     pub data_dir: PathBuf,
+    /// `postgres://user:password@host/db` to keep the controller's state in PostgreSQL; without
+    /// it, SQLite in `data_dir`. Overridden by `QUORUM_DATABASE_URL` (it may hold a password).
+    #[serde(default)]
+    pub database_url: Option<String>,
     /// This controller's identity in provenance and tokens; defaults to `http://<bound address>`.
     #[serde(default)]
     pub name: Option<String>,
@@ -48,6 +52,16 @@ pub struct Config {
     /// Most bytes one assignment may upload to the store.
     #[serde(default = "default_upload_max_bytes")]
     pub upload_max_bytes: u64,
+}
+
+impl Config {
+    /// The PostgreSQL URL to use, if any: `QUORUM_DATABASE_URL`, else `database_url`.
+    pub fn database_url(&self) -> Option<String> {
+        std::env::var("QUORUM_DATABASE_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .or_else(|| self.database_url.clone())
+    }
 }
 
 fn default_upload_max_files() -> u64 {
@@ -153,7 +167,7 @@ pub async fn run(
         .ok()
         .or(config.idp.client_secret.clone())
         .context("no IdP client secret: set `idp.client_secret` in the config or QUORUM_IDP_CLIENT_SECRET")?;
-    let pool = db::open(&config.data_dir).await?;
+    let pool = db::open(&config.data_dir, config.database_url().as_deref()).await?;
     let signer = Signer::load_or_create(&config.data_dir.join("signer.key"))?;
     let state = Arc::new(State {
         pool,
@@ -189,10 +203,11 @@ pub async fn run(
 }
 
 /// Creates a single-use enrollment token for a worker of `owner` (the operator's statement of
-/// who runs it, whether it is trusted, and its labels). Works on the database directly, so the
-/// controller need not be running.
+/// who runs it, whether it is trusted, and its labels). Works on the database directly (the
+/// data dir's SQLite file, or `database_url`), so the controller need not be running.
 pub async fn create_enrollment(
     data_dir: &std::path::Path,
+    database_url: Option<&str>,
     owner: &str,
     trusted: bool,
     labels: &BTreeMap<String, String>,
@@ -200,14 +215,14 @@ pub async fn create_enrollment(
     use base64::Engine as _;
     use rand::RngCore as _;
     anyhow::ensure!(!owner.trim().is_empty(), "the owner name must not be empty");
-    let pool = db::open(data_dir).await?;
+    let pool = db::open(data_dir, database_url).await?;
     let mut raw = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut raw);
     let token = format!(
         "qe_{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
     );
-    sqlx::query("INSERT INTO enrollments (token_hash, owner, trusted, labels, created_at) VALUES (?, ?, ?, ?, ?)")
+    sqlx::query("INSERT INTO enrollments (token_hash, owner, trusted, labels, created_at) VALUES ($1, $2, $3, $4, $5)")
         .bind(quorum_core::Digest::of(token.as_bytes()).to_string())
         .bind(owner)
         .bind(trusted as i64)
@@ -224,6 +239,12 @@ pub fn signer_public_key(
     data_dir: &std::path::Path,
 ) -> anyhow::Result<ed25519_dalek::VerifyingKey> {
     Ok(Signer::load_or_create(&data_dir.join("signer.key"))?.public_key())
+}
+
+/// The signer's key ring of this data dir, for `quorum controller signer rotate|list|revoke`
+/// (works whether or not the controller runs: it reads the ring at every signature).
+pub fn signer_key_ring(data_dir: &std::path::Path) -> quorum_signer::KeyRing {
+    quorum_signer::KeyRing::new(&data_dir.join("signer.key"))
 }
 
 pub(crate) fn rfc3339(t: i64) -> String {

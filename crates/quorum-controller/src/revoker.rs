@@ -55,21 +55,24 @@ async fn pass(state: &State, store: &StoreClient) -> anyhow::Result<()> {
         let token = state.idp.exchange(&access, &what).await?.access_token;
         let jtis: Vec<String> = items.iter().map(|(_, j)| j.clone()).collect();
         let answer = store.revoke(&token, jtis).await?;
+        // One commit for the whole batch: these marks compete with dispatch for the writer.
+        let mut tx = state.pool.begin().await?;
         for (id, jti) in &items {
             if answer.revoked.contains(jti) {
-                sqlx::query("UPDATE assignments SET upload_revoked = 1 WHERE id = ?")
+                sqlx::query("UPDATE assignments SET upload_revoked = 1 WHERE id = $1")
                     .bind(id)
-                    .execute(&state.pool)
+                    .execute(&mut *tx)
                     .await?;
             } else {
                 // Pinned to someone else at the store: nothing more this controller can do.
                 tracing::error!(assignment = %id, %jti, "the store would not revoke this upload token");
-                sqlx::query("UPDATE assignments SET upload_revoked = -1 WHERE id = ?")
+                sqlx::query("UPDATE assignments SET upload_revoked = -1 WHERE id = $1")
                     .bind(id)
-                    .execute(&state.pool)
+                    .execute(&mut *tx)
                     .await?;
             }
         }
+        tx.commit().await?;
         tracing::info!(%build, count = items.len(), "upload tokens revoked");
     }
     Ok(())

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use quorum_api::v1::controller::{ReportedResult, ResultReport};
 use quorum_core::pipeline::JobSpec;
-use quorum_core::verdict::{JobVerdict, Outcome, ResultView, job_verdict};
+use quorum_core::verdict::{JobVerdict, Outcome, ResultView, job_verdict, retry_after_failure};
 use quorum_service::now_unix;
 use quorum_signer::{Evidence, JobEvidence, ResultEvidence};
 use rand::seq::SliceRandom as _;
@@ -21,15 +21,10 @@ use tokio_util::sync::CancellationToken;
 use crate::db::{self, AssignmentRow, JobRow, WorkerRow};
 use crate::{State, auth, rfc3339};
 
-/// Assignments a job may use before it gives up (refusals and lost leases count).
-fn attempt_limit(quorum: u32) -> usize {
-    (quorum as usize) * 3 + 3
-}
-
 /// After a restart, running work gets a fresh lease: workers were cut off while we were down,
 /// not lost.
 pub async fn resume_after_restart(state: &State) -> anyhow::Result<()> {
-    sqlx::query("UPDATE assignments SET lease_expires = ? WHERE state IN ('offered', 'running')")
+    sqlx::query("UPDATE assignments SET lease_expires = $1 WHERE state IN ('offered', 'running')")
         .bind(now_unix() + state.lease_secs as i64)
         .execute(&state.pool)
         .await
@@ -54,8 +49,8 @@ pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
 async fn pass(state: &State) -> anyhow::Result<()> {
     let now = now_unix();
     let lost = sqlx::query(
-        "UPDATE assignments SET state = 'lost', detail = 'the worker stopped heartbeating; lease expired', finished_at = ? \
-         WHERE state IN ('offered', 'running') AND lease_expires < ?",
+        "UPDATE assignments SET state = 'lost', detail = 'the worker stopped heartbeating; lease expired', finished_at = $1 \
+         WHERE state IN ('offered', 'running') AND lease_expires < $2",
     )
     .bind(now)
     .bind(now)
@@ -65,6 +60,21 @@ async fn pass(state: &State) -> anyhow::Result<()> {
         tracing::warn!(
             count = lost.rows_affected(),
             "assignments lost to expired leases"
+        );
+    }
+    // The worker enforces the job's timeout itself; this catches one that does not.
+    let overdue = sqlx::query(
+        "UPDATE assignments SET state = 'lost', detail = 'ran past the job''s timeout', finished_at = $1 \
+         WHERE state = 'running' AND deadline < $2",
+    )
+    .bind(now)
+    .bind(now)
+    .execute(&state.pool)
+    .await?;
+    if overdue.rows_affected() > 0 {
+        tracing::warn!(
+            count = overdue.rows_affected(),
+            "assignments given up after the job's timeout"
         );
     }
     let builds: Vec<(String, String)> = sqlx::query(
@@ -78,7 +88,7 @@ async fn pass(state: &State) -> anyhow::Result<()> {
     if builds.is_empty() {
         return Ok(());
     }
-    let online: Vec<WorkerRow> = sqlx::query("SELECT * FROM workers WHERE last_seen >= ?")
+    let online: Vec<WorkerRow> = sqlx::query("SELECT * FROM workers WHERE last_seen >= $1")
         .bind(now - state.lease_secs as i64)
         .fetch_all(&state.pool)
         .await?
@@ -98,16 +108,16 @@ async fn pass(state: &State) -> anyhow::Result<()> {
 async fn cancel_build(state: &State, id: &str) -> anyhow::Result<()> {
     let now = now_unix();
     let mut tx = state.pool.begin().await?;
-    sqlx::query("UPDATE assignments SET state = 'cancelled', detail = 'build cancelled', finished_at = ? WHERE build_id = ? AND state IN ('offered', 'running')")
+    sqlx::query("UPDATE assignments SET state = 'cancelled', detail = 'build cancelled', finished_at = $1 WHERE build_id = $2 AND state IN ('offered', 'running')")
         .bind(now)
         .bind(id)
         .execute(&mut *tx)
         .await?;
-    sqlx::query("UPDATE jobs SET state = 'cancelled', detail = 'build cancelled' WHERE build_id = ? AND state NOT IN ('verified', 'disputed', 'failed', 'skipped')")
+    sqlx::query("UPDATE jobs SET state = 'cancelled', detail = 'build cancelled' WHERE build_id = $1 AND state NOT IN ('verified', 'disputed', 'failed', 'skipped')")
         .bind(id)
         .execute(&mut *tx)
         .await?;
-    sqlx::query("UPDATE builds SET state = 'cancelled', finished_at = ? WHERE id = ?")
+    sqlx::query("UPDATE builds SET state = 'cancelled', finished_at = $1 WHERE id = $2")
         .bind(now)
         .bind(id)
         .execute(&mut *tx)
@@ -130,13 +140,15 @@ struct JobUpdate {
     detail: String,
     manifest: Option<String>,
     differing: Vec<String>,
+    /// The round the job is in after this pass (one more than before when it is retried).
+    round: i64,
 }
 
 async fn evaluate_build(state: &State, build_id: &str, online: &[WorkerRow]) -> anyhow::Result<()> {
     let jobs = db::jobs(&state.pool, build_id).await?;
     let assignments = db::assignments_of_build(&state.pool, build_id).await?;
     let workers: BTreeMap<String, WorkerRow> = sqlx::query(
-        "SELECT * FROM workers WHERE id IN (SELECT worker_id FROM assignments WHERE build_id = ?)",
+        "SELECT * FROM workers WHERE id IN (SELECT worker_id FROM assignments WHERE build_id = $1)",
     )
     .bind(build_id)
     .fetch_all(&state.pool)
@@ -151,25 +163,39 @@ async fn evaluate_build(state: &State, build_id: &str, online: &[WorkerRow]) -> 
         .iter()
         .map(|j| (j.name.clone(), j.state.clone()))
         .collect();
+    // One transaction per build and pass: one commit (one fsync on SQLite) for all its job
+    // updates and offers, and workers are woken only once their offers are committed.
+    let mut writes = Writes {
+        state,
+        tx: state.pool.begin().await?,
+        offered: Vec::new(),
+    };
     for job in &jobs {
         if is_final(&job.state) {
             continue;
         }
-        let mine: Vec<&AssignmentRow> = assignments.iter().filter(|a| a.job == job.name).collect();
-        let update = decide_job(state, build_id, job, &mine, &workers, &states, online).await?;
+        // Earlier rounds ended in failure and were retried: only this round's results count.
+        let mine: Vec<&AssignmentRow> = assignments
+            .iter()
+            .filter(|a| a.job == job.name && a.round == job.round)
+            .collect();
+        let update =
+            decide_job(&mut writes, build_id, job, &mine, &workers, &states, online).await?;
         if update.state != job.state
             || update.detail != job.detail
             || update.manifest != job.manifest
             || update.differing != job.differing_paths
+            || update.round != job.round
         {
-            sqlx::query("UPDATE jobs SET state = ?, detail = ?, manifest = ?, differing_paths = ? WHERE build_id = ? AND name = ?")
+            sqlx::query("UPDATE jobs SET state = $1, detail = $2, manifest = $3, differing_paths = $4, round = $5 WHERE build_id = $6 AND name = $7")
                 .bind(update.state)
                 .bind(&update.detail)
                 .bind(&update.manifest)
                 .bind(serde_json::to_string(&update.differing)?)
+                .bind(update.round)
                 .bind(build_id)
                 .bind(&job.name)
-                .execute(&state.pool)
+                .execute(&mut *writes.tx)
                 .await?;
             if update.state != job.state {
                 tracing::info!(build = %build_id, job = %job.name, state = update.state, detail = %update.detail, "job state");
@@ -177,14 +203,25 @@ async fn evaluate_build(state: &State, build_id: &str, online: &[WorkerRow]) -> 
         }
         states.insert(job.name.clone(), update.state.to_string());
     }
+    writes.tx.commit().await?;
+    for worker in writes.offered {
+        state.worker_notify(&worker).notify_one();
+    }
     if states.values().all(|s| is_final(s)) {
         finish_build(state, build_id, &states).await?;
     }
     Ok(())
 }
 
+/// The writes of one build's pass, and the workers to wake once they are committed.
+struct Writes<'a> {
+    state: &'a State,
+    tx: sqlx::Transaction<'static, sqlx::Any>,
+    offered: Vec<String>,
+}
+
 async fn decide_job(
-    state: &State,
+    writes: &mut Writes<'_>,
     build_id: &str,
     job: &JobRow,
     mine: &[&AssignmentRow],
@@ -193,11 +230,33 @@ async fn decide_job(
     online: &[WorkerRow],
 ) -> anyhow::Result<JobUpdate> {
     let spec = &job.spec;
+    let round = job.round;
     let waiting = |detail: String| JobUpdate {
         state: "queued",
         detail,
         manifest: None,
         differing: vec![],
+        round,
+    };
+    // A round that ended in failure starts the next one while retries remain.
+    let failed = |detail: String| {
+        if retry_after_failure(round, spec.retries) {
+            JobUpdate {
+                state: "queued",
+                detail: format!("retry {} of {} after: {detail}", round + 1, spec.retries),
+                manifest: None,
+                differing: vec![],
+                round: round + 1,
+            }
+        } else {
+            JobUpdate {
+                state: "failed",
+                detail,
+                manifest: None,
+                differing: vec![],
+                round,
+            }
+        }
     };
     for need in &spec.needs {
         match states.get(need).map(String::as_str) {
@@ -208,10 +267,17 @@ async fn decide_job(
                     detail: format!("needs `{need}`, which is {s}"),
                     manifest: None,
                     differing: vec![],
+                    round,
                 });
             }
             _ => return Ok(waiting(format!("waiting for `{need}`"))),
         }
+    }
+    if spec.manual && job.approved_at.is_none() {
+        return Ok(waiting(format!(
+            "waiting for approval: `quorum approve {build_id} {}`",
+            job.name
+        )));
     }
     let results: Vec<ResultView> = mine
         .iter()
@@ -240,7 +306,7 @@ async fn decide_job(
             manifest,
             workers: agreeing,
         } => {
-            withdraw_extra(state, &active).await?;
+            withdraw_extra(writes, &active).await?;
             return Ok(JobUpdate {
                 state: "verified",
                 detail: format!(
@@ -250,10 +316,11 @@ async fn decide_job(
                 ),
                 manifest: Some(manifest.to_string()),
                 differing: vec![],
+                round,
             });
         }
         JobVerdict::Failed { workers: agreeing } => {
-            withdraw_extra(state, &active).await?;
+            withdraw_extra(writes, &active).await?;
             let reason = mine
                 .iter()
                 .find_map(|a| {
@@ -262,16 +329,11 @@ async fn decide_job(
                         .flatten()
                 })
                 .unwrap_or_default();
-            return Ok(JobUpdate {
-                state: "failed",
-                detail: format!(
-                    "{} workers agree the job fails ({}): {reason}",
-                    agreeing.len(),
-                    agreeing.join(", ")
-                ),
-                manifest: None,
-                differing: vec![],
-            });
+            return Ok(failed(format!(
+                "{} workers agree the job fails ({}): {reason}",
+                agreeing.len(),
+                agreeing.join(", ")
+            )));
         }
         JobVerdict::Disputed { groups } => {
             let detail = groups
@@ -288,6 +350,7 @@ async fn decide_job(
                 detail: format!("results differ: {detail}"),
                 manifest: None,
                 differing,
+                round,
             });
         }
         JobVerdict::Pending { .. } => {}
@@ -295,23 +358,18 @@ async fn decide_job(
 
     // Declined offers (a busy or stopping worker) cost nothing; refusals and lost leases count.
     let attempts = mine.iter().filter(|a| a.state != "declined").count();
-    if attempts >= attempt_limit(spec.policy.quorum) {
+    if attempts >= spec.attempt_limit() as usize {
         let reasons: Vec<String> = mine
             .iter()
             .filter(|a| matches!(a.state.as_str(), "refused" | "lost"))
             .filter_map(|a| a.detail.clone().map(|d| format!("{}: {d}", a.worker_id)))
             .take(5)
             .collect();
-        return Ok(JobUpdate {
-            state: "failed",
-            detail: format!(
-                "gave up after {} assignments; {}",
-                attempts,
-                reasons.join("; ")
-            ),
-            manifest: None,
-            differing: vec![],
-        });
+        return Ok(failed(format!(
+            "gave up after {} assignments; {}",
+            attempts,
+            reasons.join("; ")
+        )));
     }
 
     // Results agree so far (or none yet): top up to `quorum` live or reported assignments,
@@ -343,7 +401,7 @@ async fn decide_job(
             .collect();
         let picked = pick(&eligible, slots, trusted_need);
         for w in &picked {
-            offer(state, build_id, spec, w).await?;
+            offer(writes, build_id, spec, round, w).await?;
         }
         if picked.len() < slots {
             let labels = if spec.labels.is_empty() {
@@ -386,6 +444,7 @@ async fn decide_job(
         detail,
         manifest: None,
         differing: vec![],
+        round,
     })
 }
 
@@ -428,30 +487,37 @@ fn pick<'a>(eligible: &[&'a WorkerRow], slots: usize, trusted_need: usize) -> Ve
     picked
 }
 
-async fn offer(state: &State, build_id: &str, spec: &JobSpec, w: &WorkerRow) -> anyhow::Result<()> {
+async fn offer(
+    writes: &mut Writes<'_>,
+    build_id: &str,
+    spec: &JobSpec,
+    round: i64,
+    w: &WorkerRow,
+) -> anyhow::Result<()> {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let now = now_unix();
-    sqlx::query("INSERT INTO assignments (id, build_id, job, worker_id, state, created_at, lease_expires) VALUES (?, ?, ?, ?, 'offered', ?, ?)")
+    sqlx::query("INSERT INTO assignments (id, build_id, job, worker_id, state, created_at, lease_expires, round) VALUES ($1, $2, $3, $4, 'offered', $5, $6, $7)")
         .bind(&id)
         .bind(build_id)
         .bind(&spec.name)
         .bind(&w.id)
         .bind(now)
-        .bind(now + state.lease_secs as i64)
-        .execute(&state.pool)
+        .bind(now + writes.state.lease_secs as i64)
+        .bind(round)
+        .execute(&mut *writes.tx)
         .await?;
     tracing::info!(assignment = %id, build = %build_id, job = %spec.name, worker = %w.id, owner = %w.owner, "assignment offered");
-    state.worker_notify(&w.id).notify_one();
+    writes.offered.push(w.id.clone());
     Ok(())
 }
 
 /// Once a verdict is reached, assignments still running are no longer needed.
-async fn withdraw_extra(state: &State, active: &[&&AssignmentRow]) -> anyhow::Result<()> {
+async fn withdraw_extra(writes: &mut Writes<'_>, active: &[&&AssignmentRow]) -> anyhow::Result<()> {
     for a in active {
-        sqlx::query("UPDATE assignments SET state = 'cancelled', detail = 'verdict reached without it', finished_at = ? WHERE id = ? AND state IN ('offered', 'running')")
+        sqlx::query("UPDATE assignments SET state = 'cancelled', detail = 'verdict reached without it', finished_at = $1 WHERE id = $2 AND state IN ('offered', 'running')")
             .bind(now_unix())
             .bind(&a.id)
-            .execute(&state.pool)
+            .execute(&mut *writes.tx)
             .await?;
     }
     Ok(())
@@ -496,7 +562,7 @@ async fn finish_build(
     let now = now_unix();
     if !all_verified {
         sqlx::query(
-            "UPDATE builds SET state = ?, finished_at = ? WHERE id = ? AND state = 'running'",
+            "UPDATE builds SET state = $1, finished_at = $2 WHERE id = $3 AND state = 'running'",
         )
         .bind(final_state)
         .bind(now)
@@ -508,16 +574,17 @@ async fn finish_build(
     }
     let evidence = gather_evidence(state, build_id, now).await?;
     match state.signer.sign_build(&evidence) {
-        Ok(envelope) => {
-            // The statement and the verdict land together or not at all, and only once.
+        Ok(signed) => {
+            // The statements and the verdict land together or not at all, and only once.
             let mut tx = state.pool.begin().await?;
-            sqlx::query("INSERT OR IGNORE INTO statements (build_id, envelope, created_at) VALUES (?, ?, ?)")
+            sqlx::query("INSERT INTO statements (build_id, envelope, summary, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
                 .bind(build_id)
-                .bind(serde_json::to_string(&envelope)?)
+                .bind(serde_json::to_string(&signed.provenance)?)
+                .bind(serde_json::to_string(&signed.summary)?)
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query("UPDATE builds SET state = 'verified', finished_at = ? WHERE id = ? AND state = 'running'")
+            sqlx::query("UPDATE builds SET state = 'verified', finished_at = $1 WHERE id = $2 AND state = 'running'")
                 .bind(now)
                 .bind(build_id)
                 .execute(&mut *tx)
@@ -527,12 +594,12 @@ async fn finish_build(
         }
         Err(e) => {
             tracing::error!(build = %build_id, error = %e, "the signer refused the evidence");
-            sqlx::query("UPDATE builds SET state = 'failed', finished_at = ? WHERE id = ? AND state = 'running'")
+            sqlx::query("UPDATE builds SET state = 'failed', finished_at = $1 WHERE id = $2 AND state = 'running'")
                 .bind(now)
                 .bind(build_id)
                 .execute(&state.pool)
                 .await?;
-            sqlx::query("UPDATE jobs SET detail = detail || ? WHERE build_id = ?")
+            sqlx::query("UPDATE jobs SET detail = detail || $1 WHERE build_id = $2")
                 .bind(format!(" (signer refused: {e})"))
                 .bind(build_id)
                 .execute(&state.pool)
@@ -554,7 +621,7 @@ async fn gather_evidence(state: &State, build_id: &str, now: i64) -> anyhow::Res
         let mut results = Vec::new();
         for a in assignments
             .iter()
-            .filter(|a| a.job == j.name && a.state == "reported")
+            .filter(|a| a.job == j.name && a.round == j.round && a.state == "reported")
         {
             let w = db::worker(&state.pool, &a.worker_id)
                 .await?

@@ -91,6 +91,13 @@ pub fn job_verdict(policy: Policy, results: &[ResultView], outstanding: usize) -
     }
 }
 
+/// Whether a job whose `round` ended in failure (its workers agree it fails, or it used up its
+/// attempts) runs again: while fewer than `retries` retries were made. Disputes are never
+/// retried: another round could outvote a disagreement that has to be explained instead.
+pub fn retry_after_failure(round: i64, retries: u32) -> bool {
+    round < i64::from(retries)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

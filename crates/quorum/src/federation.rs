@@ -47,6 +47,8 @@ pub struct Spec {
     pub lease_secs: u64,
     /// `RUST_LOG` for the role processes.
     pub log_filter: String,
+    /// The controller's PostgreSQL database; `None`: SQLite in its data directory.
+    pub database_url: Option<String>,
 }
 
 impl Spec {
@@ -60,6 +62,7 @@ impl Spec {
                 .collect(),
             lease_secs: 15,
             log_filter: "info".into(),
+            database_url: None,
         }
     }
 }
@@ -139,6 +142,11 @@ impl Federation {
         &self.spec.data_dir
     }
 
+    /// The controller's PostgreSQL URL, or `None` when it keeps SQLite in its data directory.
+    pub fn database_url(&self) -> Option<&str> {
+        self.spec.database_url.as_deref()
+    }
+
     pub fn role_dir(&self, role: &str) -> PathBuf {
         self.spec.data_dir.join(role)
     }
@@ -171,28 +179,34 @@ impl Federation {
                     self.idp_url.clone(),
                 )],
                 max_blob_bytes: quorum_store::DEFAULT_MAX_BLOB_BYTES,
+                ..Default::default()
             })?,
-            "controller" => toml::to_string(&quorum_controller::Config {
-                listen,
-                data_dir: dir,
-                name: None,
-                api_token: Some(self.saved.api_token.clone()),
-                idp: quorum_controller::IdpConfig {
-                    url: self.idp_url.clone(),
-                    client_id: "controller".into(),
-                    client_secret: Some(self.saved.client_secret.clone()),
-                },
-                store: quorum_controller::StoreConfig {
-                    url: self.store_url.clone(),
-                    audience: self.store_audience.clone(),
-                },
-                lease_secs: self.spec.lease_secs,
-                upload_max_files: 100_000,
-                upload_max_bytes: 16 << 30,
-            })?,
+            "controller" => toml::to_string(&self.controller_config(listen))?,
             _ => bail!("unknown role {role}"),
         };
         Ok(text)
+    }
+
+    fn controller_config(&self, listen: String) -> quorum_controller::Config {
+        quorum_controller::Config {
+            listen,
+            data_dir: self.role_dir("controller"),
+            database_url: self.spec.database_url.clone(),
+            name: None,
+            api_token: Some(self.saved.api_token.clone()),
+            idp: quorum_controller::IdpConfig {
+                url: self.idp_url.clone(),
+                client_id: "controller".into(),
+                client_secret: Some(self.saved.client_secret.clone()),
+            },
+            store: quorum_controller::StoreConfig {
+                url: self.store_url.clone(),
+                audience: self.store_audience.clone(),
+            },
+            lease_secs: self.spec.lease_secs,
+            upload_max_files: 100_000,
+            upload_max_bytes: 16 << 30,
+        }
     }
 
     /// Starts (or restarts) the IdP, store or controller and waits for it to listen.
@@ -221,6 +235,7 @@ impl Federation {
             Some(
                 quorum_controller::create_enrollment(
                     &self.role_dir("controller"),
+                    self.spec.database_url.as_deref(),
                     &w.owner,
                     w.trusted,
                     &BTreeMap::new(),

@@ -8,7 +8,6 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State as AxState};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
 use quorum_api::v1::controller::{
     Artifact, ArtifactList, AssignmentStatus, BuildCreated, BuildState, BuildStatus,
     HEADER_LOG_COMPLETE, JobState, JobStatus, ReportedResult, ResultReport, SignerKeys,
@@ -62,7 +61,7 @@ pub async fn submit(
     let id = uuid::Uuid::new_v4().simple().to_string();
     let now = now_unix();
     let mut tx = state.pool.begin().await.map_err(ApiError::internal)?;
-    sqlx::query("INSERT INTO builds (id, repository, commit_id, source_date_epoch, state, created_at) VALUES (?, ?, ?, ?, 'running', ?)")
+    sqlx::query("INSERT INTO builds (id, repository, commit_id, source_date_epoch, state, created_at) VALUES ($1, $2, $3, $4, 'running', $5)")
         .bind(&id)
         .bind(&req.repository)
         .bind(&commit)
@@ -72,7 +71,7 @@ pub async fn submit(
         .await
         .map_err(ApiError::internal)?;
     for (position, job) in pipeline.jobs.iter().enumerate() {
-        sqlx::query("INSERT INTO jobs (build_id, name, position, spec, state) VALUES (?, ?, ?, ?, 'queued')")
+        sqlx::query("INSERT INTO jobs (build_id, name, position, spec, state) VALUES ($1, $2, $3, $4, 'queued')")
             .bind(&id)
             .bind(&job.name)
             .bind(position as i64)
@@ -93,7 +92,7 @@ pub async fn submit(
     ))
 }
 
-fn build_state(s: &str) -> BuildState {
+pub(crate) fn build_state(s: &str) -> BuildState {
     match s {
         "verified" => BuildState::Verified,
         "disputed" => BuildState::Disputed,
@@ -133,14 +132,14 @@ pub async fn status(
     let jobs = db::jobs(&state.pool, &id).await?;
     let assignments = db::assignments_of_build(&state.pool, &id).await?;
     let workers = sqlx::query(
-        "SELECT * FROM workers WHERE id IN (SELECT worker_id FROM assignments WHERE build_id = ?)",
+        "SELECT * FROM workers WHERE id IN (SELECT worker_id FROM assignments WHERE build_id = $1)",
     )
     .bind(&id)
     .fetch_all(&state.pool)
     .await
     .map_err(ApiError::internal)?;
     let workers: Vec<db::WorkerRow> = workers.iter().map(db::worker_from_row).collect();
-    let signed = sqlx::query("SELECT 1 FROM statements WHERE build_id = ?")
+    let signed = sqlx::query("SELECT 1 FROM statements WHERE build_id = $1")
         .bind(&id)
         .fetch_optional(&state.pool)
         .await
@@ -208,7 +207,7 @@ pub async fn cancel(
             b.state
         )));
     }
-    sqlx::query("UPDATE builds SET state = 'cancelling' WHERE id = ? AND state = 'running'")
+    sqlx::query("UPDATE builds SET state = 'cancelling' WHERE id = $1 AND state = 'running'")
         .bind(&id)
         .execute(&state.pool)
         .await
@@ -224,7 +223,7 @@ pub async fn statement(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     auth::user(&state, &headers)?;
-    let row = sqlx::query("SELECT envelope FROM statements WHERE build_id = ?")
+    let row = sqlx::query("SELECT envelope FROM statements WHERE build_id = $1")
         .bind(&id)
         .fetch_optional(&state.pool)
         .await
@@ -238,6 +237,33 @@ pub async fn statement(
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         env,
+    )
+        .into_response())
+}
+
+/// `GET /api/v1/builds/{id}/summary`, API token: the SLSA Verification Summary (a DSSE
+/// envelope) signed beside the build's provenance.
+pub async fn summary(
+    AxState(state): AxState<Arc<State>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    auth::user(&state, &headers)?;
+    let summary: Option<String> =
+        sqlx::query_scalar("SELECT summary FROM statements WHERE build_id = $1")
+            .bind(&id)
+            .fetch_optional(&state.pool)
+            .await
+            .map_err(ApiError::internal)?
+            .flatten();
+    let summary = summary.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "build {id} has no signed verification summary; only verified builds are signed"
+        ))
+    })?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        summary,
     )
         .into_response())
 }
@@ -338,7 +364,7 @@ pub async fn read_log(
     let a = db::assignment(&state.pool, &id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no assignment {id}")))?;
-    let rows = sqlx::query("SELECT offset, data FROM logs WHERE assignment_id = ? AND offset + LENGTH(data) > ? ORDER BY offset")
+    let rows = sqlx::query("SELECT \"offset\", data FROM logs WHERE assignment_id = $1 AND \"offset\" + LENGTH(data) > $2 ORDER BY \"offset\"")
         .bind(&id)
         .bind(q.offset as i64)
         .fetch_all(&state.pool)
@@ -359,13 +385,20 @@ pub async fn read_log(
         .into_response())
 }
 
-/// `GET /api/v1/signer/keys`, anyone: the keys that sign this controller's statements.
-pub async fn signer_keys(AxState(state): AxState<Arc<State>>) -> Json<SignerKeys> {
-    let key = state.signer.public_key();
-    let mut keys = std::collections::BTreeMap::new();
-    keys.insert(
-        state.signer.key_id(),
-        base64::engine::general_purpose::STANDARD.encode(key.as_bytes()),
-    );
-    Json(SignerKeys { keys })
+/// `GET /api/v1/signer/keys`, anyone: every key that signed or signs this controller's
+/// statements and is not revoked, read from the signer's key ring per request (so a rotation or
+/// revocation shows at once).
+pub async fn signer_keys(
+    AxState(state): AxState<Arc<State>>,
+) -> Result<Json<SignerKeys>, ApiError> {
+    let published = state.signer.published_keys().map_err(ApiError::internal)?;
+    let active = published
+        .iter()
+        .find(|k| k.state() == quorum_signer::SignerKeyState::Active)
+        .map(|k| k.keyid.clone());
+    let keys = published
+        .into_iter()
+        .map(|k| (k.keyid, k.public_key))
+        .collect();
+    Ok(Json(SignerKeys { keys, active }))
 }

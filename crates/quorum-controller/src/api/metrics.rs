@@ -44,7 +44,7 @@ pub async fn metrics(AxState(state): AxState<Arc<State>>) -> Result<impl IntoRes
         .fetch_one(&state.pool)
         .await
         .map_err(ApiError::internal)?;
-    let online: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM workers WHERE last_seen >= ?")
+    let online: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM workers WHERE last_seen >= $1")
         .bind(now_unix() - state.lease_secs as i64)
         .fetch_one(&state.pool)
         .await

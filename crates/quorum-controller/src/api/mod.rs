@@ -1,8 +1,10 @@
 //! The controller's HTTP routes. Worker routes live in `workers.rs`, user routes in `builds.rs`;
 //! each handler's doc names its method, route and who may call it.
 
+mod approve;
 mod builds;
 mod metrics;
+mod usage;
 mod workers;
 
 use std::sync::Arc;
@@ -29,9 +31,15 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/api/v1/builds", post(builds::submit))
         .route("/api/v1/builds/{id}", get(builds::status))
         .route("/api/v1/builds/{id}/cancel", post(builds::cancel))
+        .route(
+            "/api/v1/builds/{id}/jobs/{job}/approve",
+            post(approve::approve),
+        )
         .route("/api/v1/builds/{id}/statement", get(builds::statement))
+        .route("/api/v1/builds/{id}/summary", get(builds::summary))
         .route("/api/v1/builds/{id}/artifacts", get(builds::artifacts))
         .route("/api/v1/signer/keys", get(builds::signer_keys))
+        .route("/api/v1/usage", get(usage::usage))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics::metrics))
         .layer(axum::extract::DefaultBodyLimit::max(16 * 1024 * 1024))

@@ -44,37 +44,43 @@ pub async fn enroll(
         ));
     }
     let hash = quorum_core::Digest::of(req.enrollment_token.as_bytes()).to_string();
-    // IMMEDIATE: this transaction reads then writes, and must hold the write lock from the
-    // start so that concurrent enrollments queue instead of failing with SQLITE_BUSY.
-    let mut tx = state
-        .pool
-        .begin_with("BEGIN IMMEDIATE")
-        .await
-        .map_err(ApiError::internal)?;
-    let row =
-        sqlx::query("SELECT owner, trusted, labels, used_by FROM enrollments WHERE token_hash = ?")
-            .bind(&hash)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(ApiError::internal)?
-            .ok_or_else(|| {
-                ApiError::unauthorized(
-                    "unknown enrollment token; ask the controller's operator for a new one",
-                )
-            })?;
-    let used_by: Option<String> = row.get("used_by");
-    if let Some(used_by) = used_by {
+    let mut tx = state.pool.begin().await.map_err(ApiError::internal)?;
+    // Claiming the token is the transaction's first statement and a conditional write, so of two
+    // concurrent enrollments with one token exactly one claims it, on SQLite (which takes the
+    // write lock here, before any read) and on PostgreSQL alike.
+    let claimed = sqlx::query(
+        "UPDATE enrollments SET used_by = $1 WHERE token_hash = $2 AND used_by IS NULL",
+    )
+    .bind(&req.name)
+    .bind(&hash)
+    .execute(&mut *tx)
+    .await
+    .map_err(ApiError::internal)?;
+    let row = sqlx::query(
+        "SELECT owner, trusted, labels, used_by FROM enrollments WHERE token_hash = $1",
+    )
+    .bind(&hash)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(ApiError::internal)?
+    .ok_or_else(|| {
+        ApiError::unauthorized(
+            "unknown enrollment token; ask the controller's operator for a new one",
+        )
+    })?;
+    if claimed.rows_affected() == 0 {
         // Re-enrolling the same worker with the same key is harmless (it lost its state file).
-        let existing = sqlx::query("SELECT public_key FROM workers WHERE id = ?")
-            .bind(&used_by)
+        let used_by: Option<String> = row.get("used_by");
+        let existing = sqlx::query("SELECT public_key FROM workers WHERE id = $1")
+            .bind(&req.name)
             .fetch_optional(&mut *tx)
             .await
             .map_err(ApiError::internal)?;
-        if used_by == req.name
+        if used_by.as_deref() == Some(req.name.as_str())
             && existing.is_some_and(|r| r.get::<String, _>("public_key") == req.public_key)
         {
             return Ok(Json(EnrollResponse {
-                worker_id: used_by,
+                worker_id: req.name,
                 owner: row.get("owner"),
             }));
         }
@@ -82,19 +88,22 @@ pub async fn enroll(
             "this enrollment token was already used",
         ));
     }
-    let taken = sqlx::query("SELECT 1 FROM workers WHERE id = ?")
+    let name_taken = || {
+        ApiError::conflict(format!(
+            "a worker named `{}` is already enrolled; choose another name",
+            req.name
+        ))
+    };
+    let taken = sqlx::query("SELECT 1 FROM workers WHERE id = $1")
         .bind(&req.name)
         .fetch_optional(&mut *tx)
         .await
         .map_err(ApiError::internal)?;
     if taken.is_some() {
-        return Err(ApiError::conflict(format!(
-            "a worker named `{}` is already enrolled; choose another name",
-            req.name
-        )));
+        return Err(name_taken());
     }
     let owner: String = row.get("owner");
-    sqlx::query("INSERT INTO workers (id, owner, trusted, labels, public_key, enrolled_at) VALUES (?, ?, ?, ?, ?, ?)")
+    sqlx::query("INSERT INTO workers (id, owner, trusted, labels, public_key, enrolled_at) VALUES ($1, $2, $3, $4, $5, $6)")
         .bind(&req.name)
         .bind(&owner)
         .bind(row.get::<i64, _>("trusted"))
@@ -103,13 +112,14 @@ pub async fn enroll(
         .bind(now_unix())
         .execute(&mut *tx)
         .await
-        .map_err(ApiError::internal)?;
-    sqlx::query("UPDATE enrollments SET used_by = ? WHERE token_hash = ?")
-        .bind(&req.name)
-        .bind(&hash)
-        .execute(&mut *tx)
-        .await
-        .map_err(ApiError::internal)?;
+        .map_err(|e| {
+            // Another token enrolled the same name between our look and this insert.
+            if db::is_unique_violation(&e) {
+                name_taken()
+            } else {
+                ApiError::internal(e)
+            }
+        })?;
     tx.commit().await.map_err(ApiError::internal)?;
     tracing::info!(worker = %req.name, %owner, "worker enrolled");
     Ok(Json(EnrollResponse {
@@ -144,7 +154,7 @@ pub async fn poll(
             if tokio::time::Instant::now() >= deadline {
                 return Ok(StatusCode::NO_CONTENT.into_response());
             }
-            sqlx::query("UPDATE workers SET last_seen = ? WHERE id = ?")
+            sqlx::query("UPDATE workers SET last_seen = $1 WHERE id = $2")
                 .bind(now_unix())
                 .bind(&w.id)
                 .execute(&state.pool)
@@ -156,7 +166,7 @@ pub async fn poll(
 
 /// Claims the oldest offer for `w` and fetches its tokens.
 async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, ApiError> {
-    let offers = sqlx::query("SELECT * FROM assignments WHERE worker_id = ? AND state = 'offered' ORDER BY created_at LIMIT 4")
+    let offers = sqlx::query("SELECT * FROM assignments WHERE worker_id = $1 AND state = 'offered' ORDER BY created_at LIMIT 4")
         .bind(&w.id)
         .fetch_all(&state.pool)
         .await
@@ -165,8 +175,7 @@ async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, 
         let Some(build) = db::build(&state.pool, &row.build_id).await? else {
             continue;
         };
-        let jobs = db::jobs(&state.pool, &row.build_id).await?;
-        let Some(job) = jobs.into_iter().find(|j| j.name == row.job) else {
+        let Some(job) = db::job(&state.pool, &row.build_id, &row.job).await? else {
             continue;
         };
         let lifetime = (job.spec.timeout_secs + 4 * state.lease_secs + 300) as i64;
@@ -192,19 +201,22 @@ async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, 
                 lifetime
             ),
         )?;
+        let tenant = token_claim(&access, "tenant").unwrap_or_default();
         let claimed = sqlx::query(
-            "UPDATE assignments SET state = 'running', lease_expires = ?, upload_jti = ? WHERE id = ? AND state = 'offered'",
+            "UPDATE assignments SET state = 'running', lease_expires = $1, upload_jti = $2, tenant = $3, deadline = $4 \
+             WHERE id = $5 AND state = 'offered'",
         )
         .bind(now_unix() + state.lease_secs as i64)
         .bind(token_claim(&upload_token, "jti"))
-            .bind(&row.id)
-            .execute(&state.pool)
-            .await
-            .map_err(ApiError::internal)?;
+        .bind(&tenant)
+        .bind(now_unix() + (job.spec.timeout_secs + state.lease_secs) as i64)
+        .bind(&row.id)
+        .execute(&state.pool)
+        .await
+        .map_err(ApiError::internal)?;
         if claimed.rows_affected() == 0 {
             continue; // withdrawn or taken by a concurrent poll
         }
-        let tenant = token_claim(&access, "tenant").unwrap_or_default();
         tracing::info!(assignment = %row.id, build = %row.build_id, job = %row.job, worker = %w.id, "assignment taken");
         return Ok(Some(Assignment {
             id: row.id.clone(),
@@ -217,6 +229,7 @@ async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, 
             script: job.spec.script.clone(),
             artifacts: job.spec.artifacts.clone(),
             timeout_secs: job.spec.timeout_secs,
+            inputs: job.spec.inputs.clone(),
             job_token,
             upload_token,
             store_url: state.store_url.clone(),
@@ -283,7 +296,7 @@ pub async fn refuse(
     // A busy worker declines; it may get the job again later. A refusal is final for this
     // worker and job.
     let new_state = if req.busy { "declined" } else { "refused" };
-    sqlx::query("UPDATE assignments SET state = ?, detail = ?, finished_at = ? WHERE id = ? AND state IN ('offered', 'running')")
+    sqlx::query("UPDATE assignments SET state = $1, detail = $2, finished_at = $3 WHERE id = $4 AND state IN ('offered', 'running')")
         .bind(new_state)
         .bind(&reason)
         .bind(now_unix())
@@ -304,13 +317,14 @@ pub async fn heartbeat(
     SignedWorker { worker: w, .. }: SignedWorker,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     let a = own_assignment(&state, &w, &id).await?;
-    let renewed =
-        sqlx::query("UPDATE assignments SET lease_expires = ? WHERE id = ? AND state = 'running'")
-            .bind(now_unix() + state.lease_secs as i64)
-            .bind(&a.id)
-            .execute(&state.pool)
-            .await
-            .map_err(ApiError::internal)?;
+    let renewed = sqlx::query(
+        "UPDATE assignments SET lease_expires = $1 WHERE id = $2 AND state = 'running'",
+    )
+    .bind(now_unix() + state.lease_secs as i64)
+    .bind(&a.id)
+    .execute(&state.pool)
+    .await
+    .map_err(ApiError::internal)?;
     Ok(Json(HeartbeatResponse {
         stop: renewed.rows_affected() == 0,
     }))
@@ -336,7 +350,7 @@ pub async fn log(
     // Chunks are contiguous (a gap is refused below), so the last chunk's end is the log's
     // length: one indexed row instead of summing every chunk on each append.
     let stored: i64 = sqlx::query_scalar(
-        "SELECT offset + LENGTH(data) FROM logs WHERE assignment_id = ? ORDER BY offset DESC LIMIT 1",
+        "SELECT \"offset\" + LENGTH(data) FROM logs WHERE assignment_id = $1 ORDER BY \"offset\" DESC LIMIT 1",
     )
     .bind(&a.id)
     .fetch_optional(&state.pool)
@@ -358,7 +372,7 @@ pub async fn log(
             "a job's log is limited to 64 MiB",
         ));
     }
-    sqlx::query("INSERT OR IGNORE INTO logs (assignment_id, offset, data) VALUES (?, ?, ?)")
+    sqlx::query("INSERT INTO logs (assignment_id, \"offset\", data) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
         .bind(&a.id)
         .bind(offset)
         .bind(body.as_ref())
@@ -429,15 +443,21 @@ pub async fn result(
         ReportedResult::Success { .. } => None,
         ReportedResult::Failed { reason } => Some(reason.chars().take(2000).collect::<String>()),
     };
+    let usage = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let done = sqlx::query(
-        "UPDATE assignments SET state = 'reported', report = ?, signature = ?, outcome = ?, detail = ?, finished_at = ? \
-         WHERE id = ? AND state = 'running'",
+        "UPDATE assignments SET state = 'reported', report = $1, signature = $2, outcome = $3, detail = $4, finished_at = $5, \
+         wall_ms = $6, cpu_ms = $7, peak_rss_kib = $8, bytes_uploaded = $9 \
+         WHERE id = $10 AND state = 'running'",
     )
     .bind(&signed.report)
     .bind(&signed.signature)
     .bind(&outcome)
     .bind(detail)
     .bind(now_unix())
+    .bind(usage(report.usage.wall_ms))
+    .bind(usage(report.usage.cpu_ms))
+    .bind(usage(report.usage.peak_rss_kib))
+    .bind(usage(report.usage.bytes_uploaded))
     .bind(&a.id)
     .execute(&state.pool)
     .await

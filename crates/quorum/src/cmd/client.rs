@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use base64::Engine as _;
-use quorum_api::v1::controller::{BuildState, BuildStatus, JobState};
+use quorum_api::v1::controller::{BuildState, BuildStatus, JobState, UsageTotals};
 use quorum_client::user::UserClient;
 use quorum_core::Digest;
 use quorum_core::attest;
@@ -104,6 +104,52 @@ pub async fn logs(
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+pub async fn approve(conn: &ControllerConn, build: &str, job: &str) -> anyhow::Result<ExitCode> {
+    client(conn).approve(build, job).await?;
+    println!("job `{job}` of build {build} is approved");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn usage(
+    conn: &ControllerConn,
+    tenant: Option<&str>,
+    builds: u32,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let view = client(conn).usage(tenant, builds).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let row = |name: &str, t: &UsageTotals| {
+        format!(
+            "{name:<34} {:>7} {:>10.1} {:>10.1} {:>10} {:>12}",
+            t.results,
+            t.wall_ms as f64 / 1000.0,
+            t.cpu_ms as f64 / 1000.0,
+            t.peak_rss_kib / 1024,
+            t.bytes_uploaded
+        )
+    };
+    let header = format!(
+        "{:>7} {:>10} {:>10} {:>10} {:>12}",
+        "results", "wall s", "cpu s", "peak MiB", "bytes up"
+    );
+    println!("{:<34} {header}", "TENANT (builds)");
+    for t in &view.tenants {
+        println!(
+            "{}",
+            row(&format!("{} ({})", t.tenant, t.builds), &t.totals)
+        );
+    }
+    println!("\n{:<34} {header}", "BUILD (tenant, state)");
+    for b in &view.builds {
+        let name = format!("{} ({}, {})", b.build_id, b.tenant, b.state.as_str());
+        println!("{}", row(&name, &b.totals));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn cancel(conn: &ControllerConn, build: &str) -> anyhow::Result<ExitCode> {
@@ -237,28 +283,28 @@ pub fn report(status: &BuildStatus, json: bool) -> anyhow::Result<()> {
 }
 
 /// Downloads the verified artifacts of `build` into `out/<job>/<path>`, with the signed
-/// statement and the signer's key beside them. Every file is checked against its digest and
-/// against the statement before it is kept.
+/// statement, the key that signed it (`signer.pub`) and every key the controller publishes
+/// (`signer-keys.json`, for `quorum verify --key`) beside them. Every file is checked against
+/// its digest and against the statement before it is kept.
 pub async fn fetch_verified(
     c: &UserClient,
     build: &str,
     out: &Path,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let envelope = c.statement(build).await?;
-    let keys = c.signer_keys().await?;
-    let key_b64 = keys
-        .keys
-        .get(
-            &envelope
-                .signatures
-                .first()
-                .map(|s| s.keyid.clone())
-                .unwrap_or_default(),
-        )
+    let published = c.signer_keys().await?;
+    let keys = signer_keys(&published).context("the controller's signer keys")?;
+    // Any published key will do (statements signed before a rotation name a retired key); a
+    // revoked key is not published, so its statements are refused here.
+    let statement = attest::verify_envelope_with_any(&envelope, &keys).context(
+        "the statement does not verify with any key the controller publishes for its signer",
+    )?;
+    let signed_by = envelope
+        .signatures
+        .iter()
+        .find_map(|s| published.keys.get(&s.keyid))
         .cloned()
-        .context("the statement is signed by a key this controller does not publish")?;
-    let key = parse_key(&key_b64)?;
-    let statement = attest::verify_envelope(&envelope, &key)?;
+        .unwrap_or_default();
     let subjects = attest::subjects(&statement)?;
     let list = c.artifacts(build).await?;
     let store = quorum_client::store::StoreClient::new(&list.store_url);
@@ -292,7 +338,11 @@ pub async fn fetch_verified(
         &out.join("statement.intoto.json"),
         &serde_json::to_vec_pretty(&envelope)?,
     )?;
-    std::fs::write(out.join("signer.pub"), format!("{key_b64}\n"))?;
+    std::fs::write(out.join("signer.pub"), format!("{signed_by}\n"))?;
+    std::fs::write(
+        out.join("signer-keys.json"),
+        serde_json::to_vec_pretty(&published)?,
+    )?;
     Ok(written)
 }
 
@@ -307,6 +357,40 @@ fn write_file(dest: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     std::fs::rename(&tmp, dest)
         .with_context(|| format!("cannot move {} into place", dest.display()))?;
     Ok(())
+}
+
+/// Every key of a signer's published set, each checked to be the key its id names.
+fn signer_keys(
+    published: &quorum_api::v1::controller::SignerKeys,
+) -> anyhow::Result<Vec<ed25519_dalek::VerifyingKey>> {
+    published
+        .keys
+        .iter()
+        .map(|(id, b64)| {
+            let key = parse_key(b64).with_context(|| format!("key {id}"))?;
+            anyhow::ensure!(
+                attest::key_id(&key) == *id,
+                "key {id} is published under another key's id"
+            );
+            Ok(key)
+        })
+        .collect()
+}
+
+/// A `--key` file: base64 of one raw Ed25519 key (`signer.pub`), or the JSON key set a
+/// controller publishes at `/api/v1/signer/keys` (`signer-keys.json`).
+fn read_keys(path: &Path) -> anyhow::Result<Vec<ed25519_dalek::VerifyingKey>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read key {}", path.display()))?;
+    let keys = if text.trim_start().starts_with('{') {
+        let published: quorum_api::v1::controller::SignerKeys = serde_json::from_str(&text)
+            .context("not a signer key set (the JSON of /api/v1/signer/keys)")?;
+        signer_keys(&published)?
+    } else {
+        vec![parse_key(&text)?]
+    };
+    anyhow::ensure!(!keys.is_empty(), "the key set is empty");
+    Ok(keys)
 }
 
 fn parse_key(b64: &str) -> anyhow::Result<ed25519_dalek::VerifyingKey> {
@@ -328,9 +412,7 @@ pub fn verify(
     artifact: &Path,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let key_text = std::fs::read_to_string(key)
-        .with_context(|| format!("cannot read key {}", key.display()))?;
-    let key = parse_key(&key_text).with_context(|| format!("key file {}", key.display()))?;
+    let keys = read_keys(key).with_context(|| format!("key file {}", key.display()))?;
     let env_text = std::fs::read(statement)
         .with_context(|| format!("cannot read statement {}", statement.display()))?;
     let envelope: attest::Envelope = serde_json::from_slice(&env_text)
@@ -338,7 +420,7 @@ pub fn verify(
     let bytes = std::fs::read(artifact)
         .with_context(|| format!("cannot read artifact {}", artifact.display()))?;
     let digest = Digest::of(&bytes);
-    let outcome = attest::verify_envelope(&envelope, &key).and_then(|s| {
+    let outcome = attest::verify_envelope_with_any(&envelope, &keys).and_then(|s| {
         let subjects = attest::subjects(&s)?;
         subjects
             .into_iter()

@@ -50,6 +50,7 @@ async fn controller(
     let config = quorum_controller::Config {
         listen: "127.0.0.1:0".into(),
         data_dir: dir.join(name),
+        database_url: None,
         name: None,
         api_token: Some(format!("token-{name}")),
         idp: quorum_controller::IdpConfig {
@@ -109,6 +110,7 @@ async fn two_projects_share_workers_and_a_store_without_touching_each_other() {
             },
         ],
         max_blob_bytes: quorum_store::DEFAULT_MAX_BLOB_BYTES,
+        ..Default::default()
     };
     let store = l.server("store", "store", &store_config).await.unwrap();
 
@@ -137,6 +139,7 @@ async fn two_projects_share_workers_and_a_store_without_touching_each_other() {
         for (ctl, url) in [("ctl-d", &dinah), ("ctl-e", &eliza), ("ctl-m", &mallory)] {
             let token = quorum_controller::create_enrollment(
                 &dir.join(ctl),
+                None,
                 owner,
                 false,
                 &Default::default(),
@@ -267,6 +270,36 @@ async fn two_projects_share_workers_and_a_store_without_touching_each_other() {
         Some(401)
     );
     assert_eq!(e.status(&d_build).await.unwrap_err().status(), Some(404));
+    // Nor can either cancel the other's build or read its logs, with its own valid API token.
+    let d_assignment = wait_final(&d, &d_build).await.jobs[0].assignments[0]
+        .id
+        .clone();
+    assert_eq!(e.cancel(&d_build).await.unwrap_err().status(), Some(404));
+    assert_eq!(
+        e.log(&d_assignment, 0).await.unwrap_err().status(),
+        Some(404)
+    );
+    assert_eq!(
+        d.status(&d_build).await.unwrap().state,
+        BuildState::Verified
+    );
+
+    // Each controller bills the work of its build to its own tenant alone: the workers' signed
+    // reports for D's build are counted under dinah at D, and E's under eliza at E.
+    for (client, tenant, build) in [(&d, "dinah", &d_build), (&e, "eliza", &e_build)] {
+        let usage = client.usage(None, 10).await.unwrap();
+        let tenants: Vec<&str> = usage.tenants.iter().map(|t| t.tenant.as_str()).collect();
+        assert_eq!(tenants, [tenant], "{usage:#?}");
+        let totals = usage.tenants[0].totals;
+        assert_eq!(totals.results, 2, "two workers reported: {usage:#?}");
+        assert!(
+            totals.wall_ms > 0 && totals.bytes_uploaded > 0,
+            "{usage:#?}"
+        );
+        assert_eq!(usage.builds.len(), 1, "{usage:#?}");
+        assert_eq!(&usage.builds[0].build_id, build);
+        assert_eq!(usage.builds[0].tenant, tenant);
+    }
 
     // The store recorded each project's manifests under its own tenant only: that is what it
     // bills to whom.

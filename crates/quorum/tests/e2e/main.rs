@@ -15,13 +15,22 @@ use std::time::Duration;
 use quorum::federation::WorkerSpec;
 use quorum_api::v1::controller::{BuildState, JobState};
 use quorum_core::verdict::Outcome;
-use util::{Fixture, example_repo, repo_with, stderr, stdout};
+use util::{Db, Fixture, example_repo, repo_with, stderr, stdout};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reproducible_example_is_verified_signed_and_fetchable() {
-    let fx = Fixture::with_workers(3).await;
+    reproducible_example_is_verified_signed_and_fetchable_on(Db::Sqlite).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reproducible_example_is_verified_signed_and_fetchable_on_postgres() {
+    reproducible_example_is_verified_signed_and_fetchable_on(Db::Postgres).await
+}
+
+async fn reproducible_example_is_verified_signed_and_fetchable_on(db: Db) {
+    let fx = Fixture::with_workers_on(db, 3).await;
     let repo = example_repo("reproducible");
     let out = fx.cli(&["submit", "--wait", "--json", repo.path().to_str().unwrap()]);
     assert!(
@@ -48,6 +57,24 @@ async fn reproducible_example_is_verified_signed_and_fetchable() {
         3,
         "three distinct workers reported: {build:#?}"
     );
+
+    // The usage view sums the three workers' signed reports for the federation's tenant.
+    let out = fx.cli(&["usage", "--json"]);
+    assert!(out.status.success(), "usage: {}", stderr(&out));
+    let usage: quorum_api::v1::controller::UsageView = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(usage.tenants.len(), 1, "{usage:#?}");
+    assert_eq!(usage.tenants[0].tenant, "local");
+    assert_eq!(usage.builds[0].build_id, status.id);
+    let reported = status
+        .jobs
+        .iter()
+        .flat_map(|j| &j.assignments)
+        .filter(|a| a.state == "reported")
+        .count() as u64;
+    assert_eq!(usage.builds[0].totals.results, reported);
+    assert!(usage.builds[0].totals.wall_ms > 0, "{usage:#?}");
+    let out = fx.cli(&["usage", "--tenant", "local"]);
+    assert!(stdout(&out).contains(&status.id), "{}", stdout(&out));
 
     // A consumer fetches the artifacts; the CLI checks them against the signed statement.
     let dest = fx.dir.path().join("fetched");
@@ -86,15 +113,29 @@ async fn reproducible_example_is_verified_signed_and_fetchable() {
     assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "hello, quorum");
 
     // Every assignment's upload token was revoked at the store once the assignment ended.
-    let controller_db = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}?mode=ro",
-        fx.fed
-            .role_dir("controller")
-            .join("controller.db")
-            .display()
-    ))
-    .await
-    .unwrap();
+    let jtis_query = "SELECT upload_jti FROM assignments WHERE build_id = $1";
+    let jtis: Vec<String> = match fx.fed.database_url() {
+        Some(url) => {
+            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            sqlx::query_scalar(jtis_query)
+                .bind(&status.id)
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+        }
+        None => {
+            let path = fx.fed.role_dir("controller").join("controller.db");
+            let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", path.display()))
+                .await
+                .unwrap();
+            sqlx::query_scalar(jtis_query)
+                .bind(&status.id)
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(jtis.len(), 6, "two jobs, three assignments each");
     let store_db = sqlx::SqlitePool::connect(&format!(
         "sqlite://{}?mode=ro",
         fx.fed.role_dir("store").join("store.db").display()
@@ -103,13 +144,6 @@ async fn reproducible_example_is_verified_signed_and_fetchable() {
     .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let jtis: Vec<String> =
-            sqlx::query_scalar("SELECT upload_jti FROM assignments WHERE build_id = ?")
-                .bind(&status.id)
-                .fetch_all(&controller_db)
-                .await
-                .unwrap();
-        assert_eq!(jtis.len(), 6, "two jobs, three assignments each");
         let mut revoked = 0;
         for jti in &jtis {
             let r: Option<i64> =
@@ -272,6 +306,7 @@ async fn malicious_worker_makes_the_build_disputed_and_nothing_is_signed() {
     let fx = Fixture::with_workers(2).await;
     let token = quorum_controller::create_enrollment(
         &fx.fed.role_dir("controller"),
+        fx.fed.database_url(),
         "mallory",
         false,
         &BTreeMap::new(),
@@ -433,7 +468,18 @@ async fn killing_a_worker_mid_build_reassigns_its_job() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restarting_the_controller_mid_build_completes_the_build() {
-    let mut fx = Fixture::with_workers(3).await;
+    restarting_the_controller_mid_build_completes_the_build_on(Db::Sqlite).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restarting_the_controller_mid_build_completes_the_build_on_postgres() {
+    restarting_the_controller_mid_build_completes_the_build_on(Db::Postgres).await
+}
+
+/// The controller is killed with SIGKILL while three workers run the job, then started again on
+/// the same database.
+async fn restarting_the_controller_mid_build_completes_the_build_on(db: Db) {
+    let mut fx = Fixture::with_workers_on(db, 3).await;
     let repo = repo_with(&[(".quorum.yml", SLOW)]);
     let build = fx.submit(repo.path()).await;
     fx.wait_until(&build, LIMIT, "three running", |s| {
@@ -460,6 +506,72 @@ async fn restarting_the_controller_mid_build_completes_the_build() {
         3,
         "no assignment was lost or duplicated: {status:#?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_controller_again_and_again_loses_duplicates_and_double_signs_nothing() {
+    killing_the_controller_again_and_again_on(Db::Sqlite).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_controller_again_and_again_on_postgres() {
+    killing_the_controller_again_and_again_on(Db::Postgres).await
+}
+
+/// Issue 6's fault test: SIGKILL the controller at staggered moments while several builds are
+/// scheduled, run, reported, verified and signed, restarting it each time on the same database.
+/// The kills land in every phase (the exact one is not chosen); whichever they hit, every build
+/// must end verified with one statement that verifies, and no worker's result may count twice.
+async fn killing_the_controller_again_and_again_on(db: Db) {
+    let mut fx = Fixture::with_workers_on(db, 3).await;
+    let pipeline = "jobs:\n  build:\n    script: [\"echo same > out.txt\"]\n    artifacts: [out.txt]\n  test:\n    needs: [build]\n    script: [\"test -f out.txt || true\"]\n";
+    let mut builds = Vec::new();
+    for _ in 0..4 {
+        let repo = repo_with(&[(".quorum.yml", pipeline)]);
+        builds.push((fx.submit(repo.path()).await, repo));
+    }
+    for pause_ms in [300, 700, 1100, 500, 900] {
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        fx.fed.kill("controller").unwrap();
+        fx.fed.start_role("controller").await.unwrap();
+    }
+    let keys = fx.fed.user_client().signer_keys().await.unwrap();
+    for (build, _repo) in &builds {
+        let status = fx.wait_final(build, LIMIT).await;
+        assert_eq!(
+            status.state,
+            BuildState::Verified,
+            "{status:#?}\n{}",
+            fx.logs()
+        );
+        assert!(status.signed);
+        for job in &status.jobs {
+            let reporters: Vec<&str> = job
+                .assignments
+                .iter()
+                .filter(|a| a.state == "reported")
+                .map(|a| a.worker.as_str())
+                .collect();
+            let distinct: BTreeSet<&str> = reporters.iter().copied().collect();
+            assert_eq!(
+                distinct.len(),
+                reporters.len(),
+                "no worker's result counts twice: {job:#?}"
+            );
+            assert!(reporters.len() >= 2, "{job:#?}");
+        }
+        let envelope = fx.fed.user_client().statement(build).await.unwrap();
+        let verified = keys.keys.values().any(|k| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .decode(k)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .and_then(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).ok())
+                .is_some_and(|key| quorum_core::attest::verify_envelope(&envelope, &key).is_ok())
+        });
+        assert!(verified, "the one statement of {build} verifies");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -542,6 +654,7 @@ async fn worker_refuses_a_job_token_addressed_to_another_worker() {
     // the controller still addresses job tokens to `worker:victim`, which `impostor` must refuse.
     let token = quorum_controller::create_enrollment(
         &fx.fed.role_dir("controller"),
+        fx.fed.database_url(),
         "owner-v",
         false,
         &BTreeMap::new(),
@@ -755,4 +868,61 @@ async fn cancelling_a_build_stops_its_workers_and_frees_them() {
     let next = fx.submit(quick.path()).await;
     let status = fx.wait_final(&next, Duration::from_secs(60)).await;
     assert_eq!(status.state, BuildState::Verified, "{status:#?}");
+}
+
+/// Serves `body` at `/tool.txt` on a loopback port until the returned task is dropped.
+async fn serve_input(body: &'static str) -> (String, tokio::task::JoinHandle<()>) {
+    let app =
+        axum::Router::new().route("/tool.txt", axum::routing::get(move || async move { body }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/tool.txt", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (url, task)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn declared_inputs_reach_the_build_and_a_wrong_digest_fails_it_by_name() {
+    let body = "input bytes the build has no network to fetch\n";
+    let (url, server) = serve_input(body).await;
+    let good = quorum_core::Digest::of(body.as_bytes()).hex();
+    let wrong = quorum_core::Digest::of(b"something else").hex();
+    let pipeline = |digest: &str| {
+        format!(
+            "policy: {{quorum: 2}}\njobs:\n  build:\n    inputs:\n      - name: tool.txt\n        \
+             url: \"{url}\"\n        sha256: \"{digest}\"\n    script: [\"mkdir -p out\", \
+             \"cp /inputs/tool.txt out/copy.txt\", \"! touch /inputs/tool.txt 2>/dev/null\"]\n    \
+             artifacts: [\"out/*\"]\n"
+        )
+    };
+    let fx = Fixture::with_workers(2).await;
+
+    let repo = repo_with(&[(".quorum.yml", &pipeline(&good))]);
+    let build = fx.submit(repo.path()).await;
+    let status = fx.wait_final(&build, LIMIT).await;
+    assert_eq!(status.state, BuildState::Verified, "{status:#?}");
+    let dest = tempfile::tempdir().unwrap();
+    let out = fx.cli(&["fetch", &build, "--out", dest.path().to_str().unwrap()]);
+    assert!(out.status.success(), "fetch: {}", stderr(&out));
+    let copies: Vec<_> = walk(dest.path())
+        .into_iter()
+        .filter(|p| p.ends_with("out/copy.txt"))
+        .collect();
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    assert_eq!(std::fs::read_to_string(&copies[0]).unwrap(), body);
+
+    let repo = repo_with(&[(".quorum.yml", &pipeline(&wrong))]);
+    let build = fx.submit(repo.path()).await;
+    let status = fx.wait_final(&build, LIMIT).await;
+    assert_eq!(status.state, BuildState::Failed, "{status:#?}");
+    let detail = &status.jobs[0].detail;
+    assert!(
+        detail.contains("input `tool.txt`")
+            && detail.contains(&url)
+            && detail.contains(&format!("expected sha256:{wrong}"))
+            && detail.contains(&format!("got sha256:{good}")),
+        "{detail}"
+    );
+    server.abort();
 }

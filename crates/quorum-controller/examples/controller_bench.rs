@@ -1,0 +1,295 @@
+//! Benchmark harness for the controller (figures in docs/benchmarks.md). Everything runs in this
+//! process over real loopback HTTP: the IdP, the store, the controller, and simulated workers
+//! that speak the real worker protocol (signed long polls, signed reports) but run no build.
+//!
+//! ```text
+//! source .ci/services.sh   # for --backend postgres
+//! cargo run --release -p quorum-controller --example controller_bench -- \
+//!     [--backend sqlite|postgres] [--latency-samples 200] [--workers 100] [--jobs 1000] \
+//!     [--idle-workers 0]
+//! ```
+//!
+//! * dispatch latency: idle workers wait in long polls; from the moment a build's submission
+//!   returns (the job is queued) to the moment a worker's poll returns its assignment with
+//!   both tokens (the step could start), one build at a time; p50 and p99.
+//! * throughput: `--workers` simulated workers of distinct owners take and report no-op jobs of
+//!   one build of `--jobs` jobs with `quorum: 1` as fast as they can; jobs per second from
+//!   submission to the verified build.
+//! * idle workers: `--idle-workers` workers enrolled and waiting in long polls, held by a child
+//!   process; this process's resident memory (the controller, beside an idle IdP and store)
+//!   before and after they connect.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use quorum_api::v1::controller::Usage;
+use support::{Backend, SimWorker, Stack};
+
+struct Args {
+    backend: Backend,
+    latency_samples: usize,
+    workers: usize,
+    jobs: usize,
+    idle_workers: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        backend: Backend::Sqlite,
+        latency_samples: 200,
+        workers: 100,
+        jobs: 1000,
+        idle_workers: 0,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--backend" => {
+                a.backend = match value().as_str() {
+                    "sqlite" => Backend::Sqlite,
+                    "postgres" => Backend::Postgres,
+                    other => panic!("--backend is sqlite or postgres, not {other}"),
+                }
+            }
+            "--latency-samples" => a.latency_samples = value().parse().expect("a number"),
+            "--workers" => a.workers = value().parse().expect("a number"),
+            "--jobs" => a.jobs = value().parse().expect("a number"),
+            "--idle-workers" => a.idle_workers = value().parse().expect("a number"),
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    a
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Resident set size of this process, from /proc.
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Runs `worker` forever: poll, report `content` as the result, repeat. Each assignment's
+/// arrival time goes to `arrivals`.
+fn spawn_worker(
+    worker: SimWorker,
+    arrivals: tokio::sync::mpsc::UnboundedSender<(String, Instant)>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let Ok(next) = worker
+                .client
+                .poll(&quorum_api::v1::controller::PollRequest {
+                    wait_ms: 20_000,
+                    capacity: 1,
+                })
+                .await
+            else {
+                return;
+            };
+            let Some(a) = next else { continue };
+            if arrivals.send((a.build_id.clone(), Instant::now())).is_err() {
+                return;
+            }
+            worker.succeed(&a, b"no-op", Usage::default()).await;
+        }
+    })
+}
+
+async fn latency(stack: &Stack, samples: usize) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let w = stack
+            .worker(&format!("lat-{i}"), &format!("lat-owner-{i}"), false)
+            .await;
+        tasks.push(spawn_worker(w, tx.clone()));
+    }
+    let repo = support::repo_with_pipeline(
+        &stack.dir.path().join("repos"),
+        "policy: {quorum: 1}\njobs:\n  noop:\n    script: [\"true\"]\n",
+    );
+    let user = stack.user();
+    // Let every worker settle into its long poll.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut latencies = Vec::with_capacity(samples);
+    for i in 0..samples + 5 {
+        let created = user.submit(repo.to_str().unwrap(), "HEAD").await.unwrap();
+        let queued = Instant::now();
+        let (build, arrived) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("an assignment within 30 s")
+            .expect("workers run");
+        assert_eq!(build, created.build_id);
+        if i >= 5 {
+            latencies.push(arrived - queued); // the first few warm up connections and caches
+        }
+        // Let the build finish (signing) before the next, so one dispatch is measured at a time.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    latencies.sort();
+    println!(
+        "dispatch latency ({} samples, 10 idle workers): p50 {}, p99 {}, max {}",
+        latencies.len(),
+        ms(percentile(&latencies, 0.5)),
+        ms(percentile(&latencies, 0.99)),
+        ms(*latencies.last().unwrap())
+    );
+    for t in tasks {
+        t.abort();
+    }
+}
+
+async fn throughput(stack: &Stack, workers: usize, jobs: usize) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for i in 0..workers {
+        let w = stack
+            .worker(&format!("tp-{i}"), &format!("tp-owner-{i}"), false)
+            .await;
+        tasks.push(spawn_worker(w, tx.clone()));
+    }
+    drop(tx);
+    let drain = tokio::spawn(async move {
+        let mut per_build: HashMap<String, usize> = HashMap::new();
+        while let Some((b, _)) = rx.recv().await {
+            *per_build.entry(b).or_default() += 1;
+        }
+        per_build
+    });
+    let mut pipeline = String::from("policy: {quorum: 1}\njobs:\n");
+    for j in 0..jobs {
+        pipeline.push_str(&format!("  j{j}:\n    script: [\"true\"]\n"));
+    }
+    let build = {
+        let started = Instant::now();
+        let build = stack.submit(&pipeline).await;
+        let submitted = started.elapsed();
+        let status = stack
+            .wait_build(&build, "the throughput build", |s| s.state.is_final())
+            .await;
+        let elapsed = started.elapsed();
+        assert!(
+            status.jobs.iter().all(|j| j.assignments.len() == 1),
+            "every job ran exactly once"
+        );
+        println!(
+            "throughput: {jobs} no-op jobs through {workers} workers in {:.2} s ({:.0} jobs/s; \
+             submission {}, build {:?})",
+            elapsed.as_secs_f64(),
+            jobs as f64 / elapsed.as_secs_f64(),
+            ms(submitted),
+            status.state
+        );
+        build
+    };
+    for t in tasks {
+        t.abort();
+    }
+    let per_build = drain.await.unwrap_or_default();
+    assert_eq!(per_build.get(&build).copied().unwrap_or(jobs), jobs);
+}
+
+/// Enrolls `n` workers and has a child process (this harness with `--idle-child`) hold one long
+/// poll per worker, so that this process's resident memory is the controller's (with the IdP
+/// and store beside it, idle) and not the clients'.
+async fn idle(stack: &Stack, n: usize) {
+    let tokens_file = stack.dir.path().join("idle-tokens");
+    let mut tokens = String::new();
+    for i in 0..n {
+        let token = stack
+            .enrollment(&format!("idle-owner-{i}"), false, &Default::default())
+            .await;
+        tokens.push_str(&format!("idle-{i} {token}\n"));
+    }
+    std::fs::write(&tokens_file, tokens).unwrap();
+    let before = rss_mib();
+    #[allow(clippy::disallowed_methods)] // the harness runs its own clients in a second process
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--idle-child", &stack.controller_url])
+        .arg(&tokens_file)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    let ready = tokio::time::timeout(Duration::from_secs(600), lines.next_line())
+        .await
+        .expect("the clients connect within 10 minutes")
+        .unwrap();
+    assert_eq!(ready.as_deref(), Some("ready"));
+    let mut peak: f64 = 0.0;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        peak = peak.max(rss_mib());
+    }
+    println!(
+        "idle workers: {n} enrolled workers each waiting in a long poll; controller process RSS \
+         {before:.0} MiB before they connect, {:.0} MiB after (peak {peak:.0} MiB over 30 s)",
+        rss_mib()
+    );
+    let _ = child.kill().await;
+}
+
+/// The client side of the idle-workers measurement: enroll every worker in the file, start one
+/// long poll each, say `ready`, and keep polling until killed.
+async fn idle_child(controller: &str, tokens_file: &str) {
+    let text = std::fs::read_to_string(tokens_file).unwrap();
+    let mut polls = Vec::new();
+    for line in text.lines() {
+        let (name, token) = line.split_once(' ').unwrap();
+        let w = SimWorker::enroll(controller, name, token).await;
+        polls.push(tokio::spawn(async move {
+            loop {
+                let _ = w.poll(60_000).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!("ready");
+    for p in polls {
+        let _ = p.await;
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let raw: Vec<String> = std::env::args().collect();
+    if raw.get(1).map(String::as_str) == Some("--idle-child") {
+        return idle_child(&raw[2], &raw[3]).await;
+    }
+    let a = args();
+    println!("backend: {:?}", a.backend);
+    // A fresh stack per phase: workers of an earlier phase look online for a lease after they
+    // stop, and would be offered work they never take.
+    if a.latency_samples > 0 {
+        let stack = Stack::start(a.backend, 30).await;
+        latency(&stack, a.latency_samples).await;
+        stack.stop().await;
+    }
+    if a.jobs > 0 && a.workers > 0 {
+        let stack = Stack::start(a.backend, 30).await;
+        throughput(&stack, a.workers, a.jobs).await;
+        stack.stop().await;
+    }
+    if a.idle_workers > 0 {
+        let stack = Stack::start(a.backend, 30).await;
+        idle(&stack, a.idle_workers).await;
+        stack.stop().await;
+    }
+}

@@ -1,0 +1,7 @@
+-- Retries run a job again in a new round: its verdict counts only the current round's
+-- assignments. `approved_at` opens a manual job's gate. `deadline` is when a running assignment
+-- has outlived its job's timeout (plus one lease of grace) and is given up.
+ALTER TABLE jobs ADD COLUMN round BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN approved_at BIGINT;
+ALTER TABLE assignments ADD COLUMN round BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE assignments ADD COLUMN deadline BIGINT;

@@ -1,0 +1,506 @@
+//! The controller through its real HTTP boundary, on both database backends: every case runs
+//! once on SQLite and once on a fresh PostgreSQL database (QUORUM_TEST_POSTGRES_URL, from
+//! `source .ci/services.sh`). Workers are simulated through the real worker protocol (enrolled
+//! keys, signed polls and reports); the IdP and store are the real services.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use quorum_api::v1::controller::{BuildState, JobState, ReportedResult, Usage};
+use support::{Backend, SimWorker, Stack, success};
+
+/// Runs `case` once per backend, as `case::sqlite` and `case::postgres`.
+macro_rules! on_both_backends {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            #[tokio::test(flavor = "multi_thread")]
+            async fn sqlite() {
+                super::bounded(super::$case(super::Backend::Sqlite)).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn postgres() {
+                super::bounded(super::$case(super::Backend::Postgres)).await
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    identical_results_from_distinct_owners_verify_and_sign,
+    differing_results_are_disputed_with_every_digest_and_path,
+    one_enrollment_token_enrolls_exactly_one_worker_when_raced,
+    a_restarted_controller_resumes_from_its_database,
+    logs_append_in_order_and_read_back,
+    usage_is_summed_per_build_and_per_tenant_from_the_reports,
+    failures_are_retried_in_a_new_round_but_disputes_never,
+    a_manual_job_waits_for_approval_after_its_matrix_needs,
+    a_job_gives_up_after_its_policy_attempts,
+    an_assignment_past_the_job_timeout_is_given_up,
+);
+
+async fn bounded(case: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(Duration::from_secs(180), case)
+        .await
+        .expect("the case finished within its time bound")
+}
+
+const ONE_JOB: &str = "jobs:\n  build:\n    script: [\"true\"]\n    artifacts: [out.txt]\n";
+
+async fn identical_results_from_distinct_owners_verify_and_sign(backend: Backend) {
+    let stack = Stack::start(backend, 30).await;
+    let a = stack.worker("a1", "alice", true).await;
+    let b = stack.worker("b1", "bob", false).await;
+    let build = stack.submit(ONE_JOB).await;
+    let (ta, tb) = tokio::join!(a.take(), b.take());
+    assert_eq!(
+        (ta.build_id.as_str(), tb.build_id.as_str()),
+        (&*build, &*build)
+    );
+    assert_ne!(ta.id, tb.id, "each worker gets an assignment of its own");
+    assert_eq!(ta.tenant, support::TENANT);
+    a.succeed(&ta, b"same bytes", Usage::default()).await;
+    let pending = stack.user().status(&build).await.unwrap();
+    assert_eq!(pending.state, BuildState::Running);
+    assert!(!pending.signed, "one result is not a quorum");
+    b.succeed(&tb, b"same bytes", Usage::default()).await;
+    let done = stack
+        .wait_build(&build, "verification", |s| s.state.is_final())
+        .await;
+    assert_eq!(done.state, BuildState::Verified, "{done:#?}");
+    assert_eq!(done.jobs[0].state, JobState::Verified);
+    assert!(done.signed);
+    let envelope = stack.user().statement(&build).await.unwrap();
+    let keys = stack.user().signer_keys().await.unwrap();
+    let statement = keys
+        .keys
+        .values()
+        .find_map(|k| {
+            let raw: [u8; 32] = B64.decode(k).ok()?.try_into().ok()?;
+            let key = ed25519_dalek::VerifyingKey::from_bytes(&raw).ok()?;
+            quorum_core::attest::verify_envelope(&envelope, &key).ok()
+        })
+        .expect("a published signer key verifies the statement");
+    assert!(
+        statement.to_string().contains(&build),
+        "the statement names the build: {statement}"
+    );
+    stack.stop().await;
+}
+
+async fn differing_results_are_disputed_with_every_digest_and_path(backend: Backend) {
+    let stack = Stack::start(backend, 30).await;
+    let a = stack.worker("a1", "alice", false).await;
+    let b = stack.worker("b1", "bob", false).await;
+    let build = stack.submit(ONE_JOB).await;
+    let (ta, tb) = tokio::join!(a.take(), b.take());
+    a.succeed(&ta, b"alice's bytes", Usage::default()).await;
+    b.succeed(&tb, b"bob's bytes", Usage::default()).await;
+    let done = stack
+        .wait_build(&build, "the dispute", |s| s.state.is_final())
+        .await;
+    assert_eq!(done.state, BuildState::Disputed, "{done:#?}");
+    let job = &done.jobs[0];
+    assert_eq!(job.differing_paths, vec!["out.txt".to_string()]);
+    for content in [&b"alice's bytes"[..], b"bob's bytes"] {
+        let ReportedResult::Success {
+            manifest_digest, ..
+        } = success(content)
+        else {
+            unreachable!()
+        };
+        assert!(
+            job.detail.contains(&manifest_digest.to_string()),
+            "every digest is recorded: {}",
+            job.detail
+        );
+    }
+    assert!(
+        stack.user().statement(&build).await.is_err(),
+        "nothing is signed"
+    );
+    stack.stop().await;
+}
+
+async fn one_enrollment_token_enrolls_exactly_one_worker_when_raced(backend: Backend) {
+    let stack = Stack::start(backend, 30).await;
+    let token = stack.enrollment("alice", false, &BTreeMap::new()).await;
+    let url = stack.controller_url.clone();
+    let attempts: Vec<_> = (0..8)
+        .map(|i| {
+            let (url, token) = (url.clone(), token.clone());
+            tokio::spawn(async move {
+                let key = ed25519_dalek::SigningKey::from_bytes(&[i as u8 + 1; 32]);
+                quorum_client::controller::WorkerClient::enroll(
+                    &url,
+                    &quorum_api::v1::controller::EnrollRequest {
+                        enrollment_token: token,
+                        name: format!("racer-{i}"),
+                        public_key: B64.encode(key.verifying_key().as_bytes()),
+                    },
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut enrolled = Vec::new();
+    for (i, a) in attempts.into_iter().enumerate() {
+        match a.await.unwrap() {
+            Ok(_) => enrolled.push(i),
+            Err(e) => assert!(
+                e.to_string().contains("already used"),
+                "a losing racer is told the token was used: {e}"
+            ),
+        }
+    }
+    assert_eq!(
+        enrolled.len(),
+        1,
+        "exactly one racer enrolled: {enrolled:?}"
+    );
+    // A worker name taken by another enrollment is refused, and that token stays unspent.
+    let second = stack.enrollment("bob", false, &BTreeMap::new()).await;
+    let taken = quorum_client::controller::WorkerClient::enroll(
+        &url,
+        &quorum_api::v1::controller::EnrollRequest {
+            enrollment_token: second.clone(),
+            name: format!("racer-{}", enrolled[0]),
+            public_key: support_public_key(99),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(taken.to_string().contains("already enrolled"), "{taken}");
+    SimWorker::enroll(&url, "bob-1", &second).await;
+    stack.stop().await;
+}
+
+fn support_public_key(seed: u8) -> String {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+    B64.encode(key.verifying_key().as_bytes())
+}
+
+async fn a_restarted_controller_resumes_from_its_database(backend: Backend) {
+    let mut stack = Stack::start(backend, 30).await;
+    let a = stack.worker("a1", "alice", false).await;
+    let b = stack.worker("b1", "bob", false).await;
+    let build = stack.submit(ONE_JOB).await;
+    let (ta, tb) = tokio::join!(a.take(), b.take());
+    a.succeed(&ta, b"bytes", Usage::default()).await;
+    stack.stop_controller().await;
+    stack.start_controller().await;
+    // The running assignment survived the restart: its report is accepted and completes the
+    // quorum, and nothing was offered twice.
+    b.succeed(&tb, b"bytes", Usage::default()).await;
+    let done = stack
+        .wait_build(&build, "verification after restart", |s| s.state.is_final())
+        .await;
+    assert_eq!(done.state, BuildState::Verified, "{done:#?}");
+    assert_eq!(done.jobs[0].assignments.len(), 2, "{done:#?}");
+    stack.stop().await;
+}
+
+async fn logs_append_in_order_and_read_back(backend: Backend) {
+    let stack = Stack::start(backend, 30).await;
+    let a = stack.worker("a1", "alice", false).await;
+    stack.worker("b1", "bob", false).await;
+    stack.submit(ONE_JOB).await;
+    let ta = a.take().await;
+    a.client.log(&ta.id, 0, b"hello ".to_vec()).await.unwrap();
+    a.client.log(&ta.id, 6, b"world\n".to_vec()).await.unwrap();
+    // A resend of a stored range is harmless; a gap is refused and stores nothing.
+    a.client.log(&ta.id, 0, b"hello ".to_vec()).await.unwrap();
+    let gap = a
+        .client
+        .log(&ta.id, 100, b"lost".to_vec())
+        .await
+        .unwrap_err();
+    assert!(gap.to_string().contains("does not follow"), "{gap}");
+    let (all, complete) = stack.user().log(&ta.id, 0).await.unwrap();
+    assert_eq!(all, b"hello world\n");
+    assert!(!complete, "the assignment still runs");
+    let (tail, _) = stack.user().log(&ta.id, 8).await.unwrap();
+    assert_eq!(tail, b"rld\n");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_database_url_that_is_not_postgres_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = quorum_controller::create_enrollment(
+        dir.path(),
+        Some("mysql://root:hunter2@localhost/ci"),
+        "alice",
+        false,
+        &BTreeMap::new(),
+    )
+    .await
+    .unwrap_err();
+    let message = format!("{err:#}");
+    assert!(message.contains("not a postgres:// URL"), "{message}");
+    assert!(
+        !message.contains("hunter2"),
+        "the password is not shown: {message}"
+    );
+    assert!(
+        !dir.path().join("controller.db").exists(),
+        "no SQLite file is made instead"
+    );
+}
+
+fn usage(wall_ms: u64, cpu_ms: u64, peak_rss_kib: u64, bytes_uploaded: u64) -> Usage {
+    Usage {
+        wall_ms,
+        cpu_ms,
+        peak_rss_kib,
+        bytes_uploaded,
+    }
+}
+
+async fn usage_is_summed_per_build_and_per_tenant_from_the_reports(backend: Backend) {
+    let stack = Stack::start(backend, 30).await;
+    let a = stack.worker("a1", "alice", false).await;
+    let b = stack.worker("b1", "bob", false).await;
+    let first = stack.submit(ONE_JOB).await;
+    let (ta, tb) = tokio::join!(a.take(), b.take());
+    a.succeed(&ta, b"x", usage(1000, 800, 2048, 10)).await;
+    b.succeed(&tb, b"x", usage(3000, 2500, 4096, 20)).await;
+    stack
+        .wait_build(&first, "first build", |s| s.state.is_final())
+        .await;
+    let second = stack.submit(ONE_JOB).await;
+    let (ta, tb) = tokio::join!(a.take(), b.take());
+    a.fail(&ta, "step 1 exited 1").await;
+    // A report that is refused (it names another job) counts nothing.
+    let forged = b.report(&tb, success(b"y"), usage(u64::MAX, 1, 1, 1));
+    let mut wrong = forged.clone();
+    wrong.job = "other".into();
+    assert!(
+        b.client
+            .result(&tb.id, &b.client.sign_report(&wrong))
+            .await
+            .is_err()
+    );
+    b.fail(&tb, "step 1 exited 1").await;
+    stack
+        .wait_build(&second, "second build", |s| s.state.is_final())
+        .await;
+
+    let view = stack.user().usage(None, 10).await.unwrap();
+    assert_eq!(view.tenants.len(), 1, "{view:#?}");
+    let t = &view.tenants[0];
+    assert_eq!(t.tenant, support::TENANT);
+    assert_eq!(t.builds, 2);
+    assert_eq!(
+        t.totals,
+        quorum_api::v1::controller::UsageTotals {
+            results: 4,
+            wall_ms: 4000,
+            cpu_ms: 3300,
+            peak_rss_kib: 4096,
+            bytes_uploaded: 30,
+        }
+    );
+    assert_eq!(view.builds.len(), 2);
+    // Most recent first; these two were created within the same second or two.
+    assert!(
+        view.builds
+            .windows(2)
+            .all(|w| w[0].created_at >= w[1].created_at)
+    );
+    assert!(view.builds.iter().any(|u| u.build_id == second));
+    let first_usage = view.builds.iter().find(|u| u.build_id == first).unwrap();
+    assert_eq!(first_usage.state, BuildState::Verified);
+    assert_eq!(
+        (first_usage.totals.results, first_usage.totals.cpu_ms),
+        (2, 3300)
+    );
+    let one = stack.user().usage(None, 1).await.unwrap();
+    assert_eq!(one.builds.len(), 1, "the limit holds");
+    let other = stack.user().usage(Some("someone-else"), 10).await.unwrap();
+    assert!(
+        other.tenants.is_empty() && other.builds.is_empty(),
+        "{other:#?}"
+    );
+    let bad = stack.user().usage(None, 0).await.unwrap_err();
+    assert!(bad.to_string().contains("limit must be between"), "{bad}");
+    stack.stop().await;
+}
+
+async fn failures_are_retried_in_a_new_round_but_disputes_never(backend: Backend) {
+    let stack = Stack::start(backend, 30).await;
+    let a = stack.worker("a1", "alice", false).await;
+    let b = stack.worker("b1", "bob", false).await;
+    let pipeline = "jobs:\n  build:\n    script: [\"true\"]\n    retries: 1\n";
+    let build = stack.submit(pipeline).await;
+    let (ta, tb) = tokio::join!(a.take(), b.take());
+    a.fail(&ta, "flaky").await;
+    b.fail(&tb, "flaky").await;
+    let retried = stack
+        .wait_build(&build, "the retry", |s| {
+            s.jobs[0].detail.contains("retry 1 of 1")
+        })
+        .await;
+    assert_eq!(retried.state, BuildState::Running, "{retried:#?}");
+    let (ta2, tb2) = tokio::join!(a.take(), b.take());
+    assert!(
+        ta2.id != ta.id && tb2.id != tb.id,
+        "the retry is a new round of assignments"
+    );
+    a.succeed(&ta2, b"ok", Usage::default()).await;
+    b.succeed(&tb2, b"ok", Usage::default()).await;
+    let done = stack
+        .wait_build(&build, "verification", |s| s.state.is_final())
+        .await;
+    assert_eq!(done.state, BuildState::Verified, "{done:#?}");
+    assert_eq!(done.jobs[0].assignments.len(), 4);
+    // The signer saw only the verifying round: the statement names the two agreeing results.
+    assert!(done.signed);
+
+    // A dispute is final even with retries left.
+    let disputed = stack.submit(pipeline).await;
+    let (ta, tb) = tokio::join!(a.take(), b.take());
+    a.succeed(&ta, b"one", Usage::default()).await;
+    b.succeed(&tb, b"two", Usage::default()).await;
+    let done = stack
+        .wait_build(&disputed, "the dispute", |s| s.state.is_final())
+        .await;
+    assert_eq!(done.state, BuildState::Disputed, "{done:#?}");
+    assert!(a.poll(300).await.is_none(), "nothing is offered again");
+    assert_eq!(done.jobs[0].assignments.len(), 2);
+    stack.stop().await;
+}
+
+async fn a_manual_job_waits_for_approval_after_its_matrix_needs(backend: Backend) {
+    let stack = Stack::start(backend, 30).await;
+    let a = stack.worker("a1", "alice", false).await;
+    let b = stack.worker("b1", "bob", false).await;
+    let pipeline = "jobs:\n  build:\n    matrix: {arch: [x86_64, aarch64]}\n    script: [\"make ARCH=${{ matrix.arch }}\"]\n  release:\n    needs: [build]\n    manual: true\n    script: [publish]\n";
+    let build = stack.submit(pipeline).await;
+    let status = stack.user().status(&build).await.unwrap();
+    let names: Vec<&str> = status.jobs.iter().map(|j| j.name.as_str()).collect();
+    assert_eq!(names, ["build-aarch64", "build-x86_64", "release"]);
+    for _ in 0..2 {
+        let (ta, tb) = tokio::join!(a.take(), b.take());
+        a.succeed(&ta, ta.script[0].as_bytes(), Usage::default())
+            .await;
+        b.succeed(&tb, tb.script[0].as_bytes(), Usage::default())
+            .await;
+    }
+    let gated = stack
+        .wait_build(&build, "the gate after the matrix jobs", |s| {
+            s.jobs[2].detail.contains("waiting for approval")
+        })
+        .await;
+    assert!(
+        gated.jobs[..2]
+            .iter()
+            .all(|j| j.state == JobState::Verified),
+        "the gate is reached only once the jobs it needs verified: {gated:#?}"
+    );
+    assert_eq!(gated.jobs[2].state, JobState::Queued);
+    assert!(
+        gated.jobs[2].detail.contains("waiting for approval"),
+        "{gated:#?}"
+    );
+    assert!(
+        a.poll(500).await.is_none(),
+        "an unapproved job is offered to no one"
+    );
+
+    let user = stack.user();
+    let not_manual = user.approve(&build, "build-x86_64").await.unwrap_err();
+    assert!(
+        not_manual.to_string().contains("no approval gate"),
+        "{not_manual}"
+    );
+    let unknown = user.approve(&build, "deploy").await.unwrap_err();
+    assert!(
+        unknown.to_string().contains("has no job `deploy`"),
+        "{unknown}"
+    );
+    user.approve(&build, "release").await.unwrap();
+    let twice = user.approve(&build, "release").await.unwrap_err();
+    assert!(twice.to_string().contains("already approved"), "{twice}");
+
+    let (ta, tb) = tokio::join!(a.take(), b.take());
+    assert_eq!(ta.job, "release");
+    a.succeed(&ta, b"released", Usage::default()).await;
+    b.succeed(&tb, b"released", Usage::default()).await;
+    let done = stack
+        .wait_build(&build, "verification", |s| s.state.is_final())
+        .await;
+    assert_eq!(done.state, BuildState::Verified, "{done:#?}");
+    stack.stop().await;
+}
+
+async fn a_job_gives_up_after_its_policy_attempts(backend: Backend) {
+    let stack = Stack::start(backend, 30).await;
+    let mut workers = Vec::new();
+    for (name, owner) in [("a1", "alice"), ("b1", "bob"), ("c1", "carol")] {
+        workers.push(stack.worker(name, owner, false).await);
+    }
+    let pipeline = "policy: {quorum: 1, attempts: 2}\njobs:\n  build:\n    script: [\"true\"]\n";
+    let build = stack.submit(pipeline).await;
+    let mut refused = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while refused < 2 {
+        assert!(std::time::Instant::now() < deadline, "two offers came");
+        for w in &workers {
+            if let Some(a) = w.poll(100).await {
+                w.client.refuse(&a.id, "not this one", false).await.unwrap();
+                refused += 1;
+            }
+        }
+    }
+    let done = stack
+        .wait_build(&build, "giving up", |s| s.state.is_final())
+        .await;
+    assert_eq!(done.state, BuildState::Failed, "{done:#?}");
+    assert!(
+        done.jobs[0].detail.contains("gave up after 2 assignments"),
+        "{done:#?}"
+    );
+    assert_eq!(
+        done.jobs[0].assignments.len(),
+        2,
+        "no third worker was asked"
+    );
+    stack.stop().await;
+}
+
+async fn an_assignment_past_the_job_timeout_is_given_up(backend: Backend) {
+    let stack = Stack::start(backend, 2).await;
+    let a = stack.worker("a1", "alice", false).await;
+    stack.worker("b1", "bob", false).await;
+    let build = stack
+        .submit("jobs:\n  build:\n    script: [\"sleep 1000\"]\n    timeout: 1\n")
+        .await;
+    let ta = a.take().await;
+    // The worker keeps heartbeating (its lease never lapses) but never finishes: after the
+    // job's timeout plus one lease the controller gives the assignment up and says stop.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let beat = a.client.heartbeat(&ta.id).await.unwrap();
+        if beat.stop {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the assignment was never given up"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let s = stack.user().status(&build).await.unwrap();
+    let mine = s.jobs[0]
+        .assignments
+        .iter()
+        .find(|x| x.id == ta.id)
+        .unwrap();
+    assert_eq!(mine.state, "lost");
+    assert_eq!(mine.detail.as_deref(), Some("ran past the job's timeout"));
+    stack.stop().await;
+}

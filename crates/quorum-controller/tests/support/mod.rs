@@ -1,0 +1,453 @@
+//! Shared by the controller's tests and its benchmark harness: an IdP, a store and a controller
+//! served in this process on 127.0.0.1:0, a database of its own per stack (SQLite in a temporary
+//! directory, or a fresh PostgreSQL database), git repositories holding a pipeline, and simulated
+//! workers that speak the real worker protocol (enrollment, signed long polls, signed reports).
+//!
+//! No build code runs here, so the controller's signing key sharing this process is harmless.
+
+#![allow(dead_code)] // each test binary or example uses a different part of it
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use quorum_api::v1::controller::{
+    Assignment, BuildStatus, EnrollRequest, EnvironmentFacts, PollRequest, ReportedResult,
+    ResultReport, Usage,
+};
+use quorum_client::controller::WorkerClient;
+use quorum_client::user::UserClient;
+use quorum_core::{Digest, Manifest, ManifestEntry};
+use tokio_util::sync::CancellationToken;
+
+/// The tenant the stack's IdP issues the controller's tokens for.
+pub const TENANT: &str = "acme";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The controller's database for one stack: `url` is `None` for SQLite in the data dir.
+/// A PostgreSQL database is created fresh and dropped when this is dropped.
+pub struct TestDb {
+    pub url: Option<String>,
+    admin: Option<(String, String)>,
+}
+
+impl TestDb {
+    pub async fn create(backend: Backend) -> TestDb {
+        use sqlx::{Connection as _, Executor as _};
+        match backend {
+            Backend::Sqlite => TestDb {
+                url: None,
+                admin: None,
+            },
+            Backend::Postgres => {
+                let admin = std::env::var("QUORUM_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+                    panic!(
+                        "QUORUM_TEST_POSTGRES_URL is not set: run `source .ci/services.sh` first \
+                         to start the PostgreSQL server these tests need"
+                    )
+                });
+                let name = format!("quorum_ctl_{}", uuid::Uuid::new_v4().simple());
+                let mut conn = sqlx::PgConnection::connect(&admin)
+                    .await
+                    .unwrap_or_else(|e| panic!("cannot reach QUORUM_TEST_POSTGRES_URL: {e}"));
+                conn.execute(format!("CREATE DATABASE {name}").as_str())
+                    .await
+                    .unwrap();
+                conn.close().await.unwrap();
+                TestDb {
+                    url: Some(with_database(&admin, &name)),
+                    admin: Some((admin, name)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.admin.take() else {
+            return;
+        };
+        // Drop runs inside the test's runtime, which cannot be blocked on: use a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                use sqlx::{Connection as _, Executor as _};
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+                    let _ = conn
+                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// `admin` (a PostgreSQL URL) naming database `name` instead of its own.
+fn with_database(admin: &str, name: &str) -> String {
+    let (base, query) = match admin.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (admin, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    let mut url = format!("{}/{name}", &base[..host_end]);
+    if let Some(q) = query {
+        url.push('?');
+        url.push_str(q);
+    }
+    url
+}
+
+struct Served {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Served {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("a role stops within 30 s of being cancelled")
+            .expect("the role's task does not panic")
+            .expect("the role stops cleanly");
+    }
+}
+
+async fn serve<F, Fut>(listen: &str, run: F) -> (String, Served)
+where
+    F: FnOnce(tokio::net::TcpListener, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(listener, shutdown.clone()));
+    (url, Served { shutdown, task })
+}
+
+/// An IdP, a store and a controller on loopback, each with its own data directory.
+pub struct Stack {
+    pub db: TestDb,
+    pub idp_url: String,
+    pub store_url: String,
+    pub controller_url: String,
+    pub api_token: String,
+    pub config: quorum_controller::Config,
+    idp: Option<Served>,
+    store: Option<Served>,
+    controller: Option<Served>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub async fn start(backend: Backend, lease_secs: u64) -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let db = TestDb::create(backend).await;
+        let secret = format!("secret-{}", uuid::Uuid::new_v4().simple());
+        let idp_config = quorum_idp::Config {
+            listen: "127.0.0.1:0".into(),
+            data_dir: dir.path().join("idp"),
+            issuer: None,
+            max_token_lifetime_secs: 24 * 3600,
+            clients: vec![quorum_idp::ClientConfig {
+                id: "controller".into(),
+                tenant: TENANT.into(),
+                secret_hash: quorum_idp::hash_secret(&secret),
+            }],
+        };
+        let (idp_url, idp) = serve("127.0.0.1:0", |l, s| quorum_idp::run(l, idp_config, s)).await;
+        let store_config = quorum_store::Config {
+            listen: "127.0.0.1:0".into(),
+            data_dir: dir.path().join("store"),
+            audience: "store:test".into(),
+            trusted_issuers: vec![quorum_client::trust::TrustedIssuer::any_tenant(
+                idp_url.clone(),
+            )],
+            ..Default::default()
+        };
+        let (store_url, store) =
+            serve("127.0.0.1:0", |l, s| quorum_store::run(l, store_config, s)).await;
+        let api_token = format!("api-{}", uuid::Uuid::new_v4().simple());
+        let config = quorum_controller::Config {
+            listen: "127.0.0.1:0".into(),
+            data_dir: dir.path().join("controller"),
+            database_url: db.url.clone(),
+            name: None,
+            api_token: Some(api_token.clone()),
+            idp: quorum_controller::IdpConfig {
+                url: idp_url.clone(),
+                client_id: "controller".into(),
+                client_secret: Some(secret),
+            },
+            store: quorum_controller::StoreConfig {
+                url: store_url.clone(),
+                audience: "store:test".into(),
+            },
+            lease_secs,
+            upload_max_files: 1000,
+            upload_max_bytes: 1 << 30,
+        };
+        let mut stack = Stack {
+            db,
+            idp_url,
+            store_url,
+            controller_url: String::new(),
+            api_token,
+            config,
+            idp: Some(idp),
+            store: Some(store),
+            controller: None,
+            dir,
+        };
+        stack.start_controller().await;
+        stack
+    }
+
+    /// Starts the controller, on the address it had before if it ran already, and waits until
+    /// it answers.
+    pub async fn start_controller(&mut self) {
+        let listen = self
+            .controller_url
+            .strip_prefix("http://")
+            .unwrap_or("127.0.0.1:0")
+            .to_string();
+        let config = self.config.clone();
+        let (url, served) = serve(&listen, |l, s| quorum_controller::run(l, config, s)).await;
+        self.controller_url = url;
+        self.controller = Some(served);
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let health = http
+                .get(format!("{}/healthz", self.controller_url))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await;
+            if health.is_ok_and(|r| r.status().is_success()) {
+                return;
+            }
+            let served = self.controller.as_mut().expect("just started");
+            if served.task.is_finished() {
+                let result = (&mut served.task).await;
+                panic!("the controller stopped at start: {result:?}");
+            }
+            assert!(Instant::now() < deadline, "the controller did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the controller gracefully (its state stays in the database).
+    pub async fn stop_controller(&mut self) {
+        if let Some(c) = self.controller.take() {
+            c.stop().await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.stop_controller().await;
+        for s in [self.store.take(), self.idp.take()].into_iter().flatten() {
+            s.stop().await;
+        }
+    }
+
+    pub fn user(&self) -> UserClient {
+        UserClient::new(&self.controller_url, &self.api_token)
+    }
+
+    /// An enrollment token from the operator, as `quorum controller enroll` makes it.
+    pub async fn enrollment(
+        &self,
+        owner: &str,
+        trusted: bool,
+        labels: &BTreeMap<String, String>,
+    ) -> String {
+        quorum_controller::create_enrollment(
+            &self.config.data_dir,
+            self.config.database_url.as_deref(),
+            owner,
+            trusted,
+            labels,
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Enrolls a simulated worker of `owner` named `name`.
+    pub async fn worker(&self, name: &str, owner: &str, trusted: bool) -> SimWorker {
+        let token = self.enrollment(owner, trusted, &BTreeMap::new()).await;
+        SimWorker::enroll(&self.controller_url, name, &token).await
+    }
+
+    /// Submits a build of a fresh repository whose `.quorum.yml` is `pipeline`.
+    pub async fn submit(&self, pipeline: &str) -> String {
+        let repo = repo_with_pipeline(&self.dir.path().join("repos"), pipeline);
+        self.user()
+            .submit(repo.to_str().unwrap(), "HEAD")
+            .await
+            .unwrap()
+            .build_id
+    }
+
+    /// Waits (bounded) until `pred` holds for the build.
+    pub async fn wait_build(
+        &self,
+        build: &str,
+        what: &str,
+        pred: impl Fn(&BuildStatus) -> bool,
+    ) -> BuildStatus {
+        let user = self.user();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = user.status(build).await.unwrap();
+            if pred(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{what} did not happen: {s:#?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Makes a git repository under `parent` holding `.quorum.yml`, committed once.
+pub fn repo_with_pipeline(parent: &Path, pipeline: &str) -> std::path::PathBuf {
+    let dir = parent.join(uuid::Uuid::new_v4().simple().to_string());
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(".quorum.yml"), pipeline).unwrap();
+    #[allow(clippy::disallowed_methods)] // test fixture: a real git repository to build
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(
+            "git init -q -b main && git add -A && \
+             git -c user.name=t -c user.email=t@example.invalid commit -qm pipeline",
+        )
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+/// A worker without an executor: it takes assignments through the real protocol and reports
+/// whatever result the test tells it to, signed with its own enrolled key.
+pub struct SimWorker {
+    pub name: String,
+    pub client: WorkerClient,
+}
+
+impl SimWorker {
+    pub async fn enroll(controller_url: &str, name: &str, token: &str) -> SimWorker {
+        use base64::Engine as _;
+        use rand::RngCore as _;
+        let mut seed = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut seed);
+        let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+        WorkerClient::enroll(
+            controller_url,
+            &EnrollRequest {
+                enrollment_token: token.into(),
+                name: name.into(),
+                public_key: base64::engine::general_purpose::STANDARD
+                    .encode(key.verifying_key().as_bytes()),
+            },
+        )
+        .await
+        .unwrap();
+        SimWorker {
+            name: name.into(),
+            client: WorkerClient::new(controller_url, name, key),
+        }
+    }
+
+    /// Long-polls once for up to `wait_ms`.
+    pub async fn poll(&self, wait_ms: u64) -> Option<Assignment> {
+        self.client
+            .poll(&PollRequest {
+                wait_ms,
+                capacity: 1,
+            })
+            .await
+            .unwrap()
+    }
+
+    /// Polls until an assignment comes (bounded).
+    pub async fn take(&self) -> Assignment {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(a) = self.poll(1000).await {
+                return a;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} was offered nothing",
+                self.name
+            );
+        }
+    }
+
+    pub fn report(&self, a: &Assignment, result: ReportedResult, usage: Usage) -> ResultReport {
+        ResultReport {
+            assignment: a.id.clone(),
+            build_id: a.build_id.clone(),
+            job: a.job.clone(),
+            worker: self.name.clone(),
+            result,
+            usage,
+            environment: EnvironmentFacts::default(),
+        }
+    }
+
+    /// Reports success with one output file holding `content`.
+    pub async fn succeed(&self, a: &Assignment, content: &[u8], usage: Usage) {
+        let report = self.report(a, success(content), usage);
+        self.client
+            .result(&a.id, &self.client.sign_report(&report))
+            .await
+            .unwrap();
+    }
+
+    pub async fn fail(&self, a: &Assignment, reason: &str) {
+        let report = self.report(
+            a,
+            ReportedResult::Failed {
+                reason: reason.into(),
+            },
+            Usage::default(),
+        );
+        self.client
+            .result(&a.id, &self.client.sign_report(&report))
+            .await
+            .unwrap();
+    }
+}
+
+/// A successful result whose only output, `out.txt`, holds `content`.
+pub fn success(content: &[u8]) -> ReportedResult {
+    let manifest = Manifest::new(vec![ManifestEntry {
+        path: "out.txt".into(),
+        mode: 0o644,
+        size: content.len() as u64,
+        digest: Digest::of(content),
+    }])
+    .unwrap();
+    ReportedResult::Success {
+        manifest_digest: manifest.digest(),
+        manifest,
+    }
+}
