@@ -27,6 +27,8 @@ pub(crate) struct Worker {
     pub(crate) executor: Arc<dyn Executor>,
     pub(crate) hooks: Arc<dyn Hooks>,
     pub(crate) environment: EnvironmentFacts,
+    /// Declared inputs, verified and cached by digest under `data_dir/inputs`.
+    pub(crate) inputs: crate::inputs::InputCache,
     /// One permit per job that may run at once, shared by all controllers.
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) jobs: TaskTracker,
@@ -43,10 +45,11 @@ impl Worker {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Worker> {
         let executor = choose_executor(&config)?;
-        let environment = environment_facts(executor.name());
+        let environment = crate::facts::collect(&*executor);
         Ok(Worker {
             trust: TrustedIssuers::new(config.trusted_issuers.clone()),
             mirrors: Mirrors::new(config.data_dir.join("git")),
+            inputs: crate::inputs::InputCache::new(config.data_dir.join("inputs")),
             slots: Arc::new(Semaphore::new(config.max_jobs as usize)),
             config,
             executor,
@@ -77,7 +80,7 @@ fn choose_executor(config: &Config) -> anyhow::Result<Arc<dyn Executor>> {
             match executor::probe(&config.data_dir.join("sandbox"), &config.limits) {
                 Ok(sandbox) => {
                     tracing::info!(
-                        cgroups = sandbox.cgroups().unwrap_or("none"),
+                        tier = %sandbox.description(),
                         "builds run in namespace sandboxes"
                     );
                     Ok(Arc::new(sandbox))
@@ -160,18 +163,4 @@ pub(crate) async fn serve(w: Arc<Worker>, client: Arc<WorkerClient>) {
     }
     .instrument(span)
     .await
-}
-
-/// Facts recorded with each result, so a dispute between workers can be explained.
-fn environment_facts(executor: &str) -> EnvironmentFacts {
-    EnvironmentFacts {
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "unknown".into()),
-        arch: std::env::consts::ARCH.to_string(),
-        cpus: std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1),
-        executor: executor.to_string(),
-    }
 }

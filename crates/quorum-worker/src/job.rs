@@ -2,18 +2,14 @@
 //! fetch the source, run the steps, collect, upload and record the outputs, report the signed
 //! result, and remove the job's directory.
 
-use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures::{StreamExt as _, TryStreamExt as _};
 use quorum_api::v1::controller::{Assignment, ReportedResult, ResultReport, Usage};
 use quorum_client::controller::WorkerClient;
-use quorum_client::store::StoreClient;
-use quorum_core::{Digest, Manifest};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +22,6 @@ use crate::retry::with_retry;
 const MAX_JOB_TOKEN_LIFETIME_SECS: i64 = 24 * 3600;
 /// A result is worth waiting for a restarting controller.
 const REPORT_BUDGET: Duration = Duration::from_secs(120);
-const STORE_BUDGET: Duration = Duration::from_secs(60);
 const REFUSE_BUDGET: Duration = Duration::from_secs(30);
 /// A git server that stalls must not hold a job slot for ever.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(15 * 60);
@@ -227,7 +222,12 @@ async fn build(
     cancel: &CancellationToken,
     usage: &mut Usage,
 ) -> Option<ReportedResult> {
-    let src = job_dir.join("src");
+    // Lives until the outputs are uploaded: it may hold the job's size-limited build directory.
+    let workspace = match w.executor.workspace(job_dir) {
+        Ok(workspace) => workspace,
+        Err(e) => return Some(failed(&log, format!("worker error: {e}")).await),
+    };
+    let src = workspace.build_dir.clone();
     if let Err(e) = fetch_source(w, a, &src, cancel).await {
         if cancel.is_cancelled() {
             return None;
@@ -240,14 +240,31 @@ async fn build(
             .await,
         );
     }
+    // Inputs are the job's own declaration: one that cannot be had or does not match its pinned
+    // digest fails the job, with the input, URL and digests named.
+    let inputs = match w.inputs.fetch(&a.inputs, cancel).await {
+        Ok(inputs) => inputs,
+        Err(crate::inputs::InputError::Cancelled) => return None,
+        Err(e) => return Some(failed(&log, e.to_string()).await),
+    };
     let spec = JobSpec {
         build_dir: src.clone(),
-        tmp_dir: job_dir.join("tmp"),
+        tmp_dir: workspace.tmp_dir.clone(),
         source_date_epoch: a.source_date_epoch,
         script: a.script.clone(),
         timeout: Duration::from_secs(a.timeout_secs),
+        inputs,
     };
-    let outcome = match executor::run_job(&*w.executor, &spec, log.clone(), cancel).await {
+    // Outputs go up while later steps run; the result waits for them in `finish`.
+    let uploads = artifacts::Uploads::start(
+        &a.store_url,
+        &a.upload_token,
+        &src,
+        &a.artifacts,
+        PARALLEL_UPLOADS,
+    );
+    let steps = uploads.watch(&*w.executor);
+    let outcome = match executor::run_job(&steps, &spec, log.clone(), cancel).await {
         Ok(outcome) => outcome,
         Err(e) => return Some(failed(&log, format!("worker error: {e}")).await),
     };
@@ -265,46 +282,36 @@ async fn build(
         }
     }
 
-    let (hooks, dir, patterns) = (w.hooks.clone(), src.clone(), a.artifacts.clone());
-    let collected = tokio::task::spawn_blocking(move || {
-        hooks.after_build(&dir);
-        artifacts::collect(&dir, &patterns)
-    })
-    .await;
-    let collected = match collected {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Some(failed(&log, e.to_string()).await),
-        Err(e) => {
-            return Some(
-                failed(
-                    &log,
-                    format!("worker error: collecting the outputs failed: {e}"),
-                )
-                .await,
-            );
-        }
-    };
-    match upload(a, &collected.manifest, &collected.files, cancel).await {
-        Ok(bytes) => usage.bytes_uploaded = bytes,
-        Err(e) => {
-            return Some(
-                failed(
-                    &log,
-                    format!("worker error: cannot upload the outputs: {e:#}"),
-                )
-                .await,
-            );
-        }
+    let (hooks, dir) = (w.hooks.clone(), src.clone());
+    if let Err(e) = tokio::task::spawn_blocking(move || hooks.after_build(&dir)).await {
+        return Some(
+            failed(
+                &log,
+                format!("worker error: the after-build hook failed: {e}"),
+            )
+            .await,
+        );
     }
-    let manifest_digest = collected.manifest.digest();
+    let manifest = match uploads.finish(cancel).await {
+        Ok((manifest, sent)) => {
+            usage.bytes_uploaded = sent;
+            manifest
+        }
+        Err(artifacts::Unfinished::Build(reason)) => return Some(failed(&log, reason).await),
+        Err(artifacts::Unfinished::Worker(reason)) => {
+            return Some(failed(&log, format!("worker error: {reason}")).await);
+        }
+        Err(artifacts::Unfinished::Cancelled) => return None,
+    };
+    let manifest_digest = manifest.digest();
     let note = format!(
         "\n[quorum: {} files, {} bytes uploaded, manifest {manifest_digest}]\n",
-        collected.manifest.entries.len(),
+        manifest.entries.len(),
         usage.bytes_uploaded
     );
     let _ = log.send(note.into_bytes()).await;
     Some(ReportedResult::Success {
-        manifest: collected.manifest,
+        manifest,
         manifest_digest,
     })
 }
@@ -340,62 +347,6 @@ async fn fetch_source(
         _ = cancel.cancelled() => anyhow::bail!("cancelled"),
         _ = tokio::time::sleep(FETCH_TIMEOUT) => anyhow::bail!("git took longer than {} s", FETCH_TIMEOUT.as_secs()),
     }
-}
-
-/// Uploads the blobs the store lacks, then records the manifest; returns the bytes sent.
-async fn upload(
-    a: &Assignment,
-    manifest: &Manifest,
-    files: &BTreeMap<String, PathBuf>,
-    cancel: &CancellationToken,
-) -> anyhow::Result<u64> {
-    let store = StoreClient::new(&a.store_url);
-    let token = a.upload_token.as_str();
-    let mut digests: Vec<Digest> = manifest.entries.iter().map(|e| e.digest).collect();
-    digests.sort_by_key(|d| *d.as_bytes());
-    digests.dedup();
-    let missing: HashSet<Digest> =
-        with_retry("ask the store what it lacks", STORE_BUDGET, cancel, || {
-            store.missing(token, digests.clone())
-        })
-        .await?
-        .into_iter()
-        .collect();
-
-    // One upload per missing digest, from the first file that has it.
-    let mut wanted: BTreeMap<[u8; 32], (Digest, PathBuf, u64)> = BTreeMap::new();
-    for e in manifest
-        .entries
-        .iter()
-        .filter(|e| missing.contains(&e.digest))
-    {
-        wanted
-            .entry(*e.digest.as_bytes())
-            .or_insert((e.digest, files[&e.path].clone(), e.size));
-    }
-    let store = &store;
-    let sent = futures::stream::iter(wanted.into_values())
-        .map(|(digest, path, size)| async move {
-            with_retry("upload a blob", STORE_BUDGET, cancel, || {
-                store.put_file(token, &digest, &path)
-            })
-            .await
-            .map(|()| size)
-        })
-        .buffer_unordered(PARALLEL_UPLOADS)
-        .try_fold(0u64, |total, size| async move { Ok(total + size) })
-        .await?;
-
-    let recorded = with_retry("record the manifest", STORE_BUDGET, cancel, || {
-        store.put_manifest(token, manifest)
-    })
-    .await?;
-    anyhow::ensure!(
-        recorded == manifest.digest(),
-        "the store recorded manifest {recorded}, but this worker computed {}",
-        manifest.digest()
-    );
-    Ok(sent)
 }
 
 /// Signs and delivers the result, retrying while the controller may be restarting, then

@@ -18,6 +18,8 @@ mod agent;
 pub mod artifacts;
 mod enroll;
 pub mod executor;
+pub mod facts;
+pub mod inputs;
 mod job;
 pub mod ledger;
 mod logship;
@@ -101,6 +103,7 @@ pub async fn run_with_hooks(
 
     // Jobs never survive a restart: whatever a previous run left behind is stale.
     let builds = config.data_dir.join("builds");
+    executor::release_stale_mounts(&builds);
     if builds.exists() {
         std::fs::remove_dir_all(&builds)
             .with_context(|| format!("cannot clear {}", builds.display()))?;

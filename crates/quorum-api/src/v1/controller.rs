@@ -48,6 +48,10 @@ pub struct Assignment {
     pub script: Vec<String>,
     pub artifacts: Vec<String>,
     pub timeout_secs: u64,
+    /// Files the job declared besides its source (URL + pinned SHA-256): the worker downloads
+    /// and verifies them outside the sandbox and mounts them read-only at `/inputs/<name>`.
+    #[serde(default)]
+    pub inputs: Vec<quorum_core::pipeline::Input>,
     /// Token for this worker (audience `worker:<name>`): checked against the IdPs the worker trusts.
     pub job_token: String,
     /// Token for the store (audience the store): lets this assignment upload and record a manifest.
@@ -137,6 +141,23 @@ pub struct EnvironmentFacts {
     pub arch: String,
     pub cpus: u32,
     pub executor: String,
+    /// The CPU's model name, as `/proc/cpuinfo` gives it.
+    #[serde(default)]
+    pub cpu_model: String,
+    /// The isolation layers steps ran under, e.g. "namespaces, seccomp, landlock ABI 7, cgroup v1".
+    #[serde(default)]
+    pub sandbox: String,
+    /// `bwrap --version` for the namespace tier; empty otherwise.
+    #[serde(default)]
+    pub bubblewrap: String,
+    /// The host system whose /usr the steps see (`PRETTY_NAME` of /etc/os-release).
+    #[serde(default)]
+    pub os: String,
+    /// Identity of that root file system: `sha256:` over /etc/os-release and the package
+    /// database (/var/lib/dpkg/status, or /var/lib/rpm/rpmdb.sqlite, when present), so two
+    /// workers with the same digest built with the same packages installed.
+    #[serde(default)]
+    pub root_fs: String,
 }
 
 /// `POST /api/v1/builds`, API token: build `repository` at `rev`.
@@ -269,14 +290,55 @@ pub struct Artifact {
     pub manifest: Digest,
 }
 
-/// `GET /api/v1/signer/keys`, unauthenticated: the public keys that sign this controller's
-/// statements, by key id.
+/// `GET /api/v1/signer/keys`, unauthenticated: the public keys that sign or signed this
+/// controller's statements, by key id: the active key and every retired one not revoked, so
+/// statements signed before a rotation keep verifying. A revoked key is left out.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SignerKeys {
     /// key id -> raw Ed25519 public key, base64.
     pub keys: BTreeMap<String, String>,
+    /// The key id new statements are signed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<String>,
 }
 
 /// `GET /api/v1/builds/{id}/logs/{job}?worker=W&offset=N`, API token: the log bytes from
 /// `offset`. The response header `x-quorum-log-complete: true` says no more will come.
 pub const HEADER_LOG_COMPLETE: &str = "x-quorum-log-complete";
+
+/// `GET /api/v1/usage?tenant=T&limit=N`, API token: what workers reported using for this
+/// controller's builds (summed from their signed reports), per tenant and per build, the most
+/// recent `limit` builds (default 100). Only reported results count; `tenant` narrows both lists.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UsageView {
+    pub tenants: Vec<TenantUsage>,
+    pub builds: Vec<BuildUsage>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TenantUsage {
+    pub tenant: String,
+    pub builds: u64,
+    pub totals: UsageTotals,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BuildUsage {
+    pub build_id: String,
+    pub tenant: String,
+    pub repository: String,
+    pub state: BuildState,
+    pub created_at: String,
+    pub totals: UsageTotals,
+}
+
+/// Sums over reported results: wall and CPU time and bytes uploaded add up; the peak is the
+/// largest any one result reported.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct UsageTotals {
+    pub results: u64,
+    pub wall_ms: u64,
+    pub cpu_ms: u64,
+    pub peak_rss_kib: u64,
+    pub bytes_uploaded: u64,
+}

@@ -105,6 +105,7 @@ fn assignment() -> Assignment {
         script: vec!["make".into()],
         artifacts: vec!["out/*".into()],
         timeout_secs: 60,
+        inputs: Vec::new(),
         job_token: "j".into(),
         upload_token: "u".into(),
         store_url: "http://store.invalid".into(),

@@ -35,6 +35,7 @@ pub fn spec(dir: &std::path::Path, script: &[&str], timeout: Duration) -> JobSpe
         source_date_epoch: 1_600_000_000,
         script: script.iter().map(|s| s.to_string()).collect(),
         timeout,
+        inputs: Vec::new(),
     }
 }
 

@@ -1,9 +1,10 @@
 //! The subcommands: roles (`idp`, `store`, `controller`, `worker`), the local federation (`up`,
-//! `run`), and the user's commands against a running controller (`submit`, `status`, `logs`,
-//! `verify`).
+//! `run`), the user's commands against a running controller (`submit`, `status`, `logs`,
+//! `verify`), and `publish` to a store.
 
 mod client;
 mod local;
+mod publish;
 mod roles;
 
 use std::path::PathBuf;
@@ -74,6 +75,39 @@ enum ControllerAdmin {
         #[arg(long, value_delimiter = ',')]
         labels: Vec<String>,
     },
+    /// Rotate, list or revoke the signer's keys (works while the controller runs: it signs
+    /// with the new key from the next build).
+    Signer {
+        #[command(subcommand)]
+        action: SignerKeyAdmin,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SignerKeyAdmin {
+    /// Make a new signing key active and print its key id; the old key signs nothing more but
+    /// stays published, so statements it signed keep verifying.
+    Rotate {
+        /// The controller's TOML config file (its data_dir holds the signer's keys).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// List the signer's keys: key id, created, state (active, retired, revoked).
+    List {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop publishing a retired key believed stolen: statements it signed no longer verify.
+    Revoke {
+        #[arg(long)]
+        config: PathBuf,
+        /// The key id, as `list` prints it (sha256:...).
+        #[arg(long)]
+        key_id: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -101,6 +135,39 @@ enum WorkerAdmin {
 }
 
 #[derive(Debug, Args)]
+pub struct StoreArgs {
+    #[command(subcommand)]
+    admin: Option<StoreAdmin>,
+    #[command(flatten)]
+    serve: Option<ServeArgs>,
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreAdmin {
+    /// Collect garbage once: manifests past retention, expired provisional uploads, blobs
+    /// nobody references (safe while the store runs).
+    Gc {
+        /// The store's TOML config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Print what was collected as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the bytes each tenant stores and has transferred in and out.
+    Usage {
+        /// The store's TOML config file.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
 pub struct IdpArgs {
     #[command(subcommand)]
     admin: Option<IdpAdmin>,
@@ -112,11 +179,36 @@ pub struct IdpArgs {
 enum IdpAdmin {
     /// Read a client secret on standard input and print its Argon2id hash for the config.
     HashSecret,
-    /// Add, list, disable or rotate the clients kept in the IdP's database (works whether or
+    /// Add, list, disable, enable or rotate the clients kept in the IdP's database (works whether or
     /// not the IdP is running; a running IdP sees changes at its next request).
     Client {
         #[command(subcommand)]
         action: IdpClientAdmin,
+    },
+    /// Rotate or list the IdP's signing keys (works while the IdP runs: it signs with the new key
+    /// from its next request and keeps publishing the old one until its tokens have expired).
+    Key {
+        #[command(subcommand)]
+        action: IdpKeyAdmin,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum IdpKeyAdmin {
+    /// Make a new signing key active and print its kid; the old key stops signing at once and
+    /// leaves JWKS when every token it signed has expired.
+    Rotate {
+        /// The IdP's TOML config file (its data_dir holds the database).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// List the signing keys: kid, created, state (active, retiring until T, retired).
+    List {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -148,6 +240,13 @@ enum IdpClientAdmin {
         #[arg(long)]
         id: String,
     },
+    /// Enable a disabled database client again; its current secret works from then on.
+    Enable {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        id: String,
+    },
     /// Give a database client a new secret and print it, once; the old one stops working.
     Rotate {
         #[arg(long)]
@@ -172,8 +271,9 @@ enum Command {
     /// Run an identity provider.
     #[command(args_conflicts_with_subcommands = true)]
     Idp(IdpArgs),
-    /// Run an artifact store.
-    Store(ServeArgs),
+    /// Run an artifact store, or administer one.
+    #[command(args_conflicts_with_subcommands = true)]
+    Store(StoreArgs),
     /// Run a controller, or administer one.
     #[command(args_conflicts_with_subcommands = true)]
     Controller(ControllerArgs),
@@ -242,6 +342,26 @@ enum Command {
         #[arg(short = 'f', long)]
         follow: bool,
     },
+    /// Approve a manual job of a build (`manual: true` in the pipeline) so it can run.
+    Approve {
+        #[command(flatten)]
+        conn: ControllerConn,
+        build: String,
+        job: String,
+    },
+    /// Show what workers reported using for this controller's builds, per tenant and per build.
+    Usage {
+        #[command(flatten)]
+        conn: ControllerConn,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// How many of the most recent builds to list.
+        #[arg(long, default_value_t = 20)]
+        builds: u32,
+        #[arg(long)]
+        json: bool,
+    },
     /// Cancel a running build: its workers stop at their next heartbeat.
     Cancel {
         #[command(flatten)]
@@ -261,7 +381,9 @@ enum Command {
         /// The DSSE envelope (statement.intoto.json).
         #[arg(long)]
         statement: PathBuf,
-        /// The signer's public key: a file holding base64 of the raw Ed25519 key.
+        /// The signer's public key: a file holding base64 of the raw Ed25519 key (`signer.pub`),
+        /// or the key set a controller publishes at /api/v1/signer/keys (`signer-keys.json`,
+        /// written by `fetch`), which also verifies statements signed before a key rotation.
         #[arg(long)]
         key: PathBuf,
         /// The artifact's subject name (`<job>/<path>`); by default any subject with its digest.
@@ -271,6 +393,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Publish files to an artifact store: hash them, skip what it has, upload the rest.
+    Publish(publish::PublishArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -283,13 +407,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             admin: Some(IdpAdmin::Client { action }),
             ..
         }) => roles::idp_client(action).await,
+        Command::Idp(IdpArgs {
+            admin: Some(IdpAdmin::Key { action }),
+            ..
+        }) => roles::idp_key(action).await,
         Command::Idp(IdpArgs { serve: Some(s), .. }) => roles::idp(s).await,
         Command::Idp(_) => {
             anyhow::bail!(
-                "`quorum idp` needs --config (or a subcommand such as hash-secret or client)"
+                "`quorum idp` needs --config (or a subcommand such as hash-secret, client or key)"
             )
         }
-        Command::Store(s) => roles::store(s).await,
+        Command::Store(StoreArgs {
+            admin: Some(StoreAdmin::Gc { config, json }),
+            ..
+        }) => roles::store_gc(&config, json).await,
+        Command::Store(StoreArgs {
+            admin:
+                Some(StoreAdmin::Usage {
+                    config,
+                    format,
+                    tenant,
+                }),
+            ..
+        }) => roles::store_usage(&config, &format, tenant.as_deref()).await,
+        Command::Store(StoreArgs { serve: Some(s), .. }) => roles::store(s).await,
+        Command::Store(_) => {
+            anyhow::bail!("`quorum store` needs --config (or a subcommand such as gc or usage)")
+        }
         Command::Controller(ControllerArgs {
             admin:
                 Some(ControllerAdmin::Enroll {
@@ -300,6 +444,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }),
             ..
         }) => roles::enroll(&config, &owner, trusted, &labels).await,
+        Command::Controller(ControllerArgs {
+            admin: Some(ControllerAdmin::Signer { action }),
+            ..
+        }) => roles::signer_key(action),
         Command::Controller(ControllerArgs { serve: Some(s), .. }) => roles::controller(s).await,
         Command::Controller(_) => {
             anyhow::bail!("`quorum controller` needs --config (or a subcommand such as enroll)")
@@ -352,6 +500,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             job,
             follow,
         } => client::logs(&conn, &build, job.as_deref(), follow).await,
+        Command::Approve { conn, build, job } => client::approve(&conn, &build, &job).await,
+        Command::Usage {
+            conn,
+            tenant,
+            builds,
+            json,
+        } => client::usage(&conn, tenant.as_deref(), builds, json).await,
         Command::Cancel { conn, build } => client::cancel(&conn, &build).await,
         Command::Fetch { conn, build, out } => client::fetch(&conn, &build, &out).await,
         Command::Verify {
@@ -361,5 +516,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             artifact,
             json,
         } => client::verify(&statement, &key, name.as_deref(), &artifact, json),
+        Command::Publish(args) => publish::publish(args).await,
     }
 }

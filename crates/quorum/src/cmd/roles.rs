@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
-use super::{IdpClientAdmin, ServeArgs};
+use super::{IdpClientAdmin, IdpKeyAdmin, ServeArgs, SignerKeyAdmin};
 
 async fn listen(args: &ServeArgs, configured: &str) -> anyhow::Result<tokio::net::TcpListener> {
     let listener = quorum_service::bind(args.listen.as_deref().unwrap_or(configured)).await?;
@@ -52,6 +52,57 @@ pub async fn store(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let listener = listen(&args, &config.listen).await?;
     quorum_store::run(listener, config, shutdown_token()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `quorum store gc`: one collection pass, on the store's database and blobs directly.
+pub async fn store_gc(config: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let config: quorum_store::Config = quorum_service::load_config(config)?;
+    let c = quorum_store::collect_garbage(&config).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&c)?);
+    } else {
+        println!(
+            "collected {} manifests past retention, {} expired links, {} blobs, {} orphaned blobs",
+            c.manifests, c.links, c.blobs, c.orphans
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `quorum store usage`: bytes stored and transferred per tenant, from the store's database.
+pub async fn store_usage(
+    config: &Path,
+    format: &str,
+    tenant: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let config: quorum_store::Config = quorum_service::load_config(config)?;
+    let usage = quorum_store::usage_of(&config, tenant).await?;
+    if format == "json" {
+        let lines: Vec<_> = usage
+            .iter()
+            .map(|u| {
+                serde_json::json!({
+                    "tenant": u.tenant,
+                    "stored_bytes": u.stored_bytes,
+                    "bytes_in": u.bytes_in,
+                    "bytes_out": u.bytes_out,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&lines)?);
+    } else {
+        println!(
+            "{:<24} {:>16} {:>16} {:>16}",
+            "TENANT", "STORED_BYTES", "BYTES_IN", "BYTES_OUT"
+        );
+        for u in &usage {
+            println!(
+                "{:<24} {:>16} {:>16} {:>16}",
+                u.tenant, u.stored_bytes, u.bytes_in, u.bytes_out
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -105,8 +156,14 @@ pub async fn enroll(
             .with_context(|| format!("label `{l}` is not k=v"))?;
         map.insert(k.trim().to_string(), v.trim().to_string());
     }
-    let token =
-        quorum_controller::create_enrollment(&config.data_dir, owner, trusted, &map).await?;
+    let token = quorum_controller::create_enrollment(
+        &config.data_dir,
+        config.database_url().as_deref(),
+        owner,
+        trusted,
+        &map,
+    )
+    .await?;
     println!("{token}");
     Ok(ExitCode::SUCCESS)
 }
@@ -129,6 +186,7 @@ pub async fn idp_client(action: IdpClientAdmin) -> anyhow::Result<ExitCode> {
         IdpClientAdmin::Add { config, .. }
         | IdpClientAdmin::List { config, .. }
         | IdpClientAdmin::Disable { config, .. }
+        | IdpClientAdmin::Enable { config, .. }
         | IdpClientAdmin::Rotate { config, .. } => config,
     };
     let loaded: quorum_idp::Config = quorum_service::load_config(config)?;
@@ -181,6 +239,10 @@ async fn idp_client_action(
             admin.disable(id).await?;
             eprintln!("disabled client `{id}`");
         }
+        IdpClientAdmin::Enable { id, .. } => {
+            admin.enable(id).await?;
+            eprintln!("enabled client `{id}`");
+        }
         IdpClientAdmin::Rotate { id, .. } => {
             let secret = admin.rotate(id).await?;
             eprintln!(
@@ -190,4 +252,91 @@ async fn idp_client_action(
         }
     }
     Ok(())
+}
+
+/// `quorum idp key ...`: works on the IdP's database directly; a running IdP sees a rotation at
+/// its next request.
+pub async fn idp_key(action: IdpKeyAdmin) -> anyhow::Result<ExitCode> {
+    let (IdpKeyAdmin::Rotate { config } | IdpKeyAdmin::List { config, .. }) = &action;
+    let loaded: quorum_idp::Config = quorum_service::load_config(config)?;
+    let admin = quorum_idp::KeyAdmin::open(&loaded)
+        .await
+        .with_context(|| format!("config file {}", config.display()))?;
+    let outcome = idp_key_action(&admin, &action).await;
+    admin.close().await;
+    outcome?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn idp_key_action(admin: &quorum_idp::KeyAdmin, action: &IdpKeyAdmin) -> anyhow::Result<()> {
+    match action {
+        IdpKeyAdmin::Rotate { .. } => {
+            let key = admin.rotate().await?;
+            eprintln!(
+                "rotated the signing key; new tokens carry the kid below, the old key stays in JWKS until its tokens have expired"
+            );
+            println!("{}", key.kid);
+        }
+        IdpKeyAdmin::List { json, .. } => {
+            let keys = admin.list().await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+            } else {
+                let w_kid = keys.iter().map(|k| k.kid.len()).max().unwrap_or(0).max(3);
+                println!("{:w_kid$}  {:20}  STATE", "KID", "CREATED");
+                for k in &keys {
+                    println!(
+                        "{:w_kid$}  {:20}  {}",
+                        k.kid,
+                        quorum_idp::rfc3339(k.created_at),
+                        k.state
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `quorum controller signer ...`: works on the signer's key files directly; a running
+/// controller reads them at its next signature.
+pub fn signer_key(action: SignerKeyAdmin) -> anyhow::Result<ExitCode> {
+    let (SignerKeyAdmin::Rotate { config }
+    | SignerKeyAdmin::List { config, .. }
+    | SignerKeyAdmin::Revoke { config, .. }) = &action;
+    let loaded: quorum_controller::Config = quorum_service::load_config(config)?;
+    let ring = quorum_controller::signer_key_ring(&loaded.data_dir);
+    match &action {
+        SignerKeyAdmin::Rotate { .. } => {
+            let key = ring.rotate()?;
+            eprintln!(
+                "rotated the signer's key; new statements are signed with the key below, older ones keep verifying with the retired key"
+            );
+            println!("{}", key.keyid);
+        }
+        SignerKeyAdmin::List { json, .. } => {
+            let keys = ring.list()?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+            } else {
+                let w_id = keys.iter().map(|k| k.keyid.len()).max().unwrap_or(0).max(6);
+                println!("{:w_id$}  {:20}  STATE", "KEY ID", "CREATED");
+                for k in &keys {
+                    println!(
+                        "{:w_id$}  {:20}  {}",
+                        k.keyid,
+                        quorum_idp::rfc3339(k.created_at),
+                        k.state()
+                    );
+                }
+            }
+        }
+        SignerKeyAdmin::Revoke { key_id, .. } => {
+            ring.revoke(key_id)?;
+            eprintln!(
+                "revoked key {key_id}: it is no longer published, and statements it signed no longer verify for consumers"
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
