@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use quorum_core::digest::Hasher;
+use quorum_core::digest::hash_reader;
 use quorum_core::manifest::ManifestError;
 use quorum_core::{Digest, Manifest, ManifestEntry};
 use serde::{Deserialize, Serialize};
@@ -407,24 +407,11 @@ fn hash_one(source: &Source, cache: &Mutex<DigestCache>) -> Result<Hashed, Publi
     if let Some(digest) = cache.lock().expect("cache lock").get(&key, &stamp) {
         return Ok(entry(digest));
     }
-    let mut hasher = Hasher::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut size = 0u64;
-    loop {
-        let n = match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(read_err(e)),
-        };
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
+    let (digest, size) = hash_reader(&mut f).map_err(read_err)?;
     let after = Stamp::of(&f.metadata().map_err(read_err)?);
     if after != stamp || size != stamp.size {
         return Err(PublishError::Changed(shown.clone()));
     }
-    let digest = hasher.finish();
     cache.lock().expect("cache lock").put(key, stamp, digest);
     Ok(entry(digest))
 }

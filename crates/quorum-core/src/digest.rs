@@ -59,6 +59,24 @@ impl Hasher {
     }
 }
 
+/// The digest and length of everything `r` yields, read in 256 KiB pieces.
+pub fn hash_reader(r: &mut impl std::io::Read) -> std::io::Result<(Digest, u64)> {
+    let mut hasher = Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((hasher.finish(), size))
+}
+
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "sha256:{}", hex::encode(self.0))
@@ -106,6 +124,13 @@ impl<'de> Deserialize<'de> for Digest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hash_reader_matches_the_one_shot_digest() {
+        let data = vec![7u8; 600 * 1024];
+        let (d, n) = hash_reader(&mut data.as_slice()).unwrap();
+        assert_eq!((d, n), (Digest::of(&data), data.len() as u64));
+    }
 
     #[test]
     fn round_trips_and_rejects_malformed() {

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use quorum_client::publish::{DigestCache, Hashed, PublishError, Publisher, Source};
 use quorum_client::store::StoreClient;
-use quorum_core::digest::Hasher;
+use quorum_core::digest::hash_reader;
 use quorum_core::manifest::ManifestError;
-use quorum_core::{Digest, Manifest, ManifestEntry};
+use quorum_core::{Manifest, ManifestEntry};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -182,24 +182,6 @@ fn entry(rel: &str, file: &Path) -> Result<ManifestEntry, ArtifactError> {
         size,
         digest,
     })
-}
-
-/// The SHA-256 and length of everything `r` yields.
-pub fn hash_reader(r: &mut impl std::io::Read) -> std::io::Result<(Digest, u64)> {
-    let mut hasher = Hasher::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut size = 0u64;
-    loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok((hasher.finish(), size))
 }
 
 /// Uploads a job's outputs while its steps run, so no step waits on the store (a post-build
@@ -508,12 +490,5 @@ mod tests {
             check_pattern(""),
             Err(ArtifactError::BadPattern { .. })
         ));
-    }
-
-    #[test]
-    fn hash_matches_one_shot_digest() {
-        let data = vec![7u8; 600 * 1024];
-        let (d, n) = hash_reader(&mut data.as_slice()).unwrap();
-        assert_eq!((d, n), (Digest::of(&data), data.len() as u64));
     }
 }
