@@ -1,11 +1,14 @@
 //! Publishing files to an artifact store: the engine behind `quorum publish` and the worker's
 //! uploads. Files are hashed once (a [`DigestCache`] of earlier digests keyed by path, size,
-//! mtime, ctime and inode skips unchanged files), the store is asked in one call per 10 000
-//! digests which blobs this tenant lacks, only those are sent (files up to 1 MiB in batches of
-//! about 16 MiB, one request and one store transaction each; larger files one per request),
-//! several requests at a time, and the manifest is recorded last. A run that fails part way
-//! leaves its finished blobs (and batches) in the store, so running it again sends only the
-//! rest.
+//! mtime, ctime and inode skips unchanged files). [`Publisher::publish`] then sends the manifest
+//! first (`POST /api/v1/manifest`), relative to the last manifest this store accepted from this
+//! cache when that is smaller, so an unchanged tree costs one small request; the store answers
+//! the blobs its tenant lacks, only those are sent (files up to 1 MiB in batches of about 16 MiB,
+//! one request and one store transaction each; larger files one per request), several requests
+//! at a time, and the manifest is proposed again. The worker asks which blobs are missing
+//! ([`Publisher::upload`]) as outputs appear and records the manifest at the end. A run that
+//! fails part way leaves its finished blobs (and batches) in the store, so running it again
+//! sends only the rest.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Read as _};
@@ -15,16 +18,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt as _, TryStreamExt as _};
+use quorum_api::v1::store::{ManifestAnswer, ManifestProposal};
 use quorum_core::digest::hash_reader;
 use quorum_core::manifest::ManifestError;
 use quorum_core::{Digest, Manifest, ManifestEntry};
-use serde::{Deserialize, Serialize};
 
 use crate::ClientError;
 use crate::store::StoreClient;
 
 /// Digests per `missing` call: the most the store answers at once.
 const MISSING_BATCH: usize = 10_000;
+/// Times the blobs a manifest lacks are sent before giving up: once, and again for blobs that
+/// garbage collection took before the manifest named them.
+const RECORD_ROUNDS: usize = 3;
 /// Uploads in flight by default: enough to hide a round trip per file on a fast link.
 pub const DEFAULT_PARALLEL: usize = 8;
 /// A cache that grows past this many entries keeps only the files of the latest run.
@@ -71,6 +77,10 @@ pub enum PublishError {
     Manifest(#[from] ManifestError),
     #[error("cannot record the manifest: {0}")]
     Record(ClientError),
+    #[error(
+        "the store still lacks {blobs} blobs of the manifest after {rounds} rounds of uploads; is its garbage collection collecting uploads right away?"
+    )]
+    StillMissing { blobs: usize, rounds: usize },
     #[error("the store recorded manifest {stored}, but this client computed {computed}")]
     ManifestDiffers { stored: Digest, computed: Digest },
 }
@@ -207,7 +217,7 @@ fn check_pattern(pattern: &str) -> Result<(), PublishError> {
 /// What identifies one version of a file without reading it. ctime and the inode are part of
 /// it because mtime alone can be set back by anyone who writes the file (`touch -d`, or a build
 /// clamping mtimes to SOURCE_DATE_EPOCH), while ctime cannot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stamp {
     size: u64,
     mtime: [i64; 2],
@@ -228,27 +238,33 @@ impl Stamp {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct CacheEntry {
-    path: String,
-    #[serde(flatten)]
-    stamp: Stamp,
+/// A manifest a store accepted: a base for the next publish to the same store.
+#[derive(Debug, Clone)]
+struct Accepted {
+    store: String,
     digest: Digest,
+    manifest: Manifest,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct CacheFile {
-    version: u32,
-    entries: Vec<CacheEntry>,
-}
+/// Accepted manifests remembered per store: enough for a few trees published in turn.
+const ACCEPTED_PER_STORE: usize = 4;
+/// The cache file's first bytes: the format and its version.
+const CACHE_MAGIC: &[u8; 8] = b"QRMDC\x00\x00\x02";
 
 /// Digests of files hashed before, keyed by absolute path and valid only while the file's
 /// [`Stamp`] is unchanged: the quick check that spares rehashing a tree that did not change.
+/// It also remembers the last manifests each store accepted, so the next publish can send only
+/// what changed since (`ManifestProposal::base`).
+///
+/// The file is a compact binary form (length-prefixed fields, little-endian), read and written
+/// whole: 10,000 entries take milliseconds either way, where JSON took a fifth of a second.
 #[derive(Debug, Default)]
 pub struct DigestCache {
     file: Option<PathBuf>,
     entries: HashMap<PathBuf, (Stamp, Digest)>,
     used: HashSet<PathBuf>,
+    /// Newest first.
+    accepted: Vec<Accepted>,
     changed: bool,
 }
 
@@ -258,34 +274,24 @@ impl DigestCache {
         DigestCache::default()
     }
 
-    /// The cache kept in `file`. A missing file starts empty; so does a damaged one, with a
-    /// warning, since the cache only ever saves work.
+    /// The cache kept in `file`. A missing file starts empty; so does a damaged one (or one in
+    /// another format), with a warning, since the cache only ever saves work.
     pub fn load(file: &Path) -> DigestCache {
         let mut cache = DigestCache {
             file: Some(file.to_path_buf()),
             ..DigestCache::default()
         };
-        let parsed = match std::fs::read(file) {
-            Ok(bytes) => serde_json::from_slice::<CacheFile>(&bytes)
-                .map_err(|e| e.to_string())
-                .and_then(|c| {
-                    if c.version == 1 {
-                        Ok(c)
-                    } else {
-                        Err(format!("unknown version {}", c.version))
-                    }
-                }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(CacheFile::default()),
-            Err(e) => Err(e.to_string()),
-        };
-        match parsed {
-            Ok(c) => {
-                cache.entries = c
-                    .entries
-                    .into_iter()
-                    .map(|e| (PathBuf::from(e.path), (e.stamp, e.digest)))
-                    .collect();
-            }
+        match std::fs::read(file) {
+            Ok(bytes) => match decode(&bytes) {
+                Ok((entries, accepted)) => {
+                    cache.entries = entries;
+                    cache.accepted = accepted;
+                }
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), error = %e, "ignoring the digest cache")
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
                 tracing::warn!(file = %file.display(), error = %e, "ignoring the digest cache")
             }
@@ -316,6 +322,61 @@ impl DigestCache {
         self.changed = true;
     }
 
+    /// The remembered manifest of `store` that `manifest` differs least from, and the proposal
+    /// relative to it; `None` when none would be smaller than the manifest in full.
+    fn base_for(&self, store: &str, manifest: &Manifest) -> Option<(Digest, ManifestProposal)> {
+        self.accepted
+            .iter()
+            .filter(|a| a.store == store)
+            .map(|a| {
+                let (entries, removed) = changes(&a.manifest, manifest);
+                (
+                    a.digest,
+                    ManifestProposal {
+                        base: Some(a.digest),
+                        entries,
+                        removed,
+                    },
+                )
+            })
+            .min_by_key(|(_, p)| p.entries.len() + p.removed.len())
+            .filter(|(_, p)| p.entries.len() + p.removed.len() < manifest.entries.len())
+    }
+
+    /// Remembers that `store` accepted `manifest`.
+    fn accepted(&mut self, store: &str, manifest: &Manifest, digest: Digest) {
+        if self
+            .accepted
+            .first()
+            .is_some_and(|a| a.store == store && a.digest == digest)
+        {
+            return;
+        }
+        self.forget(store, digest);
+        self.accepted.insert(
+            0,
+            Accepted {
+                store: store.to_string(),
+                digest,
+                manifest: manifest.clone(),
+            },
+        );
+        let mut kept = 0;
+        self.accepted.retain(|a| {
+            kept += usize::from(a.store == store);
+            a.store != store || kept <= ACCEPTED_PER_STORE
+        });
+        self.changed = true;
+    }
+
+    /// Forgets a manifest `store` no longer knows as a base.
+    fn forget(&mut self, store: &str, digest: Digest) {
+        let before = self.accepted.len();
+        self.accepted
+            .retain(|a| a.store != store || a.digest != digest);
+        self.changed |= self.accepted.len() != before;
+    }
+
     /// Writes the cache back to its file (a new file renamed into place), if it has one and
     /// learned something.
     pub fn save(&mut self) -> io::Result<()> {
@@ -330,22 +391,7 @@ impl DigestCache {
             self.entries.retain(|p, _| used.contains(p));
             self.used = used;
         }
-        let entries = self
-            .entries
-            .iter()
-            .filter_map(|(p, (stamp, digest))| {
-                Some(CacheEntry {
-                    path: p.to_str()?.to_string(),
-                    stamp: *stamp,
-                    digest: *digest,
-                })
-            })
-            .collect();
-        let bytes = serde_json::to_vec(&CacheFile {
-            version: 1,
-            entries,
-        })
-        .map_err(io::Error::other)?;
+        let bytes = encode(&self.entries, &self.accepted);
         let dir = file.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)?;
         let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
@@ -354,6 +400,190 @@ impl DigestCache {
         self.changed = false;
         Ok(())
     }
+}
+
+/// What `manifest` changes relative to `base` (both sorted by path): the entries added or
+/// different, and the paths removed, each sorted.
+fn changes(base: &Manifest, manifest: &Manifest) -> (Vec<ManifestEntry>, Vec<String>) {
+    let (mut changed, mut removed) = (Vec::new(), Vec::new());
+    let (mut old, mut new) = (
+        base.entries.iter().peekable(),
+        manifest.entries.iter().peekable(),
+    );
+    loop {
+        match (old.peek(), new.peek()) {
+            (None, None) => break,
+            (Some(o), None) => {
+                removed.push(o.path.clone());
+                old.next();
+            }
+            (None, Some(n)) => {
+                changed.push((*n).clone());
+                new.next();
+            }
+            (Some(o), Some(n)) => match o.path.cmp(&n.path) {
+                std::cmp::Ordering::Less => {
+                    removed.push(o.path.clone());
+                    old.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    changed.push((*n).clone());
+                    new.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if o != n {
+                        changed.push((*n).clone());
+                    }
+                    old.next();
+                    new.next();
+                }
+            },
+        }
+    }
+    (changed, removed)
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn encode(entries: &HashMap<PathBuf, (Stamp, Digest)>, accepted: &[Accepted]) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut out = Vec::with_capacity(entries.len() * 160 + 64);
+    out.extend_from_slice(CACHE_MAGIC);
+    out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    for (path, (s, digest)) in entries {
+        put_bytes(&mut out, path.as_os_str().as_bytes());
+        for n in [s.size, s.ino, s.dev] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        for n in [s.mtime[0], s.mtime[1], s.ctime[0], s.ctime[1]] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        out.extend_from_slice(digest.as_bytes());
+    }
+    out.extend_from_slice(&(accepted.len() as u64).to_le_bytes());
+    for a in accepted {
+        put_bytes(&mut out, a.store.as_bytes());
+        out.extend_from_slice(a.digest.as_bytes());
+        out.extend_from_slice(&(a.manifest.entries.len() as u64).to_le_bytes());
+        for e in &a.manifest.entries {
+            put_bytes(&mut out, e.path.as_bytes());
+            out.extend_from_slice(&e.mode.to_le_bytes());
+            out.extend_from_slice(&e.size.to_le_bytes());
+            out.extend_from_slice(e.digest.as_bytes());
+        }
+    }
+    out
+}
+
+/// Reads the cache file's fields in order, failing on a short or malformed file.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err("the file ends early".into());
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn i64(&mut self) -> Result<i64, String> {
+        Ok(i64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], String> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn text(&mut self) -> Result<String, String> {
+        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| "a name is not UTF-8".into())
+    }
+    fn digest(&mut self) -> Result<Digest, String> {
+        Ok(Digest::from_bytes(
+            self.take(32)?.try_into().expect("32 bytes"),
+        ))
+    }
+    /// A count of items of at least `min` bytes each, checked against what is left so a damaged
+    /// count cannot ask for a huge allocation.
+    fn count(&mut self, min: usize) -> Result<usize, String> {
+        let n = self.u64()?;
+        if n > (self.0.len() / min) as u64 {
+            return Err(format!("a count of {n} is larger than the file"));
+        }
+        Ok(n as usize)
+    }
+}
+
+type Decoded = (HashMap<PathBuf, (Stamp, Digest)>, Vec<Accepted>);
+
+fn decode(bytes: &[u8]) -> Result<Decoded, String> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut r = Reader(bytes);
+    if r.take(CACHE_MAGIC.len()).ok() != Some(CACHE_MAGIC.as_slice()) {
+        return Err("not a digest cache of this version".into());
+    }
+    let n = r.count(4 + 3 * 8 + 4 * 8 + 32)?;
+    let mut entries = HashMap::with_capacity(n);
+    for _ in 0..n {
+        let path = PathBuf::from(std::ffi::OsStr::from_bytes(r.bytes()?));
+        let (size, ino, dev) = (r.u64()?, r.u64()?, r.u64()?);
+        let mtime = [r.i64()?, r.i64()?];
+        let ctime = [r.i64()?, r.i64()?];
+        let stamp = Stamp {
+            size,
+            mtime,
+            ctime,
+            ino,
+            dev,
+        };
+        entries.insert(path, (stamp, r.digest()?));
+    }
+    let n = r.count(4 + 32 + 8)?;
+    let mut accepted = Vec::with_capacity(n);
+    for _ in 0..n {
+        let store = r.text()?;
+        let digest = r.digest()?;
+        let count = r.count(4 + 4 + 8 + 32)?;
+        let mut list = Vec::with_capacity(count);
+        for _ in 0..count {
+            list.push(ManifestEntry {
+                path: r.text()?,
+                mode: r.u32()?,
+                size: r.u64()?,
+                digest: r.digest()?,
+            });
+        }
+        let manifest = Manifest { entries: list };
+        // A base must be exactly what the store recorded, or every delta against it is wrong.
+        if manifest.validate().is_err() || manifest.digest() != digest {
+            return Err(format!(
+                "remembered manifest {digest} does not match its digest"
+            ));
+        }
+        accepted.push(Accepted {
+            store,
+            digest,
+            manifest,
+        });
+    }
+    if !r.0.is_empty() {
+        return Err("the file has bytes after its end".into());
+    }
+    Ok((entries, accepted))
 }
 
 /// A file ready to publish: its manifest entry and where its bytes are.
@@ -376,25 +606,45 @@ fn shown(path: &Path) -> String {
 /// Hashes one file, or takes its digest from the cache. Opened with O_NOFOLLOW and checked on
 /// the open file, so a file swapped for a symlink after it was selected is refused too.
 fn hash_one(source: &Source, cache: &Mutex<DigestCache>) -> Result<Hashed, PublishError> {
-    let shown = shown(&source.path);
+    // Named only when something goes wrong: finding the current directory per file is not free.
+    let name = || shown(&source.path);
     let read_err = |source_err| PublishError::Read {
-        path: shown.clone(),
+        path: name(),
         source: source_err,
     };
+    let key = std::path::absolute(&source.path).map_err(read_err)?;
+    // The quick check needs no open: a regular file (not followed if a symlink) whose stamp
+    // the cache knows. Its bytes are read only when sent, and the store checks them then.
+    let meta = std::fs::symlink_metadata(&source.path).map_err(read_err)?;
+    if meta.is_file()
+        && let Some(digest) = cache
+            .lock()
+            .expect("cache lock")
+            .get(&key, &Stamp::of(&meta))
+    {
+        return Ok(Hashed {
+            entry: ManifestEntry {
+                path: source.name.clone(),
+                mode: meta.permissions().mode() & 0o777,
+                size: meta.len(),
+                digest,
+            },
+            path: source.path.clone(),
+        });
+    }
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&source.path)
         .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => PublishError::Symlink(shown.clone()),
+            Some(libc::ELOOP) => PublishError::Symlink(name()),
             _ => read_err(e),
         })?;
     let meta = f.metadata().map_err(read_err)?;
     if !meta.is_file() {
-        return Err(PublishError::NotRegular(shown.clone()));
+        return Err(PublishError::NotRegular(name()));
     }
     let stamp = Stamp::of(&meta);
-    let key = std::path::absolute(&source.path).map_err(read_err)?;
     let entry = |digest| Hashed {
         entry: ManifestEntry {
             path: source.name.clone(),
@@ -404,13 +654,10 @@ fn hash_one(source: &Source, cache: &Mutex<DigestCache>) -> Result<Hashed, Publi
         },
         path: source.path.clone(),
     };
-    if let Some(digest) = cache.lock().expect("cache lock").get(&key, &stamp) {
-        return Ok(entry(digest));
-    }
     let (digest, size) = hash_reader(&mut f).map_err(read_err)?;
     let after = Stamp::of(&f.metadata().map_err(read_err)?);
     if after != stamp || size != stamp.size {
-        return Err(PublishError::Changed(shown.clone()));
+        return Err(PublishError::Changed(name()));
     }
     cache.lock().expect("cache lock").put(key, stamp, digest);
     Ok(entry(digest))
@@ -418,6 +665,10 @@ fn hash_one(source: &Source, cache: &Mutex<DigestCache>) -> Result<Hashed, Publi
 
 /// Hears how publishing goes, for a progress bar. Every method has a no-op default.
 pub trait Progress: Send + Sync {
+    /// Whether [`Progress::hashing`] needs the bytes to hash (a stat of every file first).
+    fn shows_totals(&self) -> bool {
+        false
+    }
     /// Hashing `bytes` in `files` starts.
     fn hashing(&self, _files: usize, _bytes: u64) {}
     /// Sending `bytes` in `blobs` starts (what the store already has is not counted).
@@ -591,16 +842,21 @@ impl Publisher {
     /// Hashes every source (on blocking threads, one per core), taking unchanged files'
     /// digests from the cache. Fails on the first file that cannot be read, naming it.
     pub async fn hash(&self, sources: &[Source]) -> Result<Vec<Hashed>, PublishError> {
-        let paths: Vec<PathBuf> = sources.iter().map(|s| s.path.clone()).collect();
-        let total = tokio::task::spawn_blocking(move || {
-            paths
-                .iter()
-                .filter_map(|p| std::fs::metadata(p).ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .await
-        .unwrap_or(0);
+        // The total costs a stat per file: only worth it when someone shows it.
+        let total = if self.progress.shows_totals() {
+            let paths: Vec<PathBuf> = sources.iter().map(|s| s.path.clone()).collect();
+            tokio::task::spawn_blocking(move || {
+                paths
+                    .iter()
+                    .filter_map(|p| std::fs::metadata(p).ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .await
+            .unwrap_or(0)
+        } else {
+            0
+        };
         self.progress.hashing(sources.len(), total);
         // Files go to the blocking threads in groups, so a tree of small or cached files costs
         // a few thread hand-offs rather than one per file.
@@ -652,7 +908,16 @@ impl Publisher {
                 .map_err(PublishError::Missing)?;
             missing.extend(lacks);
         }
-        // One upload per missing digest, from the first file that has it.
+        self.send(files, missing).await
+    }
+
+    /// Sends the blobs of `files` whose digests are in `missing`, one per digest, from the first
+    /// file that has it.
+    async fn send(
+        &self,
+        files: &[Hashed],
+        mut missing: HashSet<Digest>,
+    ) -> Result<Sent, PublishError> {
         let mut sent = Sent::default();
         let mut wanted = Vec::new();
         for h in files {
@@ -712,26 +977,119 @@ impl Publisher {
         Ok(())
     }
 
-    /// Hashes, uploads what the store lacks and records the manifest. The digest cache is saved
-    /// whether or not the rest succeeds, since the digests are right either way.
+    /// Hashes, proposes the manifest, uploads the blobs the store asks for and proposes it
+    /// again (see [`Publisher::propose`]). The digest cache is saved whether or not the rest
+    /// succeeds, since the digests are right either way.
     pub async fn publish(&self, sources: &[Source]) -> Result<Summary, PublishError> {
         let started = Instant::now();
-        let hashed = self.hash(sources).await;
+        let result = async {
+            let hashed = self.hash(sources).await?;
+            tracing::debug!(files = hashed.len(), elapsed = ?started.elapsed(), "hashed");
+            // Checked before anything is sent: a tree that cannot be recorded is not uploaded.
+            let manifest = Manifest::new(hashed.iter().map(|h| h.entry.clone()).collect())?;
+            let sent = self.propose(&hashed, &manifest).await?;
+            tracing::debug!(blobs = sent.blobs, elapsed = ?started.elapsed(), "recorded the manifest");
+            Ok(Summary {
+                files: hashed.len(),
+                sent,
+                manifest: manifest.digest(),
+                elapsed: started.elapsed(),
+            })
+        }
+        .await;
         self.save_cache();
-        let hashed = hashed?;
-        tracing::debug!(files = hashed.len(), elapsed = ?started.elapsed(), "hashed");
-        // Checked before anything is sent: a tree that cannot be recorded is not uploaded.
-        let manifest = Manifest::new(hashed.iter().map(|h| h.entry.clone()).collect())?;
-        let sent = self.upload(&hashed).await?;
-        tracing::debug!(blobs = sent.blobs, elapsed = ?started.elapsed(), "uploaded");
-        self.record(&manifest).await?;
-        tracing::debug!(elapsed = ?started.elapsed(), "recorded the manifest");
-        Ok(Summary {
-            files: hashed.len(),
-            sent,
-            manifest: manifest.digest(),
-            elapsed: started.elapsed(),
-        })
+        result
+    }
+
+    /// Records `manifest` of `files`, manifest first: proposed relative to the remembered
+    /// manifest of this store it differs least from (or in full), so an unchanged tree costs one
+    /// small request; the store answers the blobs it lacks, which are sent before proposing
+    /// again. The changed entries' blobs are asked about (`missing`) and sent before the first
+    /// proposal, so a changed tree is usually recorded by it. A base the store does not know
+    /// for this tenant is forgotten and the manifest sent in full. What the store accepts is
+    /// remembered as the next base.
+    pub async fn propose(
+        &self,
+        files: &[Hashed],
+        manifest: &Manifest,
+    ) -> Result<Sent, PublishError> {
+        let store = self.store.base().to_string();
+        let digest = manifest.digest();
+        let mut proposal = self
+            .cache
+            .lock()
+            .expect("cache lock")
+            .base_for(&store, manifest);
+        let mut sent = Sent::default();
+        // The changed entries' blobs are asked about and sent first: a changed tree then costs
+        // the store one application of the changes, not two.
+        if let Some((_, delta)) = proposal.as_ref().filter(|(_, d)| !d.entries.is_empty()) {
+            let mut digests: Vec<Digest> = delta.entries.iter().map(|e| e.digest).collect();
+            digests.sort();
+            digests.dedup();
+            let mut lacking = HashSet::new();
+            for chunk in digests.chunks(MISSING_BATCH) {
+                let lacks = self
+                    .store
+                    .missing(&self.token, chunk.to_vec())
+                    .await
+                    .map_err(PublishError::Missing)?;
+                lacking.extend(lacks);
+            }
+            sent = self.send(files, lacking).await?;
+        }
+        let mut uploads = 0;
+        loop {
+            let full;
+            let asked = match &proposal {
+                Some((_, delta)) => delta,
+                None => {
+                    full = ManifestProposal {
+                        base: None,
+                        entries: manifest.entries.clone(),
+                        removed: Vec::new(),
+                    };
+                    &full
+                }
+            };
+            match self.store.record_manifest(&self.token, asked).await {
+                Ok(ManifestAnswer::Recorded { digest: stored }) => {
+                    if stored != digest {
+                        return Err(PublishError::ManifestDiffers {
+                            stored,
+                            computed: digest,
+                        });
+                    }
+                    break;
+                }
+                Ok(ManifestAnswer::Missing { digests }) => {
+                    if uploads == RECORD_ROUNDS {
+                        return Err(PublishError::StillMissing {
+                            blobs: digests.len(),
+                            rounds: RECORD_ROUNDS,
+                        });
+                    }
+                    uploads += 1;
+                    let more = self.send(files, digests.into_iter().collect()).await?;
+                    sent.blobs += more.blobs;
+                    sent.bytes_sent += more.bytes_sent;
+                }
+                Err(e) if proposal.is_some() && e.status() == Some(404) => {
+                    tracing::info!(error = %e, "sending the manifest in full");
+                    if let Some((base, _)) = proposal.take() {
+                        self.cache.lock().expect("cache lock").forget(&store, base);
+                    }
+                }
+                Err(e) => return Err(PublishError::Record(e)),
+            }
+        }
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .accepted(&store, manifest, digest);
+        let total: u64 = files.iter().map(|h| h.entry.size).sum();
+        sent.bytes_skipped = total.saturating_sub(sent.bytes_sent);
+        Ok(sent)
     }
 
     fn save_cache(&self) {
@@ -776,6 +1134,100 @@ mod tests {
         let n = (BATCH_TARGET_BYTES / small) as usize;
         let files: Vec<_> = (0..n + 1).map(|i| file(i, small)).collect();
         assert_eq!(shape(files), [n, 1]);
+    }
+
+    fn manifest(files: &[(&str, &[u8])]) -> Manifest {
+        Manifest::new(
+            files
+                .iter()
+                .map(|(path, content)| ManifestEntry {
+                    path: (*path).into(),
+                    mode: 0o644,
+                    size: content.len() as u64,
+                    digest: Digest::of(content),
+                })
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn changes_name_what_differs_from_the_base_and_the_closest_base_is_chosen() {
+        let base = manifest(&[("a", b"1"), ("b", b"2"), ("c", b"3")]);
+        let new = manifest(&[("a", b"1"), ("b", b"two"), ("d", b"4")]);
+        let (changed, removed) = changes(&base, &new);
+        let paths: Vec<&str> = changed.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!((paths, removed), (vec!["b", "d"], vec!["c".to_string()]));
+        assert_eq!(changes(&new, &new), (Vec::new(), Vec::new()));
+
+        // With more in common, a delta is smaller than the manifest and is chosen.
+        let common: Vec<(String, Vec<u8>)> = (0..10)
+            .map(|i| (format!("lib/{i}"), vec![i as u8]))
+            .collect();
+        let with = |files: &[(&str, &[u8])]| {
+            let mut all: Vec<(&str, &[u8])> = files.to_vec();
+            all.extend(common.iter().map(|(p, c)| (p.as_str(), c.as_slice())));
+            manifest(&all)
+        };
+        let (base, new) = (
+            with(&[("a", b"1"), ("b", b"2"), ("c", b"3")]),
+            with(&[("a", b"1"), ("b", b"two"), ("d", b"4")]),
+        );
+        let mut cache = DigestCache::in_memory();
+        let far = with(&[("x", b"x")]);
+        cache.accepted("http://s", &far, far.digest());
+        cache.accepted("http://s", &base, base.digest());
+        cache.accepted("http://other", &new, new.digest());
+        let (chosen, proposal) = cache.base_for("http://s", &new).unwrap();
+        assert_eq!(chosen, base.digest());
+        assert_eq!(proposal.base, Some(base.digest()));
+        assert_eq!(proposal.entries.len() + proposal.removed.len(), 3);
+        // Nothing is smaller than a manifest unlike every base: it goes in full.
+        assert!(
+            cache
+                .base_for("http://s", &manifest(&[("q", b"q")]))
+                .is_none()
+        );
+        cache.forget("http://s", base.digest());
+        assert_eq!(
+            cache.base_for("http://s", &new).map(|(d, _)| d),
+            Some(far.digest())
+        );
+    }
+
+    #[test]
+    fn the_cache_file_keeps_digests_and_accepted_manifests_and_refuses_damage() {
+        let dir = std::env::temp_dir().join(format!("quorum-cache-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("cache.bin");
+        let path = dir.join("f");
+        std::fs::write(&path, b"content").unwrap();
+        let stamp = Stamp::of(&std::fs::metadata(&path).unwrap());
+        let m = manifest(&[("a", b"1"), ("b/c", b"2")]);
+        let mut cache = DigestCache::load(&file);
+        cache.put(path.clone(), stamp, Digest::of(b"content"));
+        cache.accepted("http://s", &m, m.digest());
+        cache.save().unwrap();
+
+        let mut again = DigestCache::load(&file);
+        assert_eq!(again.get(&path, &stamp), Some(Digest::of(b"content")));
+        assert_eq!(again.accepted.len(), 1);
+        assert_eq!(again.accepted[0].manifest, m);
+
+        // A damaged file (cut short, or a remembered manifest altered) is ignored whole.
+        let bytes = std::fs::read(&file).unwrap();
+        std::fs::write(&file, &bytes[..bytes.len() - 5]).unwrap();
+        assert!(DigestCache::load(&file).is_empty());
+        let mut altered = bytes.clone();
+        let at = altered.len() - 40;
+        altered[at] ^= 1;
+        std::fs::write(&file, &altered).unwrap();
+        let loaded = DigestCache::load(&file);
+        assert!(loaded.is_empty() && loaded.accepted.is_empty());
+        // So is a file in the old JSON format.
+        std::fs::write(&file, br#"{"version":1,"entries":[]}"#).unwrap();
+        assert!(DigestCache::load(&file).is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

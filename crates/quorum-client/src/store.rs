@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use quorum_api::v1::store::{
-    BlobsStored, ManifestStored, MissingRequest, MissingResponse, RevokeRequest, RevokeResponse,
-    StatementStored, TenantUsage,
+    BlobsStored, ManifestAnswer, ManifestProposal, ManifestStored, MissingRequest, MissingResponse,
+    RevokeRequest, RevokeResponse, StatementStored, TenantUsage,
 };
 use quorum_core::{Digest, Manifest};
 
@@ -116,6 +116,23 @@ impl StoreClient {
             .bearer_auth(token)
             .json(manifest);
         Ok(send_json::<ManifestStored>(req).await?.digest)
+    }
+
+    /// Proposes the assignment's manifest, in full or relative to an earlier one of the tenant
+    /// (`POST /api/v1/manifest`): recorded, or the blobs the store lacks for it. A base the
+    /// store does not know for this tenant is answered 404.
+    pub async fn record_manifest(
+        &self,
+        token: &str,
+        proposal: &ManifestProposal,
+    ) -> Result<ManifestAnswer, ClientError> {
+        send_json(
+            self.http
+                .post(self.url("/api/v1/manifest"))
+                .bearer_auth(token)
+                .json(proposal),
+        )
+        .await
     }
 
     pub async fn get_manifest(

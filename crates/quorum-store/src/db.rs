@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
-use quorum_core::{Digest, Manifest};
+use quorum_core::{Digest, Manifest, ManifestEntry};
 use sqlx::any::AnyPoolOptions;
 use sqlx::{Any, AnyConnection, AnyPool, Row as _, Transaction};
 
@@ -382,27 +382,60 @@ pub enum Recorded {
     Again,
     /// The assignment had already recorded another manifest.
     Conflict(Digest),
-    /// An entry names a blob the tenant has not uploaded.
-    MissingBlob {
-        path: String,
-        digest: Digest,
-    },
+    /// Entries name blobs the tenant has not uploaded: each such path and digest, in manifest
+    /// order. Nothing was recorded; the links to the named blobs the tenant has were touched, so
+    /// they stay for the manifest that is sent again once the rest arrived.
+    Missing(Vec<(String, Digest)>),
     /// An entry's size differs from the size of the blob it names.
     WrongSize {
         path: String,
         claimed: u64,
         stored: u64,
     },
+    /// The base of a relative manifest is not (or no longer) a manifest of the tenant.
+    BaseUnknown(Digest),
+}
+
+/// A manifest given relative to an earlier one of the tenant (see [`crate::delta`]).
+#[derive(Debug)]
+pub struct Relative<'a> {
+    pub base: Digest,
+    /// The entries that differ from the base: the only ones whose blobs need checking, since
+    /// the base's blobs stay linked to the tenant while the base is recorded.
+    pub changed: &'a [ManifestEntry],
+    /// The base's digests that the manifest no longer names.
+    pub dropped: &'a [Digest],
+}
+
+/// The canonical body of a manifest `tenant` recorded in any build, to apply changes to.
+pub async fn tenant_manifest_body(
+    db: &Db,
+    tenant: &str,
+    digest: Digest,
+) -> Result<Option<Vec<u8>>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT b.body FROM manifests m JOIN manifest_bodies b ON b.digest = m.digest \
+         WHERE m.tenant = $1 AND m.digest = $2 LIMIT 1",
+    )
+    .bind(tenant)
+    .bind(digest.to_string())
+    .fetch_optional(db.pool())
+    .await
 }
 
 /// Records `manifest` for `slot`, if every blob it names is the tenant's own. One serialized
 /// transaction, so the check and the write see the same state, and garbage collection cannot
-/// remove a checked blob before the manifest's references to it are written.
+/// remove a checked blob before the manifest's references to it are written. With `relative`,
+/// only the changed entries' blobs are checked (the base, recorded in the same transaction's
+/// view, keeps its blobs linked), and the build's references are copied from the base's.
+/// `manifest` is `None` only for a base recorded again unchanged: its body is stored already,
+/// and not even parsed.
 pub async fn record_manifest(
     db: &Db,
     slot: &Slot,
-    manifest: &Manifest,
+    manifest: Option<&Manifest>,
     digest: Digest,
+    relative: Option<Relative<'_>>,
 ) -> Result<Recorded, sqlx::Error> {
     let mut tx = db.write().await?;
     let existing: Option<String> = sqlx::query_scalar(
@@ -422,25 +455,44 @@ pub async fn record_manifest(
             Recorded::Conflict(existing)
         });
     }
+    // Where the base is recorded: its references are copied from there.
+    let base_build = match &relative {
+        Some(r) => {
+            let build: Option<String> = sqlx::query_scalar(
+                "SELECT build FROM manifests WHERE tenant = $1 AND digest = $2 LIMIT 1",
+            )
+            .bind(&slot.tenant)
+            .bind(r.base.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+            match build {
+                Some(b) => Some(b),
+                None => return Ok(Recorded::BaseUnknown(r.base)),
+            }
+        }
+        None => None,
+    };
+    let checked = match &relative {
+        Some(r) => r.changed,
+        None => manifest.map_or(&[][..], |m| m.entries.as_slice()),
+    };
     let empty = Digest::empty();
-    let named: Vec<Digest> = manifest
-        .entries
+    let named: Vec<Digest> = checked
         .iter()
         .map(|e| e.digest)
         .filter(|d| *d != empty)
         .collect();
     let stored = tenant_blobs(&mut tx, &slot.tenant, &named).await?;
-    for e in &manifest.entries {
+    let mut missing = Vec::new();
+    for e in checked {
         let size = if e.digest == empty {
             0
         } else {
             match stored.get(&e.digest) {
                 Some(size) => *size,
                 None => {
-                    return Ok(Recorded::MissingBlob {
-                        path: e.path.clone(),
-                        digest: e.digest,
-                    });
+                    missing.push((e.path.clone(), e.digest));
+                    continue;
                 }
             }
         };
@@ -452,14 +504,34 @@ pub async fn record_manifest(
             });
         }
     }
+    if !missing.is_empty() {
+        let present: Vec<Digest> = stored.keys().copied().collect();
+        touch_links(&mut tx, &slot.tenant, &present, quorum_service::now_unix()).await?;
+        tx.commit().await?;
+        return Ok(Recorded::Missing(missing));
+    }
     let digest_text = digest.to_string();
-    sqlx::query(
-        "INSERT INTO manifest_bodies (digest, body) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    // Recorded in this build before (by another assignment): its body and the build's
+    // references to its blobs are there already.
+    let known: Option<i64> = sqlx::query_scalar(
+        "SELECT 1 FROM manifests WHERE tenant = $1 AND build = $2 AND digest = $3 LIMIT 1",
     )
+    .bind(&slot.tenant)
+    .bind(&slot.build)
     .bind(&digest_text)
-    .bind(manifest.canonical_bytes())
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
+    if known.is_none()
+        && let Some(manifest) = manifest
+    {
+        sqlx::query(
+            "INSERT INTO manifest_bodies (digest, body) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(&digest_text)
+        .bind(manifest.canonical_bytes())
+        .execute(&mut *tx)
+        .await?;
+    }
     sqlx::query(
         "INSERT INTO manifests (tenant, build, job, assignment, digest, recorded_at) \
          VALUES ($1, $2, $3, $4, $5, $6)",
@@ -472,8 +544,26 @@ pub async fn record_manifest(
     .bind(quorum_service::now_unix())
     .execute(&mut *tx)
     .await?;
-    let digests: Vec<Digest> = manifest.entries.iter().map(|e| e.digest).collect();
-    for chunk in unique(&digests).chunks(INSERT_CHUNK) {
+    if known.is_none() {
+        if let (Some(r), Some(base_build)) = (&relative, &base_build) {
+            copy_references(&mut tx, slot, &digest_text, r, base_build).await?;
+        } else if let Some(manifest) = manifest {
+            let digests: Vec<Digest> = manifest.entries.iter().map(|e| e.digest).collect();
+            add_references(&mut tx, slot, &digest_text, &digests).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(Recorded::New)
+}
+
+/// Adds the build's references from manifest `manifest` to `digests`.
+async fn add_references(
+    tx: &mut Tx,
+    slot: &Slot,
+    manifest: &str,
+    digests: &[Digest],
+) -> Result<(), sqlx::Error> {
+    for chunk in unique(digests).chunks(INSERT_CHUNK) {
         let rows: Vec<String> = (0..chunk.len())
             .map(|i| format!("($1, $2, ${}, $3)", i + 4))
             .collect();
@@ -484,14 +574,53 @@ pub async fn record_manifest(
         let mut query = sqlx::query(&sql)
             .bind(&slot.tenant)
             .bind(&slot.build)
-            .bind(&digest_text);
+            .bind(manifest);
         for d in chunk {
             query = query.bind(d);
         }
-        query.execute(&mut *tx).await?;
+        query.execute(&mut **tx).await?;
     }
-    tx.commit().await?;
-    Ok(Recorded::New)
+    Ok(())
+}
+
+/// The build's references from manifest `manifest`, made from the base's in one statement: the
+/// base's, less those it no longer names, plus the changed entries'.
+async fn copy_references(
+    tx: &mut Tx,
+    slot: &Slot,
+    manifest: &str,
+    relative: &Relative<'_>,
+    base_build: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO build_blobs (tenant, build, digest, manifest) \
+         SELECT tenant, $2, digest, $3 FROM build_blobs \
+         WHERE tenant = $1 AND build = $4 AND manifest = $5 ON CONFLICT DO NOTHING",
+    )
+    .bind(&slot.tenant)
+    .bind(&slot.build)
+    .bind(manifest)
+    .bind(base_build)
+    .bind(relative.base.to_string())
+    .execute(&mut **tx)
+    .await?;
+    for chunk in unique(relative.dropped).chunks(CHUNK) {
+        let sql = format!(
+            "DELETE FROM build_blobs WHERE tenant = $1 AND build = $2 AND manifest = $3 \
+             AND digest IN ({})",
+            placeholders(4, chunk.len())
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(&slot.tenant)
+            .bind(&slot.build)
+            .bind(manifest);
+        for d in chunk {
+            query = query.bind(d);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    let changed: Vec<Digest> = relative.changed.iter().map(|e| e.digest).collect();
+    add_references(tx, slot, manifest, &changed).await
 }
 
 /// The canonical body of a manifest recorded in `build` of `tenant`.

@@ -7,6 +7,7 @@ mod api;
 mod auth;
 mod blobs;
 mod db;
+mod delta;
 mod error;
 mod gc;
 mod ingest;

@@ -16,6 +16,7 @@ use quorum_api::v1::idp::{
     GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS, TOKEN_TYPE_JOB, TOKEN_TYPE_READ, TOKEN_TYPE_REVOKE,
     TOKEN_TYPE_UPLOAD,
 };
+use quorum_api::v1::store::{ManifestAnswer, ManifestProposal};
 use quorum_client::ClientError;
 use quorum_client::idp::{IdpClient, TokenFor};
 use quorum_client::store::StoreClient;
@@ -2591,6 +2592,315 @@ async fn a_batch_over_a_limit_stores_nothing_of_it(backend: Backend) {
     w.stop().await;
 }
 
+// ---- Manifests sent first, in full or relative to an earlier one (`POST /api/v1/manifest`) ----
+
+fn full(m: &Manifest) -> ManifestProposal {
+    ManifestProposal {
+        base: None,
+        entries: m.entries.clone(),
+        removed: Vec::new(),
+    }
+}
+
+/// A proposal relative to `base`, its changes taken as given (so tests can send bad ones).
+fn relative(base: Digest, changed: &[(&str, &[u8])], removed: &[&str]) -> ManifestProposal {
+    ManifestProposal {
+        base: Some(base),
+        entries: changed
+            .iter()
+            .map(|(path, bytes)| ManifestEntry {
+                path: (*path).into(),
+                mode: 0o644,
+                size: bytes.len() as u64,
+                digest: Digest::of(bytes),
+            })
+            .collect(),
+        removed: removed.iter().map(|p| p.to_string()).collect(),
+    }
+}
+
+fn missing_of(answer: ManifestAnswer) -> Vec<Digest> {
+    match answer {
+        ManifestAnswer::Missing { mut digests } => {
+            digests.sort();
+            digests
+        }
+        other => panic!("expected the store to ask for blobs, got {other:?}"),
+    }
+}
+
+fn sorted(digests: &[&[u8]]) -> Vec<Digest> {
+    let mut d: Vec<Digest> = digests.iter().map(|b| Digest::of(b)).collect();
+    d.sort();
+    d
+}
+
+async fn a_manifest_sent_first_asks_for_its_blobs_and_a_relative_one_records_the_changes(
+    backend: Backend,
+) {
+    let w = World::start(backend).await;
+    bounded(async {
+        let (a, b, b2, d): (&[u8], &[u8], &[u8], &[u8]) =
+            (b"alpha", b"bravo", b"bravo, rebuilt", b"delta");
+        let files: &[(&str, &[u8])] = &[("bin/a", a), ("bin/b", b), ("empty", b"")];
+        let m1 = manifest(files);
+        let t1 = w.upload_token(DINAH, "b-1", "a-1").await;
+
+        // Manifest first: the store asks for exactly the blobs it lacks (never the empty one)
+        // and records nothing yet.
+        let answer = w.client.record_manifest(&t1, &full(&m1)).await.unwrap();
+        assert_eq!(missing_of(answer), sorted(&[a, b]));
+        let read1 = w.read_token(DINAH, "b-1").await;
+        assert_eq!(
+            status(w.client.get_manifest(&read1, "b-1", &m1.digest()).await).0,
+            404
+        );
+        for blob in [a, b] {
+            w.client
+                .put_blob(&t1, &Digest::of(blob), blob.to_vec())
+                .await
+                .unwrap();
+        }
+        let recorded = ManifestAnswer::Recorded {
+            digest: m1.digest(),
+        };
+        assert_eq!(
+            w.client.record_manifest(&t1, &full(&m1)).await.unwrap(),
+            recorded
+        );
+        assert_eq!(
+            w.client.record_manifest(&t1, &full(&m1)).await.unwrap(),
+            recorded
+        );
+        assert_eq!(
+            w.client
+                .get_manifest(&read1, "b-1", &m1.digest())
+                .await
+                .unwrap(),
+            m1
+        );
+
+        // In another build, relative to the first: one entry changed, one added, one removed.
+        let t2 = w.upload_token(DINAH, "b-2", "a-1").await;
+        let change = relative(m1.digest(), &[("bin/b", b2), ("doc/d", d)], &["empty"]);
+        let answer = w.client.record_manifest(&t2, &change).await.unwrap();
+        assert_eq!(missing_of(answer), sorted(&[b2, d]));
+        for blob in [b2, d] {
+            w.client
+                .put_blob(&t2, &Digest::of(blob), blob.to_vec())
+                .await
+                .unwrap();
+        }
+        let m2 = manifest(&[("bin/a", a), ("bin/b", b2), ("doc/d", d)]);
+        assert_eq!(
+            w.client.record_manifest(&t2, &change).await.unwrap(),
+            ManifestAnswer::Recorded {
+                digest: m2.digest()
+            }
+        );
+        // The manifest is the whole result, and build b-2 reads exactly its blobs: the
+        // unchanged one through the references copied from b-1, not the one it replaced.
+        let read2 = w.read_token(DINAH, "b-2").await;
+        assert_eq!(
+            w.client
+                .get_manifest(&read2, "b-2", &m2.digest())
+                .await
+                .unwrap(),
+            m2
+        );
+        for blob in [a, b2, d] {
+            let got = w
+                .client
+                .get_blob(&read2, "b-2", &Digest::of(blob))
+                .await
+                .unwrap();
+            assert_eq!(&got[..], blob);
+        }
+        assert_eq!(
+            status(w.client.get_blob(&read2, "b-2", &Digest::of(b)).await).0,
+            404
+        );
+        let got = w
+            .client
+            .get_file(&read2, "b-2", "compile", "bin/a", None)
+            .await
+            .unwrap();
+        assert_eq!(&got[..], a);
+        // Build b-1 is untouched.
+        assert_eq!(
+            status(w.client.get_blob(&read1, "b-1", &Digest::of(d)).await).0,
+            404
+        );
+
+        // An unchanged tree is one request with no entries, in the same build or another.
+        for (build, assignment) in [("b-2", "a-2"), ("b-3", "a-1")] {
+            let t = w.upload_token(DINAH, build, assignment).await;
+            assert_eq!(
+                w.client
+                    .record_manifest(&t, &relative(m2.digest(), &[], &[]))
+                    .await
+                    .unwrap(),
+                ManifestAnswer::Recorded {
+                    digest: m2.digest()
+                }
+            );
+            let read = w.read_token(DINAH, build).await;
+            let got = w
+                .client
+                .get_blob(&read, build, &Digest::of(d))
+                .await
+                .unwrap();
+            assert_eq!(&got[..], d);
+        }
+    })
+    .await;
+    w.stop().await;
+}
+
+async fn relative_manifests_reach_no_further_than_the_tenant_and_its_base(backend: Backend) {
+    let w = World::start(backend).await;
+    bounded(async {
+        let secret: &[u8] = b"dinah's build output";
+        let m = manifest(&[("out/bin", secret), ("out/lib", b"lib")]);
+        let td = w.upload_token(DINAH, "b-1", "a-1").await;
+        for blob in [secret, b"lib".as_slice()] {
+            w.client
+                .put_blob(&td, &Digest::of(blob), blob.to_vec())
+                .await
+                .unwrap();
+        }
+        w.client.record_manifest(&td, &full(&m)).await.unwrap();
+
+        // Eliza cannot build on Dinah's manifest: its digest is as unknown to her as a made-up
+        // one, with the same answer, and nothing about it is revealed.
+        let te = w.upload_token(ELIZA, "b-1", "a-1").await;
+        let (code, theirs) = status(
+            w.client
+                .record_manifest(&te, &relative(m.digest(), &[], &[]))
+                .await,
+        );
+        assert_eq!(code, 404);
+        assert!(
+            theirs.contains("is not a manifest of this tenant"),
+            "{theirs}"
+        );
+        let made_up = Digest::of(b"no such manifest");
+        let (code, unknown) = status(
+            w.client
+                .record_manifest(&te, &relative(made_up, &[], &[]))
+                .await,
+        );
+        assert_eq!(code, 404);
+        assert_eq!(
+            theirs.replace(&m.digest().to_string(), "D"),
+            unknown.replace(&made_up.to_string(), "D")
+        );
+        assert!(!theirs.contains("out/"), "{theirs}");
+        // Nor claim Dinah's blob in a manifest of her own: she is asked to upload it.
+        let answer = w
+            .client
+            .record_manifest(&te, &full(&manifest(&[("x", secret)])))
+            .await
+            .unwrap();
+        assert_eq!(missing_of(answer), sorted(&[secret]));
+        let read = w.read_token(ELIZA, "b-1").await;
+        assert_eq!(
+            status(w.client.get_blob(&read, "b-1", &Digest::of(secret)).await).0,
+            404
+        );
+
+        // Changes that are not one safe edit of the base are refused, naming what is wrong,
+        // and record nothing.
+        let t2 = w.upload_token(DINAH, "b-2", "a-1").await;
+        let refusals: &[(ManifestProposal, &str)] = &[
+            (
+                relative(m.digest(), &[("../escape", b"lib")], &[]),
+                "../escape",
+            ),
+            (
+                relative(m.digest(), &[("/etc/passwd", b"lib")], &[]),
+                "/etc/passwd",
+            ),
+            (
+                relative(m.digest(), &[("out/./lib", b"lib")], &[]),
+                "out/./lib",
+            ),
+            (
+                relative(m.digest(), &[], &["out/nothing"]),
+                "`out/nothing`, which the base manifest does not have",
+            ),
+            (
+                relative(m.digest(), &[], &["../out/lib"]),
+                "`../out/lib`, which the base manifest does not have",
+            ),
+            (
+                relative(m.digest(), &[("out/lib", b"lib")], &["out/lib"]),
+                "`out/lib` is both changed and removed",
+            ),
+            (
+                relative(m.digest(), &[], &["out/lib", "out/bin"]),
+                "lists `out/bin` twice or out of order",
+            ),
+        ];
+        for (proposal, says) in refusals {
+            let (code, message) = status(w.client.record_manifest(&t2, proposal).await);
+            assert_eq!(code, 400, "{message}");
+            assert!(message.contains(says), "{says}: {message}");
+        }
+        // A change may not lie about its blob's size either.
+        let mut lying = relative(m.digest(), &[("out/more", b"lib")], &[]);
+        lying.entries[0].size = 99;
+        let (code, message) = status(w.client.record_manifest(&t2, &lying).await);
+        assert_eq!(code, 400);
+        assert!(
+            message.contains("`out/more` says 99 bytes but its blob has 3"),
+            "{message}"
+        );
+        let read2 = w.read_token(DINAH, "b-2").await;
+        assert_eq!(
+            status(w.client.get_blob(&read2, "b-2", &Digest::of(secret)).await).0,
+            404
+        );
+
+        // The assignment can still record its one manifest, and no other after it.
+        let ok = relative(m.digest(), &[], &["out/lib"]);
+        let done = manifest(&[("out/bin", secret)]);
+        assert_eq!(
+            w.client.record_manifest(&t2, &ok).await.unwrap(),
+            ManifestAnswer::Recorded {
+                digest: done.digest()
+            }
+        );
+        let (code, message) = status(
+            w.client
+                .record_manifest(&t2, &relative(m.digest(), &[], &[]))
+                .await,
+        );
+        assert_eq!(code, 409, "{message}");
+
+        // Every call counts against the token's max_calls, relative or not.
+        let limited = constrained(
+            &w.idp,
+            DINAH,
+            TOKEN_TYPE_UPLOAD,
+            "b-3",
+            Some("a-1"),
+            &[("max_calls", "1")],
+        )
+        .await;
+        let bogus = relative(made_up, &[], &[]);
+        assert_eq!(
+            status(w.client.record_manifest(&limited, &bogus).await).0,
+            404
+        );
+        let (code, message) = status(w.client.record_manifest(&limited, &ok).await);
+        assert_eq!(code, 403, "{message}");
+        assert!(message.contains("max_calls (1)"), "{message}");
+    })
+    .await;
+    w.stop().await;
+}
+
 on_every_backend!(
     round_trip_missing_upload_manifest_read,
     digest_mismatch_is_refused_and_leaves_no_file,
@@ -2621,4 +2931,6 @@ on_every_backend!(
     a_batch_stores_many_blobs_in_one_call,
     a_bad_frame_leaves_nothing_of_its_batch,
     a_batch_over_a_limit_stores_nothing_of_it,
+    a_manifest_sent_first_asks_for_its_blobs_and_a_relative_one_records_the_changes,
+    relative_manifests_reach_no_further_than_the_tenant_and_its_base,
 );

@@ -420,7 +420,7 @@ async fn main() -> anyhow::Result<()> {
         };
         Ok(idp.exchange(&access, &what).await?.access_token)
     };
-    let cache = dir.join("publish-digests.json");
+    let cache = dir.join("publish-digests.bin");
     let _ = std::fs::remove_file(&cache);
 
     let mut rows = Vec::new();

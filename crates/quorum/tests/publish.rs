@@ -27,6 +27,8 @@ use util::{repo_with, stderr, stdout};
 
 const AUDIENCE: &str = "store:publish-test";
 const SECRET: &str = "publish-test-secret";
+/// A second tenant of the same IdP and store (client id and tenant alike).
+const RIVAL: &str = "rival";
 
 /// An IdP and a store, as separate processes.
 struct Roles {
@@ -47,11 +49,18 @@ impl Roles {
             data_dir: dir.path().join("idp"),
             issuer: None,
             max_token_lifetime_secs: 3600,
-            clients: vec![quorum_idp::ClientConfig {
-                id: "ci".into(),
-                tenant: "acme".into(),
-                secret_hash: quorum_idp::hash_secret(SECRET),
-            }],
+            clients: vec![
+                quorum_idp::ClientConfig {
+                    id: "ci".into(),
+                    tenant: "acme".into(),
+                    secret_hash: quorum_idp::hash_secret(SECRET),
+                },
+                quorum_idp::ClientConfig {
+                    id: RIVAL.into(),
+                    tenant: RIVAL.into(),
+                    secret_hash: quorum_idp::hash_secret(SECRET),
+                },
+            ],
         };
         let idp_url = launcher.server("idp", "idp", &idp_config).await.unwrap();
         // Only the store's required settings: everything else keeps its default.
@@ -262,7 +271,7 @@ async fn publish_sends_what_is_missing_and_republish_sends_only_changes() {
     assert_eq!(&blob[..], &bytes(1, 70_000)[..]);
 
     // The digest cache remembers every file, so the next run reads none of them again.
-    let cache = DigestCache::load(&roles.dir.path().join("cache/quorum/publish-digests.json"));
+    let cache = DigestCache::load(&roles.dir.path().join("cache/quorum/publish-digests.bin"));
     assert_eq!(cache.len(), 6);
 
     // Unchanged: nothing is sent, and the same manifest is recorded again.
@@ -521,6 +530,89 @@ async fn bad_input_is_refused_naming_what_is_wrong_and_nothing_is_sent() {
         1,
         "no run above sent anything"
     );
+}
+
+/// The manifest goes first, relative to the last one this store accepted from the same digest
+/// cache; a base the store does not know for the token's tenant (here: another tenant's) is
+/// refused alike, and the publisher falls back to the full manifest and uploads everything that
+/// tenant lacks, so sharing a cache (or knowing a digest) grants nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn republishing_sends_the_changes_and_another_tenants_base_falls_back_to_the_full_manifest() {
+    let roles = Roles::start().await;
+    let tree = tempfile::tempdir().unwrap();
+    let t = tree.path();
+    for i in 0..40u64 {
+        write(t, &format!("out/f{i:02}"), &bytes(700 + i, 3_000), 0o644);
+    }
+    let sources = quorum_client::publish::select(t, &["out/*".to_string()], 1, "dist").unwrap();
+    let cache = Arc::new(Mutex::new(DigestCache::in_memory()));
+    let publisher = |token: &str| {
+        quorum_client::publish::Publisher::new(roles.store(), token).cache(cache.clone())
+    };
+
+    let first = publisher(&roles.upload_token("b1", "a1").await)
+        .publish(&sources)
+        .await
+        .unwrap();
+    assert_eq!((first.files, first.sent.blobs), (40, 40));
+
+    // One file changed: only its blob travels, and the store records the whole tree.
+    write(t, "out/f07", &bytes(9_999, 3_000), 0o644);
+    let second = publisher(&roles.upload_token("b2", "a1").await)
+        .publish(&sources)
+        .await
+        .unwrap();
+    assert_eq!((second.sent.blobs, second.sent.bytes_sent), (1, 3_000));
+    let read = roles
+        .token(TOKEN_TYPE_READ, "b2", None, TokenConstraints::default())
+        .await;
+    let recorded = roles
+        .store()
+        .get_manifest(&read, "b2", &second.manifest)
+        .await
+        .unwrap();
+    assert_eq!(recorded.entries.len(), 40);
+    assert_eq!(recorded.digest(), second.manifest);
+    let unchanged = roles
+        .store()
+        .get_file(&read, "b2", "publish", "dist/f00", None)
+        .await
+        .unwrap();
+    assert_eq!(&unchanged[..], &bytes(700, 3_000)[..]);
+
+    // The rival tenant's token, with a cache whose base is acme's manifest: refused as
+    // unknown, sent in full, and every blob uploaded again for the rival.
+    let access = IdpClient::new(&roles.idp_url, RIVAL, SECRET)
+        .access_token()
+        .await
+        .unwrap()
+        .access_token;
+    let rival = IdpClient::new(&roles.idp_url, RIVAL, SECRET)
+        .exchange(
+            &access,
+            &TokenFor {
+                token_type: TOKEN_TYPE_UPLOAD,
+                audience: AUDIENCE.into(),
+                build: "b2".into(),
+                job: Some("publish".into()),
+                assignment: Some("a1".into()),
+                lifetime_secs: 600,
+                constraints: TokenConstraints::default(),
+            },
+        )
+        .await
+        .unwrap()
+        .access_token;
+    let theirs = publisher(&rival).publish(&sources).await.unwrap();
+    assert_eq!(theirs.manifest, second.manifest);
+    assert_eq!(theirs.sent.blobs, 40, "{theirs:?}");
+
+    // Unchanged, for acme again: nothing travels but the manifest's base.
+    let again = publisher(&roles.upload_token("b3", "a1").await)
+        .publish(&sources)
+        .await
+        .unwrap();
+    assert_eq!((again.manifest, again.sent.blobs), (second.manifest, 0));
 }
 
 fn running_as_root() -> bool {

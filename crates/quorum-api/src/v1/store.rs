@@ -1,7 +1,7 @@
 //! Artifact store endpoints. Writes need an upload token (`typ` `quorum-upload+jwt`) whose
 //! audience is the store; reads need a read token for the build.
 
-use quorum_core::{Digest, Manifest};
+use quorum_core::{Digest, Manifest, ManifestEntry};
 use serde::{Deserialize, Serialize};
 
 /// `POST /api/v1/missing`, upload token: which of these blobs must be uploaded. A blob that
@@ -50,6 +50,36 @@ pub fn batch_frame_header(digest: &Digest, size: u64) -> String {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ManifestStored {
     pub digest: Digest,
+}
+
+/// `POST /api/v1/manifest`, upload token: records the assignment's manifest like `PUT`, but sent
+/// either in full or relative to an earlier manifest of the same tenant, and answering the blobs
+/// the tenant lacks instead of refusing. So a publisher can send its manifest first: an
+/// unchanged tree is one small request, and a changed one is the changes, the blobs the store
+/// asks for, and the changes again.
+///
+/// With `base` (the digest of a manifest this tenant has recorded, in any of its builds), the
+/// manifest is the base's entries with `entries` added or replacing the base's entry at the same
+/// path, and the `removed` paths taken out; without, it is `entries`. Both lists are sorted by
+/// path and name each path once. A base this tenant has not recorded is answered 404 alike
+/// whether it is unknown or another tenant's; the publisher then sends the manifest in full.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestProposal {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<Digest>,
+    pub entries: Vec<ManifestEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
+}
+
+/// The answer to a [`ManifestProposal`]: recorded (or recorded before by the same assignment),
+/// or nothing recorded because the tenant lacks these blobs (each once, in no particular order).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ManifestAnswer {
+    Recorded { digest: Digest },
+    Missing { digests: Vec<Digest> },
 }
 
 /// `GET /api/v1/builds/{build}/manifests/{digest}`, read token: a manifest of the build.

@@ -4,6 +4,7 @@ mod get_blob;
 mod get_file;
 mod get_manifest;
 mod missing;
+mod post_manifest;
 mod put_blob;
 mod put_blobs;
 mod put_manifest;
@@ -40,7 +41,9 @@ pub fn router(store: Arc<Store>) -> Router {
         )
         .route(
             "/api/v1/manifest",
-            put(put_manifest::put_manifest).layer(DefaultBodyLimit::max(MANIFEST_MAX_BYTES)),
+            put(put_manifest::put_manifest)
+                .post(post_manifest::post_manifest)
+                .layer(DefaultBodyLimit::max(MANIFEST_MAX_BYTES)),
         )
         .route(
             "/api/v1/builds/{build}/manifests/{digest}",
@@ -88,4 +91,12 @@ fn bad_json(e: JsonRejection) -> ApiError {
 /// else, so that probing reveals nothing.
 fn not_in_build(what: &str, build: &str, digest: &str) -> ApiError {
     ApiError::not_found(format!("build `{build}` has no {what} {digest}"))
+}
+
+/// The one answer for a base manifest the tenant has not recorded, whether or not another
+/// tenant has: a relative manifest reveals nothing of other tenants' manifests.
+fn unknown_base(base: quorum_core::Digest) -> ApiError {
+    ApiError::not_found(format!(
+        "base manifest {base} is not a manifest of this tenant; send the manifest in full"
+    ))
 }

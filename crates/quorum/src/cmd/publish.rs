@@ -32,7 +32,7 @@ pub struct PublishArgs {
     #[arg(long, default_value_t = quorum_client::publish::DEFAULT_PARALLEL)]
     parallel: usize,
     /// Where digests of files hashed before are kept, so unchanged files (same path, size,
-    /// mtime, ctime and inode) are not read again. Default: quorum/publish-digests.json in the
+    /// mtime, ctime and inode) are not read again. Default: quorum/publish-digests.bin in the
     /// user's cache directory.
     #[arg(long, conflicts_with = "no_cache")]
     cache: Option<PathBuf>,
@@ -53,7 +53,9 @@ pub struct PublishArgs {
 pub async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     check_token(&args.token, &args.build)?;
     let base = std::env::current_dir().context("cannot read the current directory")?;
+    let started = std::time::Instant::now();
     let sources = quorum_client::publish::select(&base, &args.globs, args.strip, &args.kind)?;
+    tracing::debug!(files = sources.len(), elapsed = ?started.elapsed(), "selected");
     let cache = if args.no_cache {
         DigestCache::in_memory()
     } else {
@@ -62,6 +64,7 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
             None => DigestCache::in_memory(),
         }
     };
+    tracing::debug!(cached = cache.len(), elapsed = ?started.elapsed(), "read the digest cache");
     let mut publisher = Publisher::new(StoreClient::new(&args.store), &args.token)
         .parallel(args.parallel)
         .cache(Arc::new(Mutex::new(cache)));
@@ -113,7 +116,7 @@ fn default_cache() -> Option<PathBuf> {
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    Some(dir.join("quorum").join("publish-digests.json"))
+    Some(dir.join("quorum").join("publish-digests.bin"))
 }
 
 fn describe(s: &Summary) -> String {
@@ -153,6 +156,10 @@ impl Bar {
 }
 
 impl Progress for Bar {
+    fn shows_totals(&self) -> bool {
+        true
+    }
+
     fn hashing(&self, files: usize, bytes: u64) {
         self.start(format!("hashing {files} files"), bytes);
     }
