@@ -1,5 +1,7 @@
 //! Start-up overhead per step: runs N `true` steps through the process and the namespace
-//! executors and prints the mean and median milliseconds per step and their ratio.
+//! executors, interleaved with as many bare `bwrap` runs, and prints the mean and median
+//! milliseconds per step and the sandbox's ratio to bare bubblewrap (which moves with the load
+//! less than either figure alone).
 //! `cargo build --release -p quorum-worker --bins --examples &&
 //! target/release/examples/sandbox_overhead [N]`
 
@@ -11,31 +13,33 @@ use quorum_worker::executor::{
 };
 use tokio_util::sync::CancellationToken;
 
-/// Wall time of each of `n` one-step jobs running `true`.
-async fn measure(executor: &dyn Executor, n: usize) -> Vec<Duration> {
-    let dir = tempfile::tempdir().expect("cannot create a temporary directory");
+/// A one-step job running `true`, in `dir`.
+fn true_job(dir: &std::path::Path) -> JobSpec {
     let job = JobSpec {
-        build_dir: dir.path().join("src"),
-        tmp_dir: dir.path().join("tmp"),
+        build_dir: dir.join("src"),
+        tmp_dir: dir.join("tmp"),
         source_date_epoch: 0,
         script: vec!["true".into()],
         timeout: Duration::from_secs(30),
         inputs: Vec::new(),
     };
     std::fs::create_dir_all(&job.build_dir).expect("cannot create the build directory");
-    let mut times = Vec::with_capacity(n);
-    for _ in 0..n {
-        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
-        let started = Instant::now();
-        let outcome = run_job(executor, &job, tx, &CancellationToken::new())
-            .await
-            .expect("the executor failed");
-        times.push(started.elapsed());
-        assert_eq!(outcome.status, JobStatus::Succeeded);
-        drain.await.expect("the log drain panicked");
-    }
-    times
+    job
+}
+
+/// Wall time of one run of `job`, and the CPU time its step used (for the sandbox, every process
+/// in the step's cgroup: bwrap, the init, the shell), which waiting for a busy CPU does not move.
+async fn measure(executor: &dyn Executor, job: &JobSpec) -> (Duration, Duration) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let started = Instant::now();
+    let outcome = run_job(executor, job, tx, &CancellationToken::new())
+        .await
+        .expect("the executor failed");
+    let took = started.elapsed();
+    assert_eq!(outcome.status, JobStatus::Succeeded);
+    drain.await.expect("the log drain panicked");
+    (took, outcome.cpu)
 }
 
 /// Adds `quorum-sandbox-init` from the same target directory (`cargo build --bins` puts it one
@@ -53,10 +57,9 @@ fn with_init(sandbox: SandboxExecutor) -> Result<SandboxExecutor, SandboxError> 
     }
 }
 
-/// Wall time of each of `n` bare `bwrap` runs of `/bin/true` with only a user, pid and network
+/// The arguments of a bare `bwrap` running `/usr/bin/true` with only a user, pid and network
 /// namespace and /usr: what bubblewrap itself costs here, without the executor's layers.
-#[allow(clippy::disallowed_methods)] // a baseline outside the executor
-fn bare_bwrap(n: usize) -> Vec<Duration> {
+fn bare_bwrap_args() -> Vec<String> {
     let mut args: Vec<String> = ["--unshare-user", "--unshare-pid", "--unshare-net"]
         .into_iter()
         .map(String::from)
@@ -72,18 +75,20 @@ fn bare_bwrap(n: usize) -> Vec<Duration> {
             ]);
         }
     }
-    (0..n)
-        .map(|_| {
-            let started = Instant::now();
-            let status = std::process::Command::new("bwrap")
-                .args(&args)
-                .arg("/usr/bin/true")
-                .status()
-                .expect("cannot run bwrap");
-            assert!(status.success(), "bare bwrap failed");
-            started.elapsed()
-        })
-        .collect()
+    args.push("/usr/bin/true".into());
+    args
+}
+
+/// Wall time of one bare bwrap run.
+#[allow(clippy::disallowed_methods)] // a baseline outside the executor
+fn bare_bwrap(args: &[String]) -> Duration {
+    let started = Instant::now();
+    let status = std::process::Command::new("bwrap")
+        .args(args)
+        .status()
+        .expect("cannot run bwrap");
+    assert!(status.success(), "bare bwrap failed");
+    started.elapsed()
 }
 
 fn stats(times: &mut [Duration]) -> (f64, f64) {
@@ -113,19 +118,31 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    let mut plain = measure(&ProcessExecutor, n).await;
-    let mut boxed = measure(&sandbox, n).await;
-    let mut bare = bare_bwrap(n);
+    let dir = tempfile::tempdir().expect("cannot create a temporary directory");
+    let job = true_job(dir.path());
+    let bare_args = bare_bwrap_args();
+    // Interleaved, so that load coming and going on a shared machine meets all three alike.
+    let (mut plain, mut boxed, mut bare, mut cpu) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..n {
+        plain.push(measure(&ProcessExecutor, &job).await.0);
+        let (wall, used) = measure(&sandbox, &job).await;
+        boxed.push(wall);
+        cpu.push(used);
+        bare.push(bare_bwrap(&bare_args));
+    }
     let (bm, bmed) = stats(&mut bare);
     let (pm, pmed) = stats(&mut plain);
     let (sm, smed) = stats(&mut boxed);
+    let (cm, cmed) = stats(&mut cpu);
     println!("steps: {n} x `true`; sandbox: {}", sandbox.description());
     println!("process:    mean {pm:.2} ms, median {pmed:.2} ms");
     println!("bare bwrap: mean {bm:.2} ms, median {bmed:.2} ms");
     println!("namespaces: mean {sm:.2} ms, median {smed:.2} ms");
+    println!("namespaces, CPU time of the step's processes: mean {cm:.2} ms, median {cmed:.2} ms");
     println!(
-        "ratio (namespaces / process): mean {:.2}, median {:.2}",
-        sm / pm,
-        smed / pmed
+        "ratio (namespaces / bare bwrap): mean {:.2}, median {:.2}",
+        sm / bm,
+        smed / bmed
     );
 }

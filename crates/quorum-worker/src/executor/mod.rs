@@ -24,6 +24,7 @@ mod disk;
 pub mod landlock;
 mod probe;
 mod process;
+mod root;
 mod sandbox;
 mod seccomp;
 

@@ -61,9 +61,8 @@ pub fn probe(state_dir: &Path, limits: &Limits) -> Result<SandboxExecutor, Probe
     };
     std::fs::create_dir_all(&job.build_dir).map_err(setup)?;
     std::fs::create_dir_all(&job.tmp_dir).map_err(setup)?;
-    let mut child = executor
-        .command(&job, "true")
-        .map_err(setup)?
+    let (mut command, root) = executor.command(&job, "true").map_err(setup)?;
+    let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -84,6 +83,7 @@ pub fn probe(state_dir: &Path, limits: &Limits) -> Result<SandboxExecutor, Probe
     if let Some(mut pipe) = child.stderr.take() {
         let _ = pipe.read_to_string(&mut stderr);
     }
+    drop(root);
     let _ = std::fs::remove_dir_all(&dir);
     match status {
         Some(s) if s.success() => Ok(executor),

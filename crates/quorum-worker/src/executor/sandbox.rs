@@ -1,9 +1,10 @@
 //! The namespace tier: each step runs under bubblewrap (`bwrap`) in new user, mount, pid,
 //! network, UTS, IPC and cgroup namespaces, as uid/gid 1000 `build` on host `quorum-build`, with
-//! only loopback, a fresh /proc, a minimal /dev, the host's /usr bound read-only, the build
-//! directory at /build (a size-limited tmpfs of the job's own with `disk_bytes`) and a private,
-//! size-limited tmpfs at /tmp for each step. Nothing else of the host, and nothing of the
-//! worker's data directory, is visible inside.
+//! only loopback, a fresh /proc, a minimal /dev, a read-only root the worker prepared
+//! ([`super::root`]: a few /etc files, the `/bin` and `/lib*` links), the host's /usr bound
+//! read-only, the build directory at /build (a size-limited tmpfs of the job's own with
+//! `disk_bytes`) and a private, size-limited tmpfs at /tmp for each step. Nothing else of the
+//! host, and nothing of the worker's data directory, is visible inside.
 //!
 //! The sandbox's init (bwrap, pid 1 of the step's pid namespace) is in the step's process group,
 //! so the same group kill the process tier uses ends the whole namespace, including processes
@@ -25,6 +26,7 @@ use super::cgroup::{CgroupError, Hierarchy, LimitHit, Limits, StepCgroup};
 use super::disk::{self, BuildDisk};
 use super::landlock::{self, INIT_NAME, LandlockTier};
 use super::process::{Supervision, inherit_fd, memfd_with, run_supervised, supervise};
+use super::root::{Root, Roots, TOP_DIRS};
 use super::seccomp::{self, SeccompError};
 use super::{
     ExecError, Executor, JobSpec, StepContext, StepExit, StepFuture, StepRun, Workspace,
@@ -34,20 +36,10 @@ use super::{
 /// Where the build directory appears inside the sandbox; the same on every worker, so paths
 /// compiled into artifacts agree.
 pub const BUILD_PATH: &str = "/build";
-const UID: u32 = 1000;
+pub(crate) const UID: u32 = 1000;
 const HOSTNAME: &str = "quorum-build";
 /// Where declared inputs appear, one read-only file per input.
 const INPUTS_PATH: &str = "/inputs";
-
-/// Host files under /etc that toolchains read (dynamic loader cache, alternatives symlinks);
-/// bound read-only when present. Everything else of /etc stays hidden.
-const ETC_FILES: &[&str] = &[
-    "ld.so.cache",
-    "ld.so.conf",
-    "ld.so.conf.d",
-    "alternatives",
-    "nsswitch.conf",
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -57,7 +49,7 @@ pub enum SandboxError {
          worker config"
     )]
     BwrapMissing,
-    #[error("cannot write the sandbox's /etc files in {path}: {source}")]
+    #[error("cannot prepare the sandbox's root file system in {path}: {source}")]
     State {
         path: PathBuf,
         source: std::io::Error,
@@ -80,8 +72,8 @@ pub enum SandboxError {
 #[derive(Debug)]
 pub struct SandboxExecutor {
     bwrap: PathBuf,
-    /// Holds the generated `passwd` and `group`.
-    etc_dir: PathBuf,
+    /// The read-only root steps start from.
+    roots: Roots,
     limits: Limits,
     cgroups: Option<Hierarchy>,
     /// The compiled seccomp filter, as bwrap reads it.
@@ -95,7 +87,7 @@ pub struct SandboxExecutor {
 static STEPS: AtomicU64 = AtomicU64::new(0);
 
 impl SandboxExecutor {
-    /// A sandbox whose generated /etc files live in `state_dir` (outside any build directory).
+    /// A sandbox whose prepared root lives in `state_dir` (outside any build directory).
     /// With limits that need cgroups, cgroups must be usable; without, they are used for usage
     /// figures when they are, and rusage is reported otherwise.
     pub fn new(state_dir: &Path, limits: Limits) -> Result<SandboxExecutor, SandboxError> {
@@ -112,28 +104,14 @@ impl SandboxExecutor {
                 None
             }
         };
-        let etc_dir = state_dir.join("etc");
-        let state = |source| SandboxError::State {
-            path: etc_dir.clone(),
+        let roots_dir = state_dir.join("roots");
+        let roots = Roots::new(&roots_dir).map_err(|source| SandboxError::State {
+            path: roots_dir,
             source,
-        };
-        std::fs::create_dir_all(&etc_dir).map_err(state)?;
-        std::fs::write(
-            etc_dir.join("passwd"),
-            format!(
-                "root:x:0:0:root:/root:/bin/sh\nbuild:x:{UID}:{UID}:build:{BUILD_PATH}:/bin/sh\n\
-                 nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
-            ),
-        )
-        .map_err(state)?;
-        std::fs::write(
-            etc_dir.join("group"),
-            format!("root:x:0:\nbuild:x:{UID}:\nnogroup:x:65534:\n"),
-        )
-        .map_err(state)?;
+        })?;
         let executor = SandboxExecutor {
             bwrap,
-            etc_dir,
+            roots,
             limits,
             cgroups,
             seccomp,
@@ -175,10 +153,15 @@ impl SandboxExecutor {
         self.cgroups.as_ref().map(Hierarchy::version)
     }
 
-    /// The bwrap command for `step` in `job`, not yet supervised. It owns the descriptor the
-    /// seccomp filter is read from, so it fails only when that cannot be created.
+    /// The bwrap command for `step` in `job`, not yet supervised, and the root it binds, which
+    /// must be kept until the step ends. The command owns the descriptor the seccomp filter is
+    /// read from.
     #[allow(clippy::disallowed_methods)] // the executor is where build processes are created
-    pub(crate) fn command(&self, job: &JobSpec, step: &str) -> std::io::Result<Command> {
+    pub(crate) fn command(
+        &self,
+        job: &JobSpec,
+        step: &str,
+    ) -> std::io::Result<(Command, std::sync::Arc<Root>)> {
         // Names are checked when the pipeline is parsed; a second check keeps a bind from
         // landing anywhere but directly in /inputs.
         if let Some(bad) = job
@@ -191,12 +174,13 @@ impl SandboxExecutor {
                 format!("input name `{}` is not a plain file name", bad.name),
             ));
         }
+        let root = self.roots.current()?;
         let mut cmd = Command::new(&self.bwrap);
         // A fresh memfd per step: bwrap reads the filter from the descriptor's offset, which
         // steps started at the same time would otherwise share.
         let filter = memfd_with(c"quorum-seccomp", &self.seccomp)?;
         let fd = inherit_fd(&mut cmd, filter);
-        cmd.args(self.arguments(job))
+        cmd.args(self.arguments(job, root.path()))
             .arg("--seccomp")
             .arg(fd.to_string())
             .arg("--");
@@ -207,10 +191,10 @@ impl SandboxExecutor {
             .env_clear()
             .current_dir("/")
             .stdin(Stdio::null());
-        Ok(cmd)
+        Ok((cmd, root))
     }
 
-    fn arguments(&self, job: &JobSpec) -> Vec<OsString> {
+    fn arguments(&self, job: &JobSpec, root: &Path) -> Vec<OsString> {
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
             a.extend(args.iter().map(|s| s.as_ref().to_os_string()));
@@ -219,8 +203,9 @@ impl SandboxExecutor {
         push(&[
             &"--unshare-all",
             &"--unshare-user",
-            // Nested user namespaces are the usual first step of kernel exploits.
-            &"--disable-userns",
+            // No `--disable-userns`: nested user namespaces, the usual first step of kernel
+            // exploits, are the seccomp filter's to deny, and the option cost every step a
+            // nested namespace of its own for the same effect.
             &"--die-with-parent",
             // No controlling terminal: TIOCSTI cannot inject input into the worker's terminal.
             &"--new-session",
@@ -232,6 +217,10 @@ impl SandboxExecutor {
             &uid,
             &"--hostname",
             &HOSTNAME,
+            // The prepared root, read-only: /etc, the /bin and /lib* links, the mount points.
+            &"--ro-bind",
+            &root,
+            &"/",
             &"--proc",
             &"/proc",
             &"--dev",
@@ -243,35 +232,25 @@ impl SandboxExecutor {
             &"/usr",
             &"/usr",
         ]);
-        // Merged-/usr hosts have these as symlinks into /usr; others as directories.
-        for top in ["bin", "sbin", "lib", "lib32", "lib64", "libx32"] {
+        // Merged-/usr hosts have these as symlinks into /usr, which the root has; others have
+        // directories.
+        for top in TOP_DIRS {
             let host = Path::new("/").join(top);
-            match std::fs::read_link(&host) {
-                Ok(target) => push(&[&"--symlink", &target, &host]),
-                Err(_) if host.is_dir() => push(&[&"--ro-bind", &host, &host]),
-                Err(_) => {}
-            }
-        }
-        for name in ETC_FILES {
-            let host = Path::new("/etc").join(name);
-            if host.exists() {
+            if host.is_dir() && !host.is_symlink() {
                 push(&[&"--ro-bind", &host, &host]);
             }
         }
-        push(&[
-            &"--ro-bind",
-            &self.etc_dir.join("passwd"),
-            &"/etc/passwd",
-            &"--ro-bind",
-            &self.etc_dir.join("group"),
-            &"/etc/group",
-        ]);
         if let Some(init) = &self.init {
             push(&[&"--ro-bind", init, &landlock::INIT_PATH]);
         }
-        for input in &job.inputs {
-            let inside = Path::new(INPUTS_PATH).join(&input.name);
-            push(&[&"--ro-bind", &input.path, &inside]);
+        if !job.inputs.is_empty() {
+            // The root is read-only, so the inputs' mount points go in a tmpfs of their own.
+            push(&[&"--tmpfs", &INPUTS_PATH]);
+            for input in &job.inputs {
+                let inside = Path::new(INPUTS_PATH).join(&input.name);
+                push(&[&"--ro-bind", &input.path, &inside]);
+            }
+            push(&[&"--remount-ro", &INPUTS_PATH]);
         }
         // A private /tmp per step, in the sandbox's own memory (charged to its cgroup).
         if let Some(bytes) = self.limits.tmp_bytes {
@@ -285,10 +264,7 @@ impl SandboxExecutor {
             &BUILD_PATH,
             &"--chdir",
             &BUILD_PATH,
-            // bwrap's root is a tmpfs; without this, / and /etc would be writable.
-            &"--remount-ro",
-            &"/",
-            // /dev is a tmpfs too; its device nodes stay usable when it is read-only.
+            // /dev is a tmpfs; its device nodes stay usable when it is read-only.
             &"--remount-ro",
             &"/dev",
             &"--clearenv",
@@ -327,7 +303,7 @@ impl SandboxExecutor {
                 .map_err(|e| setup(std::io::Error::other(e)))?,
             None => Vec::new(),
         };
-        let mut cmd = self.command(step.job, step.command).map_err(setup)?;
+        let (mut cmd, _root) = self.command(step.job, step.command).map_err(setup)?;
         supervise(
             &mut cmd,
             Supervision {

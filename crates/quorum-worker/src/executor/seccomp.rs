@@ -12,8 +12,9 @@
 //! - `ptrace`, `process_vm_readv`/`writev`: no build inspects another process's memory;
 //! - `kexec_*`, `init_module`, `finit_module`, `delete_module`;
 //! - `mount`, `umount2`, `pivot_root`, `setns`: the sandbox's mounts and namespaces are final;
-//! - `unshare` and `clone` with `CLONE_NEWUSER` (bwrap's `--disable-userns` already makes this
-//!   fail; the filter is a second, independent wall);
+//! - `unshare` and `clone` with `CLONE_NEWUSER`: nested user namespaces are the usual first step
+//!   of kernel exploits. The filter is the only wall here (bwrap's `--disable-userns` would be a
+//!   second one, at the price of a nested namespace per step); conformance 13 tests it alone;
 //! - `ioctl` `TIOCSTI` and `TIOCLINUX`, which inject input into a terminal;
 //! - `chmod`, `fchmod`, `fchmodat` and `fchmodat2` setting `S_ISUID` or `S_ISGID`.
 //!

@@ -17,6 +17,7 @@ mod facts;
 mod inputs;
 mod landlock;
 mod limits;
+mod two_builds;
 
 const SHORT: Duration = Duration::from_secs(30);
 
@@ -277,9 +278,27 @@ async fn writes_outside_build_and_tmp_fail_and_leave_nothing() {
     ] {
         assert!(!host.exists(), "{} appeared on the host", host.display());
     }
+    // Nor in the root the worker prepared, which is the sandbox's / and /etc.
+    assert_eq!(find_named(state.path(), &marker), None);
     // The build directory is the job's own on the host; /tmp is the step's private tmpfs.
     assert!(dir.path().join("src/inside").exists());
     assert!(!dir.path().join("tmp/inside").exists());
+}
+
+/// The first path below `dir` (not following symlinks) whose file name is `name`.
+fn find_named(dir: &Path, name: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if entry.file_name() == name {
+            return Some(path);
+        }
+        if entry.file_type().is_ok_and(|t| t.is_dir())
+            && let Some(found) = find_named(&path, name)
+        {
+            return Some(found);
+        }
+    }
+    None
 }
 
 #[tokio::test]
@@ -684,6 +703,8 @@ async fn new_user_namespaces_are_denied() {
     let Some((inside, outside)) = sandboxed_and_host("true", &calls).await else {
         return;
     };
+    // EPERM is the seccomp filter's answer, the only wall here: a namespace limit (bwrap's
+    // `--disable-userns`, or the host's sysctl) would answer ENOSPC.
     assert_denied(&inside, &outside, "unshare_user", libc::EPERM);
     assert_denied(&inside, &outside, "clone_user", libc::EPERM);
     // clone3 hides its flags from the filter; ENOSYS sends glibc back to clone.
