@@ -3,7 +3,8 @@
 #                             tests create a database of their own on it
 #   QUORUM_TEST_S3_ENDPOINT   an S3-compatible server (moto), any access key accepted
 # Source it from bash: `source .ci/services.sh`. It installs what is missing (Debian packages
-# postgresql and rsync, PyPI moto[server]) and stops the servers when the sourcing shell exits.
+# postgresql, rsync and diffoscope-minimal, PyPI moto[server]) and stops the servers when the
+# sourcing shell exits.
 # Everything lives in one temporary directory, removed at exit.
 
 quorum_services_dir=$(mktemp -d -t quorum-services.XXXXXX)
@@ -21,6 +22,14 @@ quorum_services_install() {
         echo "installing: ${need[*]}"
         quorum_as_root apt-get update -qq
         quorum_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+    fi
+    # diffoscope explains disputes in the controller's tests; its recommends (hundreds of
+    # format tools) would take minutes to install, and the tests compare plain files.
+    if ! command -v diffoscope >/dev/null; then
+        echo "installing: diffoscope-minimal (without recommends)"
+        quorum_as_root apt-get update -qq
+        quorum_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            --no-install-recommends diffoscope-minimal
     fi
     if ! command -v moto_server >/dev/null; then
         echo "installing: moto[server] (PyPI)"

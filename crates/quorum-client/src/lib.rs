@@ -7,6 +7,7 @@ pub mod publish;
 pub mod store;
 pub mod trust;
 pub mod user;
+pub mod verify;
 
 /// A failed call to another role.
 #[derive(Debug, thiserror::Error)]

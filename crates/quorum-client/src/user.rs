@@ -1,8 +1,8 @@
 //! Client for a controller's user API (bearer API token): what the `quorum` CLI uses.
 
 use quorum_api::v1::controller::{
-    ArtifactList, BuildCreated, BuildStatus, HEADER_LOG_COMPLETE, SignerKeys, SubmitBuild,
-    UsageView,
+    ArtifactList, BuildCreated, BuildStatus, ClearFlag, HEADER_LOG_COMPLETE, RebuildRequest,
+    ReviewList, SignerKeys, SubmitBuild, UsageView,
 };
 use quorum_core::attest::Envelope;
 
@@ -75,6 +75,12 @@ impl UserClient {
         self.get(&format!("/api/v1/builds/{build}/statement")).await
     }
 
+    /// The build's SLSA Verification Summary (a DSSE envelope); check it with
+    /// [`crate::verify::check_build`].
+    pub async fn summary(&self, build: &str) -> Result<Envelope, ClientError> {
+        self.get(&format!("/api/v1/builds/{build}/summary")).await
+    }
+
     pub async fn artifacts(&self, build: &str) -> Result<ArtifactList, ClientError> {
         self.get(&format!("/api/v1/builds/{build}/artifacts")).await
     }
@@ -85,6 +91,35 @@ impl UserClient {
             self.http
                 .post(self.url(&format!("/api/v1/builds/{build}/jobs/{job}/approve")))
                 .bearer_auth(&self.token),
+        )
+        .await
+    }
+
+    /// Asks for a trusted rebuild of a disputed job, to break the tie.
+    pub async fn rebuild_trusted(&self, build: &str, job: &str) -> Result<(), ClientError> {
+        send_ok(
+            self.http
+                .post(self.url(&format!("/api/v1/builds/{build}/jobs/{job}/rebuild")))
+                .bearer_auth(&self.token)
+                .json(&RebuildRequest { trusted: true }),
+        )
+        .await
+    }
+
+    /// Review flags, oldest first: the open ones, or all with `all`.
+    pub async fn review_list(&self, all: bool) -> Result<ReviewList, ClientError> {
+        self.get(&format!("/api/v1/review?all={all}")).await
+    }
+
+    /// Clears a review flag, saying why.
+    pub async fn review_clear(&self, flag: &str, note: &str) -> Result<(), ClientError> {
+        send_ok(
+            self.http
+                .post(self.url(&format!("/api/v1/review/{flag}/clear")))
+                .bearer_auth(&self.token)
+                .json(&ClearFlag {
+                    note: note.to_string(),
+                }),
         )
         .await
     }
@@ -117,5 +152,25 @@ impl UserClient {
             .get(HEADER_LOG_COMPLETE)
             .is_some_and(|v| v == "true");
         Ok((bytes.to_vec(), complete))
+    }
+
+    /// The report explaining a disputed job (text, or HTML with `html`), and what produced it
+    /// (`diffoscope` or `built-in`). A report still being prepared is answered `409`.
+    pub async fn diff(
+        &self,
+        build: &str,
+        job: &str,
+        html: bool,
+    ) -> Result<(String, String), ClientError> {
+        let format = if html { "html" } else { "text" };
+        let path = format!("/api/v1/builds/{build}/jobs/{job}/diff?format={format}");
+        let (headers, bytes) =
+            send_bytes(self.http.get(self.url(&path)).bearer_auth(&self.token)).await?;
+        let tool = headers
+            .get(quorum_api::v1::controller::HEADER_DIFF_TOOL)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        Ok((String::from_utf8_lossy(&bytes).into_owned(), tool))
     }
 }

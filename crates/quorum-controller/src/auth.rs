@@ -85,6 +85,7 @@ async fn worker(
     // Seconds are the resolution of `last_seen`: a busy worker's many requests in one second
     // need one write, not one each.
     if w.last_seen < now {
+        let _turn = state.write_gate.enter().await;
         sqlx::query("UPDATE workers SET last_seen = $1 WHERE id = $2 AND last_seen < $1")
             .bind(now)
             .bind(id)

@@ -5,11 +5,15 @@
 //! Every state change goes through here, so a restarted controller picks up exactly where the
 //! last one stopped.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context as _;
+use quorum_core::pipeline::JobSpec;
 use sqlx::Row as _;
 use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::pool::PoolConnection;
 
 pub type Pool = sqlx::AnyPool;
 
@@ -41,8 +45,18 @@ fn redact(url: &str) -> String {
 }
 
 async fn open_postgres(url: &str) -> anyhow::Result<Pool> {
+    // `synchronous_commit = off`, the counterpart of SQLite's `synchronous = NORMAL` (see
+    // `open_sqlite`): a commit returns before its WAL record is flushed, so only a crash of the
+    // database server can drop the last commits, which the protocol redoes.
     let pool = AnyPoolOptions::new()
         .max_connections(16)
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                use sqlx::Executor as _;
+                conn.execute("SET synchronous_commit = off").await?;
+                Ok(())
+            })
+        })
         .acquire_timeout(std::time::Duration::from_secs(10))
         .connect(url)
         .await
@@ -61,14 +75,17 @@ async fn open_sqlite(data_dir: &Path) -> anyhow::Result<Pool> {
     let path = data_dir.join("controller.db");
     let url = format!("sqlite://{}?mode=rwc", path.display());
     // The `Any` driver takes SQLite's options from the URL only, so the pragmas are set on
-    // each new connection: WAL, a full fsync per commit, foreign keys, and a busy timeout.
+    // each new connection: WAL, `synchronous = NORMAL` (a commit is in the WAL file when it
+    // returns, so it survives a kill -9 of the controller; only a power loss or kernel crash
+    // can drop the last commits, which the protocol redoes: see ARCHITECTURE.md, "Dispatch"),
+    // foreign keys, and a busy timeout.
     let options = AnyPoolOptions::new()
         .max_connections(4)
         .after_connect(|conn, _meta| {
             Box::pin(async move {
                 use sqlx::Executor as _;
                 conn.execute(
-                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
                      PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
                 )
                 .await?;
@@ -101,6 +118,64 @@ async fn open_sqlite(data_dir: &Path) -> anyhow::Result<Pool> {
         })?;
     }
     Ok(pool)
+}
+
+/// Lets this process's writers into SQLite one at a time, in the order they came. SQLite has
+/// one writer at a time anyway; without the gate the others find the database locked and wait
+/// in SQLite's busy handler, which sleeps in steps of up to 100 ms, so under load a write waited
+/// far longer than the writes ahead of it took. PostgreSQL locks rows, not the database: there
+/// the gate lets everyone through.
+pub struct WriteGate(Option<tokio::sync::Mutex<()>>);
+
+impl WriteGate {
+    pub fn new(pool: &Pool) -> WriteGate {
+        WriteGate(is_sqlite(pool).then(|| tokio::sync::Mutex::new(())))
+    }
+
+    /// Waits for this writer's turn; the turn lasts while the guard lives. Take it before
+    /// acquiring the connection or transaction that writes, never while holding one.
+    pub async fn enter(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.0 {
+            Some(gate) => Some(gate.lock().await),
+            None => None,
+        }
+    }
+}
+
+fn is_sqlite(pool: &Pool) -> bool {
+    pool.connect_options().database_url.scheme() == "sqlite"
+}
+
+/// A connection whose commits are on disk before they return, for the one commit that must
+/// survive even a power loss: the build's signed statements. With unflushed commits (SQLite's
+/// `synchronous = NORMAL`, PostgreSQL's `synchronous_commit = off`) a lost commit is only
+/// redone work, but a signature redone after a power loss would be a second statement for the
+/// same build. Begin the transaction with [`begin_durable`]. On SQLite the connection is
+/// switched to `synchronous = FULL` and closed after use instead of returning to the pool (a
+/// new one costs a file open); on PostgreSQL the transaction itself asks for the flush, so the
+/// connection (whose replacement would cost a new authenticated session) stays pooled.
+pub async fn durable_connection(pool: &Pool) -> anyhow::Result<PoolConnection<sqlx::Any>> {
+    let mut conn = pool.acquire().await?;
+    if is_sqlite(pool) {
+        use sqlx::Executor as _;
+        conn.execute("PRAGMA synchronous = FULL").await?;
+        conn.close_on_drop();
+    }
+    Ok(conn)
+}
+
+/// Begins a transaction on a [`durable_connection`] whose commit is flushed before it returns.
+pub async fn begin_durable<'c>(
+    pool: &Pool,
+    conn: &'c mut PoolConnection<sqlx::Any>,
+) -> anyhow::Result<sqlx::Transaction<'c, sqlx::Any>> {
+    let mut tx = sqlx::Connection::begin(&mut **conn).await?;
+    if !is_sqlite(pool) {
+        sqlx::query("SET LOCAL synchronous_commit = on")
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(tx)
 }
 
 /// Whether `e` is a unique-key violation (a concurrent insert of the same key won).
@@ -181,7 +256,6 @@ pub struct BuildRow {
     pub id: String,
     pub repository: String,
     pub commit_id: String,
-    pub source_date_epoch: i64,
     pub state: String,
     pub created_at: i64,
     pub finished_at: Option<i64>,
@@ -192,7 +266,6 @@ pub fn build_from_row(r: &AnyRow) -> BuildRow {
         id: r.get("id"),
         repository: r.get("repository"),
         commit_id: r.get("commit_id"),
-        source_date_epoch: r.get("source_date_epoch"),
         state: r.get("state"),
         created_at: r.get("created_at"),
         finished_at: r.get("finished_at"),
@@ -210,7 +283,9 @@ pub async fn build(pool: &Pool, id: &str) -> anyhow::Result<Option<BuildRow>> {
 #[derive(Debug, Clone)]
 pub struct JobRow {
     pub name: String,
-    pub spec: quorum_core::pipeline::JobSpec,
+    /// Shared: a spec never changes after its build is created, so the scheduler parses each
+    /// once per build (`job_specs`), not once per pass.
+    pub spec: Arc<JobSpec>,
     pub state: String,
     pub detail: String,
     pub manifest: Option<String>,
@@ -237,9 +312,20 @@ pub async fn job(pool: &Pool, build_id: &str, name: &str) -> anyhow::Result<Opti
 }
 
 fn job_from_row(r: &AnyRow) -> anyhow::Result<JobRow> {
+    let spec = Arc::new(parse_spec(r)?);
+    job_with_spec(r, spec)
+}
+
+fn parse_spec(r: &AnyRow) -> anyhow::Result<JobSpec> {
+    let name: String = r.get("name");
+    serde_json::from_str(&r.get::<String, _>("spec"))
+        .with_context(|| format!("stored spec of job `{name}`"))
+}
+
+fn job_with_spec(r: &AnyRow, spec: Arc<JobSpec>) -> anyhow::Result<JobRow> {
     Ok(JobRow {
         name: r.get("name"),
-        spec: serde_json::from_str(&r.get::<String, _>("spec")).context("stored job spec")?,
+        spec,
         state: r.get("state"),
         detail: r.get("detail"),
         manifest: r.get("manifest"),
@@ -258,5 +344,58 @@ pub async fn assignments_of_build(
         .bind(build_id)
         .fetch_all(pool)
         .await?;
+    Ok(rows.iter().map(assignment_from_row).collect())
+}
+
+/// Every job's spec of a build, by job name.
+pub async fn job_specs(
+    pool: &Pool,
+    build_id: &str,
+) -> anyhow::Result<HashMap<String, Arc<JobSpec>>> {
+    let rows = sqlx::query("SELECT name, spec FROM jobs WHERE build_id = $1")
+        .bind(build_id)
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.get("name"), Arc::new(parse_spec(r)?))))
+        .collect()
+}
+
+/// A build's jobs like [`jobs`], with their specs taken from `specs` instead of parsed again.
+pub async fn jobs_with_specs(
+    pool: &Pool,
+    build_id: &str,
+    specs: &HashMap<String, Arc<JobSpec>>,
+) -> anyhow::Result<Vec<JobRow>> {
+    let rows = sqlx::query(
+        "SELECT name, state, detail, manifest, differing_paths, round, approved_at FROM jobs \
+         WHERE build_id = $1 ORDER BY position",
+    )
+    .bind(build_id)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let name: String = r.get("name");
+            let spec = specs
+                .get(&name)
+                .with_context(|| format!("job `{name}` of build {build_id} has no spec"))?;
+            job_with_spec(r, spec.clone())
+        })
+        .collect()
+}
+
+/// The assignments a scheduler pass weighs: those of each unfinished job's current round. A
+/// finished job's assignments (all of them, once a build has run long) are not read again.
+pub async fn open_assignments(pool: &Pool, build_id: &str) -> anyhow::Result<Vec<AssignmentRow>> {
+    let rows = sqlx::query(
+        "SELECT a.* FROM assignments a JOIN jobs j ON j.build_id = a.build_id AND j.name = a.job \
+         AND j.round = a.round WHERE a.build_id = $1 \
+         AND j.state NOT IN ('verified', 'disputed', 'failed', 'skipped', 'cancelled') \
+         ORDER BY a.created_at, a.id",
+    )
+    .bind(build_id)
+    .fetch_all(pool)
+    .await?;
     Ok(rows.iter().map(assignment_from_row).collect())
 }

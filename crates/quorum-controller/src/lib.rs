@@ -9,8 +9,16 @@
 mod api;
 mod auth;
 mod db;
+mod diff;
+mod failpoint;
+mod logs;
+mod provisional;
+mod publisher;
+mod rebuild;
+mod review;
 mod revoker;
 mod scheduler;
+mod spot;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -23,6 +31,8 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+pub use diff::DisputesConfig;
 
 /// `quorum controller --config controller.toml`
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,6 +62,36 @@ pub struct Config {
     /// Most bytes one assignment may upload to the store.
     #[serde(default = "default_upload_max_bytes")]
     pub upload_max_bytes: u64,
+    /// What the project this controller builds for asks of it.
+    #[serde(default)]
+    pub project: ProjectConfig,
+}
+
+/// `[project]`: the project's choices about what the controller publishes.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectConfig {
+    /// Make each verified build public at the store (its files, blobs and signed statement
+    /// readable without a token) when the controller pushes the statement there.
+    #[serde(default)]
+    pub public: bool,
+    /// Literal strings redacted from every build log (at least 8 bytes each). Never printed
+    /// back.
+    #[serde(default)]
+    pub redact: Vec<String>,
+    /// How disputes are explained (diffoscope in a sandbox, or the built-in diff).
+    #[serde(default)]
+    pub disputes: DisputesConfig,
+}
+
+impl std::fmt::Debug for ProjectConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProjectConfig")
+            .field("public", &self.public)
+            .field("redact", &format_args!("[{} strings]", self.redact.len()))
+            .field("disputes", &self.disputes)
+            .finish()
+    }
 }
 
 impl Config {
@@ -112,6 +152,16 @@ pub(crate) struct State {
     pub access: tokio::sync::Mutex<Option<(String, i64)>>,
     pub signer: Signer,
     pub mirrors: quorum_git::Mirrors,
+    pub project: ProjectConfig,
+    /// Where the fault tests arm failpoints (`failpoint.rs`; debug builds only).
+    #[cfg(debug_assertions)]
+    pub failpoints: PathBuf,
+    /// One writer at a time on SQLite (`db::WriteGate`).
+    pub write_gate: db::WriteGate,
+    /// The parsed job specs of each running build, by build id: specs never change, so the
+    /// scheduler parses them once per build instead of once per pass. Only a cache: a
+    /// restarted controller reads them again.
+    pub specs: std::sync::Mutex<HashMap<String, Arc<scheduler::BuildSpecs>>>,
     /// Wakes the scheduler.
     pub wake: Notify,
     /// Wakes a worker's pending long poll when the scheduler offers it work.
@@ -167,8 +217,10 @@ pub async fn run(
         .ok()
         .or(config.idp.client_secret.clone())
         .context("no IdP client secret: set `idp.client_secret` in the config or QUORUM_IDP_CLIENT_SECRET")?;
+    logs::check_redact_list(&config.project.redact)?;
     let pool = db::open(&config.data_dir, config.database_url().as_deref()).await?;
     let signer = Signer::load_or_create(&config.data_dir.join("signer.key"))?;
+    let write_gate = db::WriteGate::new(&pool);
     let state = Arc::new(State {
         pool,
         name,
@@ -187,6 +239,11 @@ pub async fn run(
         access: tokio::sync::Mutex::new(None),
         signer,
         mirrors: quorum_git::Mirrors::new(config.data_dir.join("git")),
+        project: config.project.clone(),
+        #[cfg(debug_assertions)]
+        failpoints: config.data_dir.join("failpoints"),
+        write_gate,
+        specs: std::sync::Mutex::default(),
         wake: Notify::new(),
         worker_wake: std::sync::Mutex::default(),
     });
@@ -194,11 +251,15 @@ pub async fn run(
     tracing::info!(%addr, controller = %state.name, signer_key = %state.signer.key_id(), "controller listening");
     let sched = tokio::spawn(scheduler::run(state.clone(), shutdown.clone()));
     let revoker = tokio::spawn(revoker::run(state.clone(), shutdown.clone()));
+    let publisher = tokio::spawn(publisher::run(state.clone(), shutdown.clone()));
+    let explainer = tokio::spawn(diff::run(state.clone(), shutdown.clone()));
     let result =
         quorum_service::serve(listener, api::router(state.clone()), shutdown.clone()).await;
     shutdown.cancel();
     let _ = sched.await;
     let _ = revoker.await;
+    let _ = publisher.await;
+    let _ = explainer.await;
     result
 }
 

@@ -56,6 +56,7 @@ async fn pass(state: &State, store: &StoreClient) -> anyhow::Result<()> {
         let jtis: Vec<String> = items.iter().map(|(_, j)| j.clone()).collect();
         let answer = store.revoke(&token, jtis).await?;
         // One commit for the whole batch: these marks compete with dispatch for the writer.
+        let _turn = state.write_gate.enter().await;
         let mut tx = state.pool.begin().await?;
         for (id, jti) in &items {
             if answer.revoked.contains(jti) {

@@ -4,14 +4,16 @@
 //! the policy asks), reported results become verdicts, and a build whose jobs all verified is
 //! signed. Every pass starts from the database alone, so it can be repeated after a crash.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use quorum_api::v1::controller::{ReportedResult, ResultReport};
+use quorum_api::v1::controller::{AssignmentPurpose, ReportedResult, ResultReport};
 use quorum_core::pipeline::JobSpec;
-use quorum_core::verdict::{JobVerdict, Outcome, ResultView, job_verdict, retry_after_failure};
+use quorum_core::verdict::{
+    JobVerdict, Outcome, ResultView, job_verdict, provisional_manifest, retry_after_failure,
+};
 use quorum_service::now_unix;
 use quorum_signer::{Evidence, JobEvidence, ResultEvidence};
 use rand::seq::SliceRandom as _;
@@ -19,6 +21,7 @@ use sqlx::Row as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{self, AssignmentRow, JobRow, WorkerRow};
+use crate::provisional::{self, Needs};
 use crate::{State, auth, rfc3339};
 
 /// After a restart, running work gets a fresh lease: workers were cut off while we were down,
@@ -30,6 +33,35 @@ pub async fn resume_after_restart(state: &State) -> anyhow::Result<()> {
         .await
         .context("cannot renew leases after restart")?;
     Ok(())
+}
+
+/// The parsed specs of one build's jobs, by job name.
+pub(crate) type BuildSpecs = HashMap<String, Arc<JobSpec>>;
+
+/// The build's specs from the cache, read and parsed on the first pass that needs them.
+async fn specs_of(state: &State, build_id: &str) -> anyhow::Result<Arc<BuildSpecs>> {
+    if let Some(specs) = state.specs.lock().expect("spec cache").get(build_id) {
+        return Ok(specs.clone());
+    }
+    let specs = Arc::new(db::job_specs(&state.pool, build_id).await?);
+    state
+        .specs
+        .lock()
+        .expect("spec cache")
+        .insert(build_id.to_string(), specs.clone());
+    Ok(specs)
+}
+
+/// A running build's job spec, if the scheduler has it parsed already (the dispatch path's
+/// shortcut; it never fills the cache, so a finished build's stray offer cannot refill it).
+pub(crate) fn cached_spec(state: &State, build_id: &str, job: &str) -> Option<Arc<JobSpec>> {
+    let specs = state.specs.lock().expect("spec cache");
+    specs.get(build_id)?.get(job).cloned()
+}
+
+/// Drops a finished build's specs from the cache.
+fn forget_specs(state: &State, build_id: &str) {
+    state.specs.lock().expect("spec cache").remove(build_id);
 }
 
 pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
@@ -48,6 +80,7 @@ pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
 
 async fn pass(state: &State) -> anyhow::Result<()> {
     let now = now_unix();
+    let turn = state.write_gate.enter().await;
     let lost = sqlx::query(
         "UPDATE assignments SET state = 'lost', detail = 'the worker stopped heartbeating; lease expired', finished_at = $1 \
          WHERE state IN ('offered', 'running') AND lease_expires < $2",
@@ -71,12 +104,29 @@ async fn pass(state: &State) -> anyhow::Result<()> {
     .bind(now)
     .execute(&state.pool)
     .await?;
+    drop(turn);
     if overdue.rows_affected() > 0 {
         tracing::warn!(
             count = overdue.rows_affected(),
             "assignments given up after the job's timeout"
         );
     }
+    evaluate_builds(state, now).await?;
+    // Trusted rebuilds after the quorum: tie-breaks operators asked for, then spot checks.
+    // Their failures are logged, never in the way of scheduling. They come after the builds,
+    // so their reads and commits never delay a new job's offer, and a build signed in this
+    // pass has its spot checks drawn in this pass too.
+    if let Err(e) = crate::rebuild::pass(state).await {
+        tracing::error!(error = %format!("{e:#}"), "trusted rebuilds could not be moved along");
+    }
+    if let Err(e) = crate::spot::pass(state).await {
+        tracing::error!(error = %format!("{e:#}"), "spot checks could not be moved along");
+    }
+    Ok(())
+}
+
+/// Moves every unfinished build along: cancels what was asked to be, evaluates the rest.
+async fn evaluate_builds(state: &State, now: i64) -> anyhow::Result<()> {
     let builds: Vec<(String, String)> = sqlx::query(
         "SELECT id, state FROM builds WHERE state IN ('running', 'cancelling') ORDER BY created_at",
     )
@@ -107,6 +157,7 @@ async fn pass(state: &State) -> anyhow::Result<()> {
 
 async fn cancel_build(state: &State, id: &str) -> anyhow::Result<()> {
     let now = now_unix();
+    let _turn = state.write_gate.enter().await;
     let mut tx = state.pool.begin().await?;
     sqlx::query("UPDATE assignments SET state = 'cancelled', detail = 'build cancelled', finished_at = $1 WHERE build_id = $2 AND state IN ('offered', 'running')")
         .bind(now)
@@ -123,6 +174,7 @@ async fn cancel_build(state: &State, id: &str) -> anyhow::Result<()> {
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
+    forget_specs(state, id);
     tracing::info!(build = %id, "build cancelled");
     Ok(())
 }
@@ -145,8 +197,15 @@ struct JobUpdate {
 }
 
 async fn evaluate_build(state: &State, build_id: &str, online: &[WorkerRow]) -> anyhow::Result<()> {
-    let jobs = db::jobs(&state.pool, build_id).await?;
-    let assignments = db::assignments_of_build(&state.pool, build_id).await?;
+    // A pass costs what the build's unfinished jobs cost: specs come parsed from the cache, and
+    // finished jobs' assignments are not read.
+    let specs = specs_of(state, build_id).await?;
+    let jobs = db::jobs_with_specs(&state.pool, build_id, &specs).await?;
+    let assignments = db::open_assignments(&state.pool, build_id).await?;
+    let mut by_job: HashMap<(&str, i64), Vec<&AssignmentRow>> = HashMap::new();
+    for a in &assignments {
+        by_job.entry((&a.job, a.round)).or_default().push(a);
+    }
     let workers: BTreeMap<String, WorkerRow> = sqlx::query(
         "SELECT * FROM workers WHERE id IN (SELECT worker_id FROM assignments WHERE build_id = $1)",
     )
@@ -163,47 +222,48 @@ async fn evaluate_build(state: &State, build_id: &str, online: &[WorkerRow]) -> 
         .iter()
         .map(|j| (j.name.clone(), j.state.clone()))
         .collect();
-    // One transaction per build and pass: one commit (one fsync on SQLite) for all its job
-    // updates and offers, and workers are woken only once their offers are committed.
+    // One transaction per build and pass: one commit for all its job updates and offers, and
+    // workers are woken only once their offers are committed.
+    let turn = state.write_gate.enter().await;
     let mut writes = Writes {
         state,
         tx: state.pool.begin().await?,
         offered: Vec::new(),
+        offers: Vec::new(),
+        job_updates: Vec::new(),
     };
     for job in &jobs {
         if is_final(&job.state) {
             continue;
         }
         // Earlier rounds ended in failure and were retried: only this round's results count.
-        let mine: Vec<&AssignmentRow> = assignments
-            .iter()
-            .filter(|a| a.job == job.name && a.round == job.round)
-            .collect();
+        let mine: &[&AssignmentRow] = by_job
+            .get(&(job.name.as_str(), job.round))
+            .map_or(&[], Vec::as_slice);
         let update =
-            decide_job(&mut writes, build_id, job, &mine, &workers, &states, online).await?;
+            decide_job(&mut writes, build_id, job, mine, &workers, &states, online).await?;
+        let new_state = update.state;
         if update.state != job.state
             || update.detail != job.detail
             || update.manifest != job.manifest
             || update.differing != job.differing_paths
             || update.round != job.round
         {
-            sqlx::query("UPDATE jobs SET state = $1, detail = $2, manifest = $3, differing_paths = $4, round = $5 WHERE build_id = $6 AND name = $7")
-                .bind(update.state)
-                .bind(&update.detail)
-                .bind(&update.manifest)
-                .bind(serde_json::to_string(&update.differing)?)
-                .bind(update.round)
-                .bind(build_id)
-                .bind(&job.name)
-                .execute(&mut *writes.tx)
-                .await?;
             if update.state != job.state {
                 tracing::info!(build = %build_id, job = %job.name, state = update.state, detail = %update.detail, "job state");
             }
+            // The explainer (diff/) compares the groups' files in the background.
+            if update.state == "disputed" && job.state != "disputed" {
+                crate::diff::note_dispute(&mut writes.tx, build_id, &job.name, update.round)
+                    .await?;
+            }
+            writes.job_updates.push((job.name.clone(), update));
         }
-        states.insert(job.name.clone(), update.state.to_string());
+        states.insert(job.name.clone(), new_state.to_string());
     }
+    writes.flush(build_id).await?;
     writes.tx.commit().await?;
+    drop(turn);
     for worker in writes.offered {
         state.worker_notify(&worker).notify_one();
     }
@@ -218,6 +278,91 @@ struct Writes<'a> {
     state: &'a State,
     tx: sqlx::Transaction<'static, sqlx::Any>,
     offered: Vec<String>,
+    /// New assignments, inserted by `flush`.
+    offers: Vec<NewOffer>,
+    /// Jobs whose row changes, by name, written by `flush`.
+    job_updates: Vec<(String, JobUpdate)>,
+}
+
+/// An assignment the pass creates: (id, job, worker, round).
+struct NewOffer {
+    id: String,
+    job: String,
+    worker: String,
+    round: i64,
+}
+
+/// Rows per multi-row statement in `flush`: well under the bound-parameter limits of both
+/// databases (32766 in SQLite, 65535 in PostgreSQL), and enough that a thousand new jobs take
+/// a few dozen statements.
+const FLUSH_ROWS: usize = 64;
+
+impl Writes<'_> {
+    /// Writes the pass's offers and job updates, `FLUSH_ROWS` rows per statement: the first
+    /// pass of a build of a thousand jobs offers them all, which one statement per row made a
+    /// thousand round trips to PostgreSQL inside the transaction.
+    async fn flush(&mut self, build_id: &str) -> anyhow::Result<()> {
+        let now = now_unix();
+        let lease = now + self.state.lease_secs as i64;
+        for chunk in self.offers.chunks(FLUSH_ROWS) {
+            let rows = (0..chunk.len())
+                .map(|i| {
+                    let p = 4 * i + 4;
+                    format!(
+                        "(${}, $1, ${}, ${}, 'offered', $2, $3, ${})",
+                        p,
+                        p + 1,
+                        p + 2,
+                        p + 3
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO assignments (id, build_id, job, worker_id, state, created_at, lease_expires, round) VALUES {rows}"
+            );
+            let mut q = sqlx::query(&sql).bind(build_id).bind(now).bind(lease);
+            for o in chunk {
+                q = q.bind(&o.id).bind(&o.job).bind(&o.worker).bind(o.round);
+            }
+            q.execute(&mut *self.tx).await?;
+        }
+        for chunk in self.job_updates.chunks(FLUSH_ROWS) {
+            let rows = (0..chunk.len())
+                .map(|i| {
+                    let p = 6 * i + 2;
+                    format!(
+                        "(${}, ${}, ${}, ${}, ${}, ${})",
+                        p,
+                        p + 1,
+                        p + 2,
+                        p + 3,
+                        p + 4,
+                        p + 5
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            // VALUES columns are named column1, column2, ... in both SQLite and PostgreSQL.
+            let sql = format!(
+                "UPDATE jobs SET state = v.column2, detail = v.column3, manifest = v.column4, \
+                 differing_paths = v.column5, round = v.column6 FROM (VALUES {rows}) AS v \
+                 WHERE jobs.build_id = $1 AND jobs.name = v.column1"
+            );
+            let mut q = sqlx::query(&sql).bind(build_id);
+            for (name, u) in chunk {
+                q = q
+                    .bind(name)
+                    .bind(u.state)
+                    .bind(&u.detail)
+                    .bind(&u.manifest)
+                    .bind(serde_json::to_string(&u.differing)?)
+                    .bind(u.round);
+            }
+            q.execute(&mut *self.tx).await?;
+        }
+        Ok(())
+    }
 }
 
 async fn decide_job(
@@ -258,21 +403,33 @@ async fn decide_job(
             }
         }
     };
-    for need in &spec.needs {
-        match states.get(need).map(String::as_str) {
-            Some("verified") => {}
-            Some(s) if is_final(s) => {
-                return Ok(JobUpdate {
-                    state: "skipped",
-                    detail: format!("needs `{need}`, which is {s}"),
-                    manifest: None,
-                    differing: vec![],
-                    round,
-                });
-            }
-            _ => return Ok(waiting(format!("waiting for `{need}`"))),
+    let provisional_inputs = match provisional::check_needs(spec, mine, states, is_final) {
+        Needs::Ready(provisional) => provisional,
+        Needs::Waiting(detail) => return Ok(waiting(detail)),
+        Needs::Skipped(detail) => {
+            return Ok(JobUpdate {
+                state: "skipped",
+                detail,
+                manifest: None,
+                differing: vec![],
+                round,
+            });
         }
-    }
+        Needs::Discarded(detail) => {
+            let active: Vec<&&AssignmentRow> = mine
+                .iter()
+                .filter(|a| matches!(a.state.as_str(), "offered" | "running"))
+                .collect();
+            withdraw_extra(writes, &active).await?;
+            return Ok(JobUpdate {
+                state: "failed",
+                detail,
+                manifest: None,
+                differing: vec![],
+                round,
+            });
+        }
+    };
     if spec.manual && job.approved_at.is_none() {
         return Ok(waiting(format!(
             "waiting for approval: `quorum approve {build_id} {}`",
@@ -301,6 +458,19 @@ async fn decide_job(
     // results are in, so the record holds as many witnesses as the policy asked for.
     let unfilled = (spec.policy.quorum as usize).saturating_sub(results.len() + active.len());
     let verdict = job_verdict(spec.policy, &results, active.len() + unfilled);
+    if !provisional_inputs.is_empty() && verdict.is_final() {
+        if matches!(verdict, JobVerdict::Verified { .. }) {
+            withdraw_extra(writes, &active).await?;
+        }
+        let (state, detail, manifest) = provisional::held(&verdict, &provisional_inputs);
+        return Ok(JobUpdate {
+            state,
+            detail,
+            manifest,
+            differing: vec![],
+            round,
+        });
+    }
     match verdict {
         JobVerdict::Verified {
             manifest,
@@ -401,7 +571,7 @@ async fn decide_job(
             .collect();
         let picked = pick(&eligible, slots, trusted_need);
         for w in &picked {
-            offer(writes, build_id, spec, round, w).await?;
+            offer(writes, build_id, spec, round, w);
         }
         if picked.len() < slots {
             let labels = if spec.labels.is_empty() {
@@ -429,9 +599,11 @@ async fn decide_job(
     }
     let reported = results.len();
     let running = counted.len() > reported || slots > 0 && detail.is_empty();
-    let state_name = if reported > 0 {
+    // Provisional means identical results so far: what a job accepting provisional inputs
+    // may start on.
+    let state_name = if provisional_manifest(&results).is_some() {
         "provisional"
-    } else if running {
+    } else if reported > 0 || running {
         "running"
     } else {
         "queued"
@@ -487,28 +659,17 @@ fn pick<'a>(eligible: &[&'a WorkerRow], slots: usize, trusted_need: usize) -> Ve
     picked
 }
 
-async fn offer(
-    writes: &mut Writes<'_>,
-    build_id: &str,
-    spec: &JobSpec,
-    round: i64,
-    w: &WorkerRow,
-) -> anyhow::Result<()> {
+/// Offers the job to `w`: the assignment is inserted with the pass's other writes (`flush`).
+fn offer(writes: &mut Writes<'_>, build_id: &str, spec: &JobSpec, round: i64, w: &WorkerRow) {
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let now = now_unix();
-    sqlx::query("INSERT INTO assignments (id, build_id, job, worker_id, state, created_at, lease_expires, round) VALUES ($1, $2, $3, $4, 'offered', $5, $6, $7)")
-        .bind(&id)
-        .bind(build_id)
-        .bind(&spec.name)
-        .bind(&w.id)
-        .bind(now)
-        .bind(now + writes.state.lease_secs as i64)
-        .bind(round)
-        .execute(&mut *writes.tx)
-        .await?;
     tracing::info!(assignment = %id, build = %build_id, job = %spec.name, worker = %w.id, owner = %w.owner, "assignment offered");
+    writes.offers.push(NewOffer {
+        id,
+        job: spec.name.clone(),
+        worker: w.id.clone(),
+        round,
+    });
     writes.offered.push(w.id.clone());
-    Ok(())
 }
 
 /// Once a verdict is reached, assignments still running are no longer needed.
@@ -561,6 +722,7 @@ async fn finish_build(
     };
     let now = now_unix();
     if !all_verified {
+        let _turn = state.write_gate.enter().await;
         sqlx::query(
             "UPDATE builds SET state = $1, finished_at = $2 WHERE id = $3 AND state = 'running'",
         )
@@ -569,6 +731,7 @@ async fn finish_build(
         .bind(build_id)
         .execute(&state.pool)
         .await?;
+        forget_specs(state, build_id);
         tracing::info!(build = %build_id, state = final_state, "build finished");
         return Ok(());
     }
@@ -576,7 +739,9 @@ async fn finish_build(
     match state.signer.sign_build(&evidence) {
         Ok(signed) => {
             // The statements and the verdict land together or not at all, and only once.
-            let mut tx = state.pool.begin().await?;
+            let turn = state.write_gate.enter().await;
+            let mut conn = db::durable_connection(&state.pool).await?;
+            let mut tx = db::begin_durable(&state.pool, &mut conn).await?;
             sqlx::query("INSERT INTO statements (build_id, envelope, summary, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
                 .bind(build_id)
                 .bind(serde_json::to_string(&signed.provenance)?)
@@ -589,11 +754,15 @@ async fn finish_build(
                 .bind(build_id)
                 .execute(&mut *tx)
                 .await?;
+            crate::failpoint::pause_if_armed(state, crate::failpoint::AFTER_SIGNING).await;
             tx.commit().await?;
+            drop(turn);
+            forget_specs(state, build_id);
             tracing::info!(build = %build_id, "build verified and signed");
         }
         Err(e) => {
             tracing::error!(build = %build_id, error = %e, "the signer refused the evidence");
+            let _turn = state.write_gate.enter().await;
             sqlx::query("UPDATE builds SET state = 'failed', finished_at = $1 WHERE id = $2 AND state = 'running'")
                 .bind(now)
                 .bind(build_id)
@@ -616,18 +785,25 @@ async fn gather_evidence(state: &State, build_id: &str, now: i64) -> anyhow::Res
         .context("build vanished")?;
     let jobs = db::jobs(&state.pool, build_id).await?;
     let assignments = db::assignments_of_build(&state.pool, build_id).await?;
+    let purposes = crate::rebuild::purposes(&state.pool, build_id).await?;
     let mut out = Vec::new();
     for j in jobs {
-        let mut results = Vec::new();
+        let (mut results, mut rebuilds) = (Vec::new(), Vec::new());
         for a in assignments
             .iter()
             .filter(|a| a.job == j.name && a.round == j.round && a.state == "reported")
         {
+            // Tie-breaks are evidence of their own; spot checks come after signing, never in it.
+            let into = match purposes.get(&a.id) {
+                None => &mut results,
+                Some(AssignmentPurpose::TieBreak) => &mut rebuilds,
+                Some(_) => continue,
+            };
             let w = db::worker(&state.pool, &a.worker_id)
                 .await?
                 .context("worker vanished")?;
             let key = auth::public_key(&w.public_key).context("stored worker key is invalid")?;
-            results.push(ResultEvidence {
+            into.push(ResultEvidence {
                 assignment: a.id.clone(),
                 worker: w.id.clone(),
                 owner: w.owner.clone(),
@@ -641,6 +817,7 @@ async fn gather_evidence(state: &State, build_id: &str, now: i64) -> anyhow::Res
             name: j.name,
             policy: j.spec.policy,
             results,
+            rebuilds,
         });
     }
     Ok(Evidence {

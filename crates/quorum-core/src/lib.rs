@@ -6,6 +6,7 @@ pub mod digest;
 pub mod manifest;
 pub mod names;
 pub mod pipeline;
+pub mod redact;
 pub mod verdict;
 
 pub use digest::Digest;

@@ -36,7 +36,7 @@ impl Default for Policy {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPipeline {
     #[serde(default)]
@@ -44,7 +44,7 @@ struct RawPipeline {
     jobs: BTreeMap<String, RawJob>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawJob {
     #[serde(default)]
@@ -71,10 +71,15 @@ struct RawJob {
     /// in the script, artifacts and label values is replaced by the combination's value.
     #[serde(default)]
     matrix: BTreeMap<String, Vec<String>>,
+    /// The job may start on its needs' provisional results (agreeing, but short of their policy);
+    /// its own result stays provisional until they verify, and is discarded if they do not.
+    #[serde(default)]
+    provisional: bool,
 }
 
-/// A policy as written: [`Policy`] plus the most assignments a job may use per round.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+/// A policy as written: [`Policy`] plus the most assignments a job may use per round and the
+/// fraction of verified results a trusted worker rebuilds afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
     #[serde(default = "default_quorum")]
@@ -83,6 +88,8 @@ struct RawPolicy {
     trusted: u32,
     #[serde(default)]
     attempts: Option<u32>,
+    #[serde(default)]
+    spot_check: Option<f64>,
 }
 
 impl Default for RawPolicy {
@@ -91,6 +98,7 @@ impl Default for RawPolicy {
             quorum: default_quorum(),
             trusted: 0,
             attempts: None,
+            spot_check: None,
         }
     }
 }
@@ -103,6 +111,9 @@ impl RawPolicy {
         }
     }
 }
+
+/// One in a million: the unit of [`JobSpec::spot_check_ppm`].
+pub const PPM: u32 = 1_000_000;
 
 /// Most retries of a failed job, most matrix combinations of one job, most attempts per round.
 pub const MAX_RETRIES: u32 = 10;
@@ -233,6 +244,14 @@ pub struct JobSpec {
     /// For a job expanded from a `matrix`: its combination of values.
     #[serde(default)]
     pub matrix: BTreeMap<String, String>,
+    /// The policy's `spot_check` in parts per million: the chance that a verified result of this
+    /// job is rebuilt afterwards by a trusted worker. Integral so specs compare exactly.
+    #[serde(default)]
+    pub spot_check_ppm: u32,
+    /// The job accepts provisional inputs: it may start once each job it needs is verified or
+    /// has agreeing results short of its policy; its own result stays provisional until then.
+    #[serde(default)]
+    pub provisional: bool,
 }
 
 impl JobSpec {
@@ -260,6 +279,7 @@ impl Pipeline {
         let default_policy = raw.policy.unwrap_or_default();
         check_policy("policy", default_policy.policy())?;
         check_attempts(text, None, default_policy)?;
+        spot_check_ppm(text, None, default_policy)?;
         if raw.jobs.is_empty() {
             return Err(PipelineError(
                 "`jobs` is empty; define at least one job".into(),
@@ -298,6 +318,16 @@ impl Pipeline {
             let policy = raw_policy.policy();
             check_policy(&format!("job `{name}`: policy"), policy)?;
             check_attempts(text, Some(&name), raw_policy)?;
+            let spot_check_ppm = spot_check_ppm(text, Some(&name), raw_policy)?;
+            if job.provisional && job.needs.is_empty() {
+                return Err(job_error(
+                    text,
+                    &name,
+                    "`provisional: true` lets a job start on the unverified results of the jobs \
+                     it `needs`, but it needs none"
+                        .into(),
+                ));
+            }
             if job.retries > MAX_RETRIES {
                 return Err(job_error(
                     text,
@@ -340,6 +370,8 @@ impl Pipeline {
                     retries: job.retries,
                     manual: job.manual,
                     matrix,
+                    spot_check_ppm,
+                    provisional: job.provisional,
                 },
             );
         }
@@ -406,6 +438,24 @@ fn check_attempts(text: &str, job: Option<&str>, p: RawPolicy) -> Result<(), Pip
     let message = format!(
         "policy `attempts` is {attempts}; it must be at least `quorum` ({}) and at most {MAX_ATTEMPTS}",
         p.quorum
+    );
+    Err(match job {
+        Some(name) => job_error(text, name, message),
+        None => PipelineError(message),
+    })
+}
+
+/// The policy's `spot_check` fraction in parts per million; refused unless within 0 and 1.
+fn spot_check_ppm(text: &str, job: Option<&str>, p: RawPolicy) -> Result<u32, PipelineError> {
+    let Some(rate) = p.spot_check else {
+        return Ok(0);
+    };
+    if (0.0..=1.0).contains(&rate) {
+        return Ok((rate * f64::from(PPM)).round() as u32);
+    }
+    let message = format!(
+        "policy `spot_check` is {rate}; it must be a fraction between 0 and 1 (0.1 has a trusted \
+         worker rebuild one verified result in ten)"
     );
     Err(match job {
         Some(name) => job_error(text, name, message),
@@ -804,6 +854,43 @@ jobs:
     }
 
     #[test]
+    fn spot_checks_and_provisional_inputs_are_parsed_and_checked() {
+        let text = "policy: {quorum: 2, spot_check: 0.1}\njobs:\n  build:\n    script: [make]\n  \
+                    test:\n    needs: [build]\n    provisional: true\n    policy: {quorum: 1, spot_check: 1}\n    \
+                    script: [check]\n";
+        let p = Pipeline::parse(text).unwrap();
+        let (build, test) = (p.job("build").unwrap(), p.job("test").unwrap());
+        assert_eq!((build.spot_check_ppm, build.provisional), (100_000, false));
+        assert_eq!((test.spot_check_ppm, test.provisional), (PPM, true));
+
+        let err = Pipeline::parse(&text.replace("spot_check: 0.1", "spot_check: 1.5"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("policy `spot_check` is 1.5; it must be a fraction between 0 and 1"),
+            "{err}"
+        );
+        let err = Pipeline::parse(&text.replace("spot_check: 1}", "spot_check: -0.5}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 5: job `test`: policy `spot_check` is -0.5"),
+            "{err}"
+        );
+        let err = Pipeline::parse(&text.replace("    needs: [build]\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 5: job `test`: `provisional: true`") && err.contains("needs none"),
+            "{err}"
+        );
+        let err = Pipeline::parse(&text.replace("provisional: true", "provisional: maybe"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 7"), "{err}");
+    }
+
+    #[test]
     fn specs_stored_before_these_fields_still_load() {
         let old = r#"{"name":"a","script":["x"],"artifacts":[],"needs":[],"timeout_secs":60,"labels":{},"policy":{"quorum":2,"trusted":0}}"#;
         let spec: JobSpec = serde_json::from_str(old).unwrap();
@@ -811,5 +898,6 @@ jobs:
             (spec.retries, spec.manual, spec.attempt_limit()),
             (0, false, 9)
         );
+        assert_eq!((spec.spot_check_ppm, spec.provisional), (0, false));
     }
 }

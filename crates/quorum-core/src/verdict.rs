@@ -91,6 +91,79 @@ pub fn job_verdict(policy: Policy, results: &[ResultView], outstanding: usize) -
     }
 }
 
+/// A disputed job's verdict once trusted workers rebuilt it to break the tie (an operator's
+/// request). `results` are the round's results, the dispute's record, which stays as it was;
+/// `rebuilds` are the rebuilds' results, of which only trusted workers' count. When every
+/// trusted rebuild agrees with one side of the dispute and that side, counting them, meets the
+/// policy, the job takes that side's verdict; otherwise it stays disputed, the rebuilds joining
+/// the record. The minority is not marked: its result stays in the record as it was reported.
+///
+/// Without trusted rebuilds, or when `results` are not a dispute, this is `job_verdict` with
+/// nothing outstanding, so the signer can call it for every job.
+pub fn verdict_with_rebuilds(
+    policy: Policy,
+    results: &[ResultView],
+    rebuilds: &[ResultView],
+) -> JobVerdict {
+    let base = job_verdict(policy, results, 0);
+    let trusted: Vec<&ResultView> = rebuilds.iter().filter(|r| r.trusted).collect();
+    let JobVerdict::Disputed { .. } = base else {
+        return base;
+    };
+    let Some(first) = trusted.first() else {
+        return base;
+    };
+    let unanimous = trusted.iter().all(|r| r.outcome == first.outcome);
+    let side: Vec<ResultView> = results
+        .iter()
+        .filter(|r| r.outcome == first.outcome)
+        .chain(trusted.iter().copied())
+        .cloned()
+        .collect();
+    // The side must have been one of the dispute's: a trusted result agreeing with no one
+    // explains nothing.
+    if unanimous && side.len() > trusted.len() {
+        match job_verdict(policy, &side, 0) {
+            v @ (JobVerdict::Verified { .. } | JobVerdict::Failed { .. }) => return v,
+            JobVerdict::Pending { .. } | JobVerdict::Disputed { .. } => {}
+        }
+    }
+    let all: Vec<ResultView> = results
+        .iter()
+        .chain(trusted.iter().copied())
+        .cloned()
+        .collect();
+    JobVerdict::Disputed {
+        groups: groups(&all),
+    }
+}
+
+/// Every distinct outcome and the workers that reported it, one worker per owner.
+fn groups(results: &[ResultView]) -> Vec<(Outcome, Vec<String>)> {
+    let mut groups: BTreeMap<&Outcome, Vec<&ResultView>> = BTreeMap::new();
+    for r in results {
+        let group = groups.entry(&r.outcome).or_default();
+        if !group.iter().any(|g| g.owner == r.owner) {
+            group.push(r);
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(o, m)| (o.clone(), m.iter().map(|r| r.worker.clone()).collect()))
+        .collect()
+}
+
+/// The manifest every result so far agrees on, when there are results and all succeeded with
+/// it: what a job accepting provisional inputs may start on before the policy is met.
+pub fn provisional_manifest(results: &[ResultView]) -> Option<Digest> {
+    let mut manifests = results.iter().map(|r| match r.outcome {
+        Outcome::Success { manifest } => Some(manifest),
+        Outcome::Failed => None,
+    });
+    let first = manifests.next()??;
+    manifests.all(|m| m == Some(first)).then_some(first)
+}
+
 /// Whether a job whose `round` ended in failure (its workers agree it fails, or it used up its
 /// attempts) runs again: while fewer than `retries` retries were made. Disputes are never
 /// retried: another round could outvote a disagreement that has to be explained instead.
@@ -216,5 +289,105 @@ mod tests {
             ),
             JobVerdict::Disputed { .. }
         ));
+    }
+
+    #[test]
+    fn a_trusted_rebuild_breaks_a_tie_toward_the_side_it_agrees_with() {
+        let p = Policy {
+            quorum: 2,
+            trusted: 0,
+        };
+        let (good, evil) = (ok(b"good"), ok(b"evil"));
+        let dispute = vec![r("w1", "o1", false, &good), r("w2", "o2", false, &evil)];
+        assert!(matches!(
+            verdict_with_rebuilds(p, &dispute, &[]),
+            JobVerdict::Disputed { .. }
+        ));
+        let verified = verdict_with_rebuilds(p, &dispute, &[r("t", "us", true, &good)]);
+        assert_eq!(
+            verified,
+            JobVerdict::Verified {
+                manifest: Digest::of(b"good"),
+                workers: vec!["w1".into(), "t".into()]
+            }
+        );
+        // An untrusted "rebuild" counts for nothing, and a trusted one agreeing with neither
+        // side joins the record without deciding anything.
+        assert!(matches!(
+            verdict_with_rebuilds(p, &dispute, &[r("u", "x", false, &good)]),
+            JobVerdict::Disputed { .. }
+        ));
+        let JobVerdict::Disputed { groups } =
+            verdict_with_rebuilds(p, &dispute, &[r("t", "us", true, &ok(b"third"))])
+        else {
+            panic!("a third answer does not decide")
+        };
+        assert_eq!(groups.len(), 3);
+        // Trusted rebuilds that disagree among themselves decide nothing either.
+        assert!(matches!(
+            verdict_with_rebuilds(
+                p,
+                &dispute,
+                &[r("t", "us", true, &good), r("t2", "them", true, &evil)]
+            ),
+            JobVerdict::Disputed { .. }
+        ));
+    }
+
+    #[test]
+    fn a_tie_break_must_still_meet_the_policy() {
+        let p = Policy {
+            quorum: 3,
+            trusted: 0,
+        };
+        let (a, b) = (ok(b"a"), ok(b"b"));
+        let dispute = vec![
+            r("w1", "o1", false, &a),
+            r("w2", "o2", false, &a),
+            r("w3", "o3", false, &b),
+        ];
+        // Agreeing with the single `b` makes two, short of three: still disputed.
+        assert!(matches!(
+            verdict_with_rebuilds(p, &dispute, &[r("t", "us", true, &b)]),
+            JobVerdict::Disputed { .. }
+        ));
+        assert!(matches!(
+            verdict_with_rebuilds(p, &dispute, &[r("t", "us", true, &a)]),
+            JobVerdict::Verified { .. }
+        ));
+        // The trusted worker's owner already on the side counts once.
+        assert!(matches!(
+            verdict_with_rebuilds(p, &dispute, &[r("t", "o3", true, &b)]),
+            JobVerdict::Disputed { .. }
+        ));
+        // Agreeing with a failure side fails the job.
+        let f = Outcome::Failed;
+        let failing = vec![r("w1", "o1", false, &f), r("w2", "o2", false, &a)];
+        let q2 = Policy {
+            quorum: 2,
+            trusted: 0,
+        };
+        assert!(matches!(
+            verdict_with_rebuilds(q2, &failing, &[r("t", "us", true, &f)]),
+            JobVerdict::Failed { .. }
+        ));
+    }
+
+    #[test]
+    fn provisional_inputs_need_agreeing_successes() {
+        let a = ok(b"a");
+        assert_eq!(provisional_manifest(&[]), None);
+        assert_eq!(
+            provisional_manifest(&[r("w1", "o1", false, &a)]),
+            Some(Digest::of(b"a"))
+        );
+        assert_eq!(
+            provisional_manifest(&[r("w1", "o1", false, &a), r("w2", "o2", false, &ok(b"b"))]),
+            None
+        );
+        assert_eq!(
+            provisional_manifest(&[r("w1", "o1", false, &Outcome::Failed)]),
+            None
+        );
     }
 }

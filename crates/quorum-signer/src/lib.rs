@@ -20,7 +20,7 @@ use quorum_api::v1::controller::{ReportedResult, ResultReport};
 use quorum_api::v1::worker_auth::report_message;
 use quorum_core::attest::{self, BuildFacts, Builder, Envelope, JobFacts};
 use quorum_core::pipeline::Policy;
-use quorum_core::verdict::{JobVerdict, ResultView, job_verdict};
+use quorum_core::verdict::{JobVerdict, ResultView, verdict_with_rebuilds};
 
 pub use ring::{KeyRing, RING_FILE, SignerKeyInfo, SignerKeyState};
 
@@ -79,6 +79,9 @@ pub struct JobEvidence {
     pub name: String,
     pub policy: Policy,
     pub results: Vec<ResultEvidence>,
+    /// Trusted rebuilds an operator asked for to break a dispute among `results`: counted by
+    /// `verdict_with_rebuilds`, which lets only trusted workers' results decide.
+    pub rebuilds: Vec<ResultEvidence>,
 }
 
 /// One worker's signed report with what the controller's operator says about that worker.
@@ -177,59 +180,29 @@ impl Signer {
 
 fn check_job(build_id: &str, job: &JobEvidence) -> Result<JobFacts, SignError> {
     let mut views = Vec::new();
+    let mut rebuild_views = Vec::new();
     let mut reports = Vec::new();
-    for r in &job.results {
-        let bad_sig = || SignError::BadReportSignature {
-            job: job.name.clone(),
-            assignment: r.assignment.clone(),
-            worker: r.worker.clone(),
-        };
-        let sig = B64.decode(&r.signature).map_err(|_| bad_sig())?;
-        let sig = Signature::from_slice(&sig).map_err(|_| bad_sig())?;
-        r.worker_key
-            .verify(&report_message(r.report.as_bytes()), &sig)
-            .map_err(|_| bad_sig())?;
-        let report: ResultReport =
-            serde_json::from_str(&r.report).map_err(|e| SignError::BadReport {
-                job: job.name.clone(),
-                assignment: r.assignment.clone(),
-                message: e.to_string(),
-            })?;
-        if report.build_id != build_id
-            || report.job != job.name
-            || report.assignment != r.assignment
-            || report.worker != r.worker
-        {
-            return Err(SignError::ReportMismatch {
-                job: job.name.clone(),
-                assignment: r.assignment.clone(),
-                about: format!(
-                    "build {} job {} assignment {} worker {}",
-                    report.build_id, report.job, report.assignment, report.worker
-                ),
-            });
-        }
-        if let ReportedResult::Success {
-            manifest,
-            manifest_digest,
-        } = &report.result
-            && (manifest.validate().is_err() || manifest.digest() != *manifest_digest)
-        {
-            return Err(SignError::BadReport {
-                job: job.name.clone(),
-                assignment: r.assignment.clone(),
-                message: "manifest does not match its digest".into(),
-            });
-        }
-        views.push(ResultView {
+    for (r, rebuild) in job
+        .results
+        .iter()
+        .map(|r| (r, false))
+        .chain(job.rebuilds.iter().map(|r| (r, true)))
+    {
+        let report = check_report(build_id, &job.name, r)?;
+        let view = ResultView {
             worker: r.worker.clone(),
             owner: r.owner.clone(),
             trusted: r.trusted,
             outcome: report.result.outcome(),
-        });
+        };
+        if rebuild {
+            rebuild_views.push(view);
+        } else {
+            views.push(view);
+        }
         reports.push((r, report));
     }
-    let verdict = job_verdict(job.policy, &views, 0);
+    let verdict = verdict_with_rebuilds(job.policy, &views, &rebuild_views);
     let JobVerdict::Verified {
         manifest: digest,
         workers,
@@ -268,6 +241,54 @@ fn check_job(build_id: &str, job: &JobEvidence) -> Result<JobFacts, SignError> {
             .map(|e| (e.path.clone(), e.digest))
             .collect(),
     })
+}
+
+/// One signed report, checked: its signature with the enrolled worker key, that it is about
+/// this build, job, assignment and worker, and that its manifest hashes to its digest.
+fn check_report(build_id: &str, job: &str, r: &ResultEvidence) -> Result<ResultReport, SignError> {
+    let bad_sig = || SignError::BadReportSignature {
+        job: job.to_string(),
+        assignment: r.assignment.clone(),
+        worker: r.worker.clone(),
+    };
+    let sig = B64.decode(&r.signature).map_err(|_| bad_sig())?;
+    let sig = Signature::from_slice(&sig).map_err(|_| bad_sig())?;
+    r.worker_key
+        .verify(&report_message(r.report.as_bytes()), &sig)
+        .map_err(|_| bad_sig())?;
+    let report: ResultReport =
+        serde_json::from_str(&r.report).map_err(|e| SignError::BadReport {
+            job: job.to_string(),
+            assignment: r.assignment.clone(),
+            message: e.to_string(),
+        })?;
+    if report.build_id != build_id
+        || report.job != job
+        || report.assignment != r.assignment
+        || report.worker != r.worker
+    {
+        return Err(SignError::ReportMismatch {
+            job: job.to_string(),
+            assignment: r.assignment.clone(),
+            about: format!(
+                "build {} job {} assignment {} worker {}",
+                report.build_id, report.job, report.assignment, report.worker
+            ),
+        });
+    }
+    if let ReportedResult::Success {
+        manifest,
+        manifest_digest,
+    } = &report.result
+        && (manifest.validate().is_err() || manifest.digest() != *manifest_digest)
+    {
+        return Err(SignError::BadReport {
+            job: job.to_string(),
+            assignment: r.assignment.clone(),
+            message: "manifest does not match its digest".into(),
+        });
+    }
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -325,6 +346,7 @@ mod tests {
                     trusted: 0,
                 },
                 results,
+                rebuilds: vec![],
             }],
         }
     }
@@ -440,6 +462,50 @@ mod tests {
         assert!(matches!(
             s.sign_build(&e),
             Err(SignError::ReportMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn a_trusted_rebuild_that_breaks_a_tie_is_signed_with_its_builder() {
+        let (w1, w2, t) = (
+            SigningKey::from_bytes(&[1; 32]),
+            SigningKey::from_bytes(&[2; 32]),
+            SigningKey::from_bytes(&[3; 32]),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let s = signer(dir.path());
+        let mut e = evidence(vec![
+            report(&w1, "w1", "a1", b"x"),
+            report(&w2, "w2", "a2", b"evil"),
+        ]);
+        let mut rebuild = report(&t, "t", "a3", b"x");
+        e.jobs[0].rebuilds.push(rebuild.clone());
+        // The controller's database calls the rebuilder trusted only if the operator enrolled it
+        // so; an untrusted rebuild decides nothing.
+        assert!(matches!(
+            s.sign_build(&e),
+            Err(SignError::NotVerified { .. })
+        ));
+        rebuild.trusted = true;
+        e.jobs[0].rebuilds = vec![rebuild];
+        let signed = s.sign_build(&e).unwrap();
+        let summary = attest::verify_envelope(&signed.summary, &s.public_key()).unwrap();
+        let builders: Vec<&str> = summary["predicate"]["agreement"][0]["builders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["owner"].as_str().unwrap())
+            .collect();
+        assert_eq!(builders, ["owner-w1", "owner-t"]);
+        // A rebuild's report is checked like any other.
+        // Signed by w2, but t is the worker enrolled under that name.
+        let mut forged = report(&w2, "t", "a3", b"x");
+        forged.worker_key = t.verifying_key();
+        forged.trusted = true;
+        e.jobs[0].rebuilds = vec![forged];
+        assert!(matches!(
+            s.sign_build(&e),
+            Err(SignError::BadReportSignature { .. })
         ));
     }
 }

@@ -63,6 +63,7 @@ pub(crate) async fn run(
     let shipper = tokio::spawn(crate::logship::ship(
         client.clone(),
         a.id.clone(),
+        crate::logship::redactor(&w, &a),
         log_rx,
         w.shutdown.clone(),
     ));

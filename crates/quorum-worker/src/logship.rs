@@ -2,6 +2,11 @@
 //! the byte offset the controller has accepted, and resends from there after a failure. The
 //! queue is always drained into a bounded buffer, so a slow or absent controller costs log bytes,
 //! never a stalled build.
+//!
+//! Every token and key the worker holds for the job is redacted before it leaves (the
+//! controller redacts again, as it does not trust the worker). A secret may straddle two chunks
+//! of output, so the bytes that could start one are held back until the next chunk decides them;
+//! the offsets the controller sees count the redacted stream.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,10 +15,12 @@ use std::time::Duration;
 
 use quorum_client::ClientError;
 use quorum_client::controller::WorkerClient;
+use quorum_core::redact::Redactor;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::Worker;
 use crate::retry::Backoff;
 
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
@@ -30,16 +37,40 @@ const DROPPED_NOTE: &[u8] =
 
 type LogCall = Pin<Box<dyn Future<Output = Result<(), ClientError>> + Send>>;
 
-/// Ships everything received on `rx` to the log of `assignment`, returning once `rx` is closed and
-/// the rest is delivered (or [`FINAL_FLUSH`] has passed). Returns the bytes the controller took.
+/// Finds what this worker holds for assignment `a`: its job and upload tokens and its own
+/// signing key (in the encodings a key is usually printed in).
+pub(crate) fn redactor(w: &Worker, a: &quorum_api::v1::controller::Assignment) -> Redactor {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    let key = w.key.to_bytes();
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    Redactor::new(
+        [
+            a.job_token.clone(),
+            a.upload_token.clone(),
+            STANDARD.encode(key),
+            URL_SAFE_NO_PAD.encode(key),
+            hex,
+        ],
+        false,
+    )
+}
+
+/// Ships everything received on `rx` to the log of `assignment`, with what `secrets` finds
+/// redacted, returning once `rx` is closed and the rest is delivered (or [`FINAL_FLUSH`] has
+/// passed). Returns the bytes the controller took.
 pub(crate) async fn ship(
     client: Arc<WorkerClient>,
     assignment: String,
+    secrets: Redactor,
     mut rx: mpsc::Receiver<Vec<u8>>,
     shutdown: CancellationToken,
 ) -> u64 {
     let mut offset = 0u64;
+    // Redacted, ready to send.
     let mut pending: Vec<u8> = Vec::new();
+    // Not yet redacted: output that may be the start of a secret.
+    let mut held: Vec<u8> = Vec::new();
     let mut dropping = false;
     let mut closed_at: Option<Instant> = None;
     let mut inflight: Option<(usize, LogCall)> = None;
@@ -67,17 +98,27 @@ pub(crate) async fn ship(
         }
         tokio::select! {
             chunk = rx.recv(), if closed_at.is_none() => match chunk {
-                Some(chunk) if pending.len() + chunk.len() <= MAX_PENDING => {
+                Some(chunk) if pending.len() + held.len() + chunk.len() <= MAX_PENDING => {
                     dropping = false;
-                    pending.extend_from_slice(&chunk);
+                    held.extend_from_slice(&chunk);
+                    let (redacted, decided) = secrets.redact(&held, false);
+                    pending.extend_from_slice(&redacted);
+                    held.drain(..decided);
                 }
                 Some(_) => {
                     if !dropping {
                         dropping = true;
+                        // What was held cannot be continued by the dropped output.
+                        pending.extend_from_slice(&secrets.redact_all(&held));
+                        held.clear();
                         pending.extend_from_slice(DROPPED_NOTE);
                     }
                 }
-                None => closed_at = Some(Instant::now()),
+                None => {
+                    pending.extend_from_slice(&secrets.redact_all(&held));
+                    held.clear();
+                    closed_at = Some(Instant::now());
+                }
             },
             sent = async { inflight.as_mut().expect("guarded by the branch condition").1.as_mut().await },
                 if inflight.is_some() =>
@@ -107,4 +148,84 @@ pub(crate) async fn ship(
         }
     }
     offset
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use axum::body::Bytes;
+    use axum::extract::{Query, State};
+
+    use super::*;
+
+    type Received = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+
+    #[derive(serde::Deserialize)]
+    struct At {
+        offset: u64,
+    }
+
+    /// A controller that keeps every log chunk with its offset.
+    async fn controller() -> (String, Received) {
+        let received = Received::default();
+        let router = axum::Router::new()
+            .fallback(
+                |State(r): State<Received>, Query(at): Query<At>, body: Bytes| async move {
+                    r.lock().unwrap().push((at.offset, body.to_vec()));
+                },
+            )
+            .with_state(received.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        (format!("http://{addr}/"), received)
+    }
+
+    #[tokio::test]
+    async fn a_token_split_between_shipped_chunks_leaves_redacted() {
+        let (url, received) = controller().await;
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let client = Arc::new(WorkerClient::new(&url, "w1", key));
+        let secret = "upload-token-0123456789";
+        let (tx, rx) = mpsc::channel(8);
+        let shipper = tokio::spawn(ship(
+            client,
+            "as-1".into(),
+            Redactor::new([secret], false),
+            rx,
+            CancellationToken::new(),
+        ));
+        tx.send(b"curl -H 'Bearer upload-tok".to_vec())
+            .await
+            .unwrap();
+        // Long enough for a flush: the first part goes out alone, without the held start.
+        tokio::time::sleep(FLUSH_EVERY * 3).await;
+        tx.send(b"en-0123456789' store\nend upload-".to_vec())
+            .await
+            .unwrap();
+        drop(tx);
+        let sent = tokio::time::timeout(Duration::from_secs(10), shipper)
+            .await
+            .unwrap()
+            .unwrap();
+
+        let chunks = received.lock().unwrap().clone();
+        assert!(chunks.len() >= 2, "shipped in several requests: {chunks:?}");
+        let mut log = Vec::new();
+        for (offset, body) in &chunks {
+            assert_eq!(
+                *offset,
+                log.len() as u64,
+                "offsets count the redacted stream"
+            );
+            log.extend_from_slice(body);
+        }
+        assert_eq!(sent, log.len() as u64);
+        assert_eq!(
+            String::from_utf8(log).unwrap(),
+            "curl -H 'Bearer [redacted]' store\nend [redacted]"
+        );
+        assert_eq!(chunks[0].1, b"curl -H 'Bearer ");
+    }
 }

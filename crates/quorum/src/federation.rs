@@ -206,6 +206,7 @@ impl Federation {
             lease_secs: self.spec.lease_secs,
             upload_max_files: 100_000,
             upload_max_bytes: 16 << 30,
+            project: Default::default(),
         }
     }
 

@@ -244,6 +244,15 @@ pub struct BuildStatus {
     pub jobs: Vec<JobStatus>,
     /// Whether a signed statement exists (`GET /api/v1/builds/{id}/statement`).
     pub signed: bool,
+    /// Review flags on this build's jobs, cleared ones included.
+    #[serde(default)]
+    pub flags: Vec<ReviewFlag>,
+    /// The spot checks drawn for this build's verified jobs.
+    #[serde(default)]
+    pub spot_checks: Vec<SpotCheckStatus>,
+    /// Trusted rebuilds requested to break this build's disputes.
+    #[serde(default)]
+    pub rebuilds: Vec<RebuildStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -257,6 +266,9 @@ pub struct JobStatus {
     pub assignments: Vec<AssignmentStatus>,
     /// For a dispute: the paths whose contents differ between the groups of results.
     pub differing_paths: Vec<String>,
+    /// For a dispute: the report explaining it (`GET .../jobs/{job}/diff`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispute_report: Option<DisputeReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -269,6 +281,8 @@ pub struct AssignmentStatus {
     pub outcome: Option<Outcome>,
     pub detail: Option<String>,
     pub usage: Option<Usage>,
+    #[serde(default)]
+    pub purpose: AssignmentPurpose,
 }
 
 /// `GET /api/v1/builds/{id}/artifacts`, API token: the verified artifacts and a read token to
@@ -341,4 +355,115 @@ pub struct UsageTotals {
     pub cpu_ms: u64,
     pub peak_rss_kib: u64,
     pub bytes_uploaded: u64,
+}
+
+/// Why an assignment was made.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AssignmentPurpose {
+    /// One of the job's round: its result counts toward the verdict.
+    #[default]
+    Quorum,
+    /// A trusted rebuild an operator asked for to break a dispute.
+    TieBreak,
+    /// A trusted rebuild of a verified job, drawn by its policy's `spot_check` rate: compared
+    /// with the verified result, never counted toward it.
+    SpotCheck,
+}
+
+/// `POST /api/v1/builds/{id}/jobs/{job}/rebuild`, API token: asks a trusted worker to rebuild a
+/// disputed job. If its result agrees with one side and that side, counting it, meets the
+/// policy, the job verifies and the build goes on; the dispute's record stays. `202`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RebuildRequest {
+    /// Must be true: only a trusted worker's rebuild can break a tie.
+    pub trusted: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RebuildStatus {
+    pub job: String,
+    pub round: i64,
+    /// `requested`, `running` or `done`.
+    pub state: String,
+    pub assignment: Option<String>,
+    pub detail: String,
+    pub requested_at: String,
+    pub finished_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SpotCheckStatus {
+    pub job: String,
+    /// The recorded draw, uniform in [0, 1000000): the job is checked when below `rate_ppm`.
+    pub draw: u32,
+    pub rate_ppm: u32,
+    /// `not_drawn`, `due`, `running`, `matched`, `mismatched` or `abandoned`.
+    pub state: String,
+    pub assignment: Option<String>,
+    pub detail: String,
+}
+
+/// A verified job flagged for an operator's review: why, and the evidence. Not a score: it says
+/// what a trusted rebuild found and which workers produced the result in question.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReviewFlag {
+    pub id: String,
+    pub build_id: String,
+    pub job: String,
+    pub reason: String,
+    pub evidence: FlagEvidence,
+    pub created_at: String,
+    pub cleared_at: Option<String>,
+    pub cleared_note: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FlagEvidence {
+    /// The spot check that found the mismatch: its build and job, the trusted worker and what
+    /// it produced.
+    pub checked_build: String,
+    pub checked_job: String,
+    pub trusted_worker: String,
+    pub trusted_outcome: Outcome,
+    /// What the checked job was verified with, and by which workers.
+    pub checked_manifest: Digest,
+    pub checked_workers: Vec<String>,
+    /// The flagged job's verified manifest, and which of the checked job's workers were among
+    /// the ones that produced it.
+    pub manifest: Digest,
+    pub workers: Vec<String>,
+}
+
+/// `GET /api/v1/review?all=BOOL`, API token: review flags, oldest first; open ones only unless
+/// `all`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReviewList {
+    pub flags: Vec<ReviewFlag>,
+}
+
+/// `POST /api/v1/review/{id}/clear`, API token: an operator closes a flag, saying why. `204`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClearFlag {
+    pub note: String,
+}
+
+/// `GET /api/v1/builds/{id}/jobs/{job}/diff[?format=html]`, API token: the report explaining a
+/// disputed job (plain text, or HTML with `format=html`). The controller writes it in the
+/// background after the dispute; until then the route answers `409`. The header names what
+/// produced it: [`DIFF_TOOL_DIFFOSCOPE`] or [`DIFF_TOOL_BUILTIN`].
+pub const HEADER_DIFF_TOOL: &str = "x-quorum-diff-tool";
+/// Every pair of differing files present on both sides was compared by diffoscope.
+pub const DIFF_TOOL_DIFFOSCOPE: &str = "diffoscope";
+/// The controller's own file-level diff (diffoscope absent, failed or timed out on some pair).
+pub const DIFF_TOOL_BUILTIN: &str = "built-in";
+
+/// In a job's status: a disputed job's explanation, `quorum diff BUILD JOB` prints it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DisputeReport {
+    /// The report is written; `false` while the controller still prepares it.
+    pub ready: bool,
+    /// [`DIFF_TOOL_DIFFOSCOPE`] or [`DIFF_TOOL_BUILTIN`], once ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
 }

@@ -139,12 +139,14 @@ pub async fn status(
     .await
     .map_err(ApiError::internal)?;
     let workers: Vec<db::WorkerRow> = workers.iter().map(db::worker_from_row).collect();
+    let mut reports = crate::diff::summaries(&state.pool, &id).await?;
     let signed = sqlx::query("SELECT 1 FROM statements WHERE build_id = $1")
         .bind(&id)
         .fetch_optional(&state.pool)
         .await
         .map_err(ApiError::internal)?
         .is_some();
+    let purposes = crate::rebuild::purposes(&state.pool, &id).await?;
     let jobs = jobs
         .into_iter()
         .map(|j| JobStatus {
@@ -153,6 +155,7 @@ pub async fn status(
             detail: j.detail.clone(),
             manifest: j.manifest.as_deref().and_then(|m| m.parse().ok()),
             differing_paths: j.differing_paths.clone(),
+            dispute_report: reports.remove(&j.name),
             assignments: assignments
                 .iter()
                 .filter(|a| a.job == j.name)
@@ -174,6 +177,7 @@ pub async fn status(
                             .and_then(|o| serde_json::from_str(o).ok()),
                         detail: a.detail.clone(),
                         usage: report.map(|r| r.usage),
+                        purpose: purposes.get(&a.id).copied().unwrap_or_default(),
                     }
                 })
                 .collect(),
@@ -189,6 +193,9 @@ pub async fn status(
         finished_at: b.finished_at.map(rfc3339),
         jobs,
         signed,
+        flags: crate::review::of_build(&state.pool, &id).await?,
+        spot_checks: crate::spot::of_build(&state.pool, &id).await?,
+        rebuilds: crate::rebuild::of_build(&state.pool, &id).await?,
     }))
 }
 
@@ -364,6 +371,7 @@ pub async fn read_log(
     let a = db::assignment(&state.pool, &id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no assignment {id}")))?;
+    crate::logs::flush_ended(&state, &a).await?;
     let rows = sqlx::query("SELECT \"offset\", data FROM logs WHERE assignment_id = $1 AND \"offset\" + LENGTH(data) > $2 ORDER BY \"offset\"")
         .bind(&id)
         .bind(q.offset as i64)

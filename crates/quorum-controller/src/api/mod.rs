@@ -3,7 +3,10 @@
 
 mod approve;
 mod builds;
+mod diff;
 mod metrics;
+mod rebuild;
+mod review;
 mod usage;
 mod workers;
 
@@ -35,6 +38,13 @@ pub fn router(state: Arc<State>) -> Router {
             "/api/v1/builds/{id}/jobs/{job}/approve",
             post(approve::approve),
         )
+        .route(
+            "/api/v1/builds/{id}/jobs/{job}/rebuild",
+            post(rebuild::rebuild),
+        )
+        .route("/api/v1/review", get(review::list))
+        .route("/api/v1/review/{id}/clear", post(review::clear))
+        .route("/api/v1/builds/{id}/jobs/{job}/diff", get(diff::diff))
         .route("/api/v1/builds/{id}/statement", get(builds::statement))
         .route("/api/v1/builds/{id}/summary", get(builds::summary))
         .route("/api/v1/builds/{id}/artifacts", get(builds::artifacts))

@@ -139,8 +139,10 @@ pub async fn poll(
     loop {
         // Register interest before looking, so an offer made in between still wakes us.
         let notified = notify.notified();
+        // Boxed: taking an offer holds two token requests in flight, and inline that state
+        // would sit in every idle worker's waiting poll.
         if req.capacity > 0
-            && let Some(a) = take_offer(&state, &w).await?
+            && let Some(a) = Box::pin(take_offer(&state, &w)).await?
         {
             return Ok(Json(a).into_response());
         }
@@ -154,6 +156,7 @@ pub async fn poll(
             if tokio::time::Instant::now() >= deadline {
                 return Ok(StatusCode::NO_CONTENT.into_response());
             }
+            let _turn = state.write_gate.enter().await;
             sqlx::query("UPDATE workers SET last_seen = $1 WHERE id = $2")
                 .bind(now_unix())
                 .bind(&w.id)
@@ -166,19 +169,27 @@ pub async fn poll(
 
 /// Claims the oldest offer for `w` and fetches its tokens.
 async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, ApiError> {
-    let offers = sqlx::query("SELECT * FROM assignments WHERE worker_id = $1 AND state = 'offered' ORDER BY created_at LIMIT 4")
-        .bind(&w.id)
-        .fetch_all(&state.pool)
-        .await
-        .map_err(ApiError::internal)?;
-    for row in offers.iter().map(db::assignment_from_row) {
-        let Some(build) = db::build(&state.pool, &row.build_id).await? else {
-            continue;
+    // The offers with their builds in one query, and the spec from the scheduler's cache: the
+    // dispatch path makes as few round trips to the database as it can.
+    let offers = sqlx::query(
+        "SELECT a.*, b.repository, b.commit_id, b.source_date_epoch FROM assignments a \
+         JOIN builds b ON b.id = a.build_id WHERE a.worker_id = $1 AND a.state = 'offered' \
+         ORDER BY a.created_at LIMIT 4",
+    )
+    .bind(&w.id)
+    .fetch_all(&state.pool)
+    .await
+    .map_err(ApiError::internal)?;
+    for r in &offers {
+        let row = db::assignment_from_row(r);
+        let spec = match crate::scheduler::cached_spec(state, &row.build_id, &row.job) {
+            Some(spec) => spec,
+            None => match db::job(&state.pool, &row.build_id, &row.job).await? {
+                Some(job) => job.spec,
+                None => continue,
+            },
         };
-        let Some(job) = db::job(&state.pool, &row.build_id, &row.job).await? else {
-            continue;
-        };
-        let lifetime = (job.spec.timeout_secs + 4 * state.lease_secs + 300) as i64;
+        let lifetime = (spec.timeout_secs + 4 * state.lease_secs + 300) as i64;
         let access = state
             .access_token()
             .await
@@ -202,18 +213,22 @@ async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, 
             ),
         )?;
         let tenant = token_claim(&access, "tenant").unwrap_or_default();
+        let turn = state.write_gate.enter().await;
         let claimed = sqlx::query(
-            "UPDATE assignments SET state = 'running', lease_expires = $1, upload_jti = $2, tenant = $3, deadline = $4 \
-             WHERE id = $5 AND state = 'offered'",
+            "UPDATE assignments SET state = 'running', lease_expires = $1, upload_jti = $2, tenant = $3, deadline = $4, \
+             log_secrets = $6 WHERE id = $5 AND state = 'offered'",
         )
         .bind(now_unix() + state.lease_secs as i64)
         .bind(token_claim(&upload_token, "jti"))
         .bind(&tenant)
-        .bind(now_unix() + (job.spec.timeout_secs + state.lease_secs) as i64)
+        .bind(now_unix() + (spec.timeout_secs + state.lease_secs) as i64)
         .bind(&row.id)
+        // The tokens are redacted from the assignment's log (`logs.rs`).
+        .bind(serde_json::to_string(&[&job_token, &upload_token]).map_err(ApiError::internal)?)
         .execute(&state.pool)
         .await
         .map_err(ApiError::internal)?;
+        drop(turn);
         if claimed.rows_affected() == 0 {
             continue; // withdrawn or taken by a concurrent poll
         }
@@ -223,13 +238,13 @@ async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, 
             build_id: row.build_id.clone(),
             job: row.job.clone(),
             tenant,
-            repository: build.repository.clone(),
-            commit: build.commit_id.clone(),
-            source_date_epoch: build.source_date_epoch,
-            script: job.spec.script.clone(),
-            artifacts: job.spec.artifacts.clone(),
-            timeout_secs: job.spec.timeout_secs,
-            inputs: job.spec.inputs.clone(),
+            repository: r.get("repository"),
+            commit: r.get("commit_id"),
+            source_date_epoch: r.get("source_date_epoch"),
+            script: spec.script.clone(),
+            artifacts: spec.artifacts.clone(),
+            timeout_secs: spec.timeout_secs,
+            inputs: spec.inputs.clone(),
             job_token,
             upload_token,
             store_url: state.store_url.clone(),
@@ -296,6 +311,7 @@ pub async fn refuse(
     // A busy worker declines; it may get the job again later. A refusal is final for this
     // worker and job.
     let new_state = if req.busy { "declined" } else { "refused" };
+    let turn = state.write_gate.enter().await;
     sqlx::query("UPDATE assignments SET state = $1, detail = $2, finished_at = $3 WHERE id = $4 AND state IN ('offered', 'running')")
         .bind(new_state)
         .bind(&reason)
@@ -304,6 +320,7 @@ pub async fn refuse(
         .execute(&state.pool)
         .await
         .map_err(ApiError::internal)?;
+    drop(turn);
     tracing::warn!(assignment = %a.id, worker = %w.id, %reason, state = new_state, "worker refused assignment");
     state.wake.notify_one();
     Ok(StatusCode::NO_CONTENT)
@@ -317,6 +334,7 @@ pub async fn heartbeat(
     SignedWorker { worker: w, .. }: SignedWorker,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     let a = own_assignment(&state, &w, &id).await?;
+    let turn = state.write_gate.enter().await;
     let renewed = sqlx::query(
         "UPDATE assignments SET lease_expires = $1 WHERE id = $2 AND state = 'running'",
     )
@@ -325,6 +343,7 @@ pub async fn heartbeat(
     .execute(&state.pool)
     .await
     .map_err(ApiError::internal)?;
+    drop(turn);
     Ok(Json(HeartbeatResponse {
         stop: renewed.rows_affected() == 0,
     }))
@@ -335,8 +354,9 @@ pub struct Offset {
     offset: u64,
 }
 
-/// `POST /api/v1/assignments/{id}/log?offset=N`, the assigned worker: appends log bytes.
-/// A chunk at an offset already stored is a harmless resend; a gap is refused.
+/// `POST /api/v1/assignments/{id}/log?offset=N`, the assigned worker: appends log bytes,
+/// redacted (`logs.rs`). A chunk at an offset already received is a harmless resend; a gap is
+/// refused.
 pub async fn log(
     AxState(state): AxState<Arc<State>>,
     Path(id): Path<String>,
@@ -347,38 +367,7 @@ pub async fn log(
     if body.is_empty() {
         return Ok(StatusCode::NO_CONTENT);
     }
-    // Chunks are contiguous (a gap is refused below), so the last chunk's end is the log's
-    // length: one indexed row instead of summing every chunk on each append.
-    let stored: i64 = sqlx::query_scalar(
-        "SELECT \"offset\" + LENGTH(data) FROM logs WHERE assignment_id = $1 ORDER BY \"offset\" DESC LIMIT 1",
-    )
-    .bind(&a.id)
-    .fetch_optional(&state.pool)
-    .await
-    .map_err(ApiError::internal)?
-    .unwrap_or(0);
-    let offset = q.offset as i64;
-    if offset + body.len() as i64 <= stored {
-        return Ok(StatusCode::NO_CONTENT);
-    }
-    if offset != stored {
-        return Err(ApiError::conflict(format!(
-            "log offset {offset} does not follow the {stored} bytes stored"
-        )));
-    }
-    if stored + body.len() as i64 > 64 * 1024 * 1024 {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "a job's log is limited to 64 MiB",
-        ));
-    }
-    sqlx::query("INSERT INTO logs (assignment_id, \"offset\", data) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
-        .bind(&a.id)
-        .bind(offset)
-        .bind(body.as_ref())
-        .execute(&state.pool)
-        .await
-        .map_err(ApiError::internal)?;
+    crate::logs::append(&state, &a, q.offset, &body).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -444,6 +433,7 @@ pub async fn result(
         ReportedResult::Failed { reason } => Some(reason.chars().take(2000).collect::<String>()),
     };
     let usage = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let turn = state.write_gate.enter().await;
     let done = sqlx::query(
         "UPDATE assignments SET state = 'reported', report = $1, signature = $2, outcome = $3, detail = $4, finished_at = $5, \
          wall_ms = $6, cpu_ms = $7, peak_rss_kib = $8, bytes_uploaded = $9 \
@@ -462,6 +452,7 @@ pub async fn result(
     .execute(&state.pool)
     .await
     .map_err(ApiError::internal)?;
+    drop(turn);
     if done.rows_affected() == 0 {
         return Err(ApiError::conflict(format!(
             "assignment {} is {}; its result is no longer wanted",

@@ -4,16 +4,13 @@
 //! a revoked key leaves `/api/v1/signer/keys`, and every verified build has an SLSA
 //! Verification Summary signed beside its provenance naming the policy and the builders.
 
-mod support;
-
-use std::time::Duration;
-
+use crate::bounded;
+use crate::support::{Backend, SimWorker, Stack};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use quorum_api::v1::controller::{BuildState, SignerKeys, Usage};
 use quorum_core::attest::{self, Envelope, VerifyError};
 use quorum_core::{Digest, attest::VSA_TYPE};
-use support::{Backend, Stack};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sqlite() {
@@ -25,16 +22,10 @@ async fn postgres() {
     bounded(rotation_revocation_and_summaries(Backend::Postgres)).await
 }
 
-async fn bounded(case: impl std::future::Future<Output = ()>) {
-    tokio::time::timeout(Duration::from_secs(180), case)
-        .await
-        .expect("the case finished within its time bound")
-}
-
 const ONE_JOB: &str = "jobs:\n  build:\n    script: [\"true\"]\n    artifacts: [out.txt]\n";
 
 /// Submits a build and has two workers of distinct owners agree on it.
-async fn verified_build(stack: &Stack, a: &support::SimWorker, b: &support::SimWorker) -> String {
+async fn verified_build(stack: &Stack, a: &SimWorker, b: &SimWorker) -> String {
     let build = stack.submit(ONE_JOB).await;
     let (ta, tb) = tokio::join!(a.take(), b.take());
     a.succeed(&ta, b"same bytes", Usage::default()).await;

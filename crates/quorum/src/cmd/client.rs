@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use base64::Engine as _;
-use quorum_api::v1::controller::{BuildState, BuildStatus, JobState, UsageTotals};
+use quorum_api::v1::controller::{
+    AssignmentPurpose, BuildState, BuildStatus, JobState, UsageTotals,
+};
 use quorum_client::user::UserClient;
 use quorum_core::Digest;
 use quorum_core::attest;
@@ -110,6 +112,74 @@ pub async fn approve(conn: &ControllerConn, build: &str, job: &str) -> anyhow::R
     client(conn).approve(build, job).await?;
     println!("job `{job}` of build {build} is approved");
     Ok(ExitCode::SUCCESS)
+}
+
+pub async fn rebuild(
+    conn: &ControllerConn,
+    trusted: bool,
+    build: &str,
+    job: &str,
+) -> anyhow::Result<ExitCode> {
+    if !trusted {
+        bail!(
+            "only a trusted worker's rebuild can break a tie; run `quorum rebuild --trusted {build} {job}`"
+        );
+    }
+    client(conn).rebuild_trusted(build, job).await?;
+    println!(
+        "a trusted rebuild of job `{job}` of build {build} is requested; `quorum status {build}` follows it"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn review_list(conn: &ControllerConn, all: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let list = client(conn).review_list(all).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if list.flags.is_empty() {
+        println!("no {}review flags", if all { "" } else { "open " });
+    }
+    for f in &list.flags {
+        print_flag(f);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn review_clear(
+    conn: &ControllerConn,
+    flag: &str,
+    note: &str,
+) -> anyhow::Result<ExitCode> {
+    client(conn).review_clear(flag, note).await?;
+    println!("review flag {flag} is cleared");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_flag(f: &quorum_api::v1::controller::ReviewFlag) {
+    let e = &f.evidence;
+    let state = match (&f.cleared_at, &f.cleared_note) {
+        (Some(at), note) => format!("cleared {at}: {}", note.as_deref().unwrap_or_default()),
+        (None, _) => format!("open since {}", f.created_at),
+    };
+    println!(
+        "flag {} on build {} job `{}` ({state})",
+        f.id, f.build_id, f.job
+    );
+    println!("    {}", f.reason);
+    println!(
+        "    evidence: job `{}` of build {} verified as {} by {}; trusted worker {} produced {}",
+        e.checked_job,
+        e.checked_build,
+        e.checked_manifest,
+        e.checked_workers.join(", "),
+        e.trusted_worker,
+        match &e.trusted_outcome {
+            Outcome::Success { manifest } => manifest.to_string(),
+            Outcome::Failed => "a failure".into(),
+        }
+    );
 }
 
 pub async fn usage(
@@ -267,8 +337,13 @@ pub fn report(status: &BuildStatus, json: bool) -> anyhow::Result<()> {
                         .unwrap_or_default()
                 ),
             };
+            let purpose = match a.purpose {
+                AssignmentPurpose::Quorum => "",
+                AssignmentPurpose::TieBreak => " (tie-break)",
+                AssignmentPurpose::SpotCheck => " (spot check)",
+            };
             println!(
-                "    {:<12} {:<10} {:<8} {}",
+                "    {:<12} {:<10} {:<8} {}{purpose}",
                 a.worker,
                 a.owner,
                 if a.trusted { "trusted" } else { "" },
@@ -278,12 +353,43 @@ pub fn report(status: &BuildStatus, json: bool) -> anyhow::Result<()> {
         if !j.differing_paths.is_empty() {
             println!("    differing files: {}", j.differing_paths.join(", "));
         }
+        match &j.dispute_report {
+            Some(r) if r.ready => println!(
+                "    diff report ({}): quorum diff {} {}",
+                r.tool.as_deref().unwrap_or_default(),
+                status.id,
+                j.name
+            ),
+            Some(_) => println!("    diff report: being prepared"),
+            None => {}
+        }
+    }
+    for r in &status.rebuilds {
+        println!("  trusted rebuild of {}: {}: {}", r.job, r.state, r.detail);
+    }
+    for c in &status.spot_checks {
+        println!(
+            "  spot check of {}: {} (draw {} against rate {} per million){}",
+            c.job,
+            c.state,
+            c.draw,
+            c.rate_ppm,
+            if c.detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", c.detail)
+            }
+        );
+    }
+    for f in &status.flags {
+        print_flag(f);
     }
     Ok(())
 }
 
 /// Downloads the verified artifacts of `build` into `out/<job>/<path>`, with the signed
-/// statement, the key that signed it (`signer.pub`) and every key the controller publishes
+/// statement, its verification summary (both checked by `quorum_client::verify::check_build`,
+/// so a build whose summary does not say PASSED for it is refused), the key that signed it (`signer.pub`) and every key the controller publishes
 /// (`signer-keys.json`, for `quorum verify --key`) beside them. Every file is checked against
 /// its digest and against the statement before it is kept.
 pub async fn fetch_verified(
@@ -292,20 +398,24 @@ pub async fn fetch_verified(
     out: &Path,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let envelope = c.statement(build).await?;
+    let summary = c
+        .summary(build)
+        .await
+        .context("cannot get the build's verification summary")?;
     let published = c.signer_keys().await?;
     let keys = signer_keys(&published).context("the controller's signer keys")?;
     // Any published key will do (statements signed before a rotation name a retired key); a
-    // revoked key is not published, so its statements are refused here.
-    let statement = attest::verify_envelope_with_any(&envelope, &keys).context(
-        "the statement does not verify with any key the controller publishes for its signer",
-    )?;
+    // revoked key is not published, so its statements are refused here. The summary must say
+    // the policy was met, for this build and this provenance.
+    let checked = quorum_client::verify::check_build(build, &envelope, &summary, &keys)
+        .context("refusing the build's artifacts")?;
     let signed_by = envelope
         .signatures
         .iter()
         .find_map(|s| published.keys.get(&s.keyid))
         .cloned()
         .unwrap_or_default();
-    let subjects = attest::subjects(&statement)?;
+    let subjects = checked.subjects;
     let list = c.artifacts(build).await?;
     let store = quorum_client::store::StoreClient::new(&list.store_url);
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -337,6 +447,10 @@ pub async fn fetch_verified(
     quorum_service::write_private(
         &out.join("statement.intoto.json"),
         &serde_json::to_vec_pretty(&envelope)?,
+    )?;
+    quorum_service::write_private(
+        &out.join("summary.intoto.json"),
+        &serde_json::to_vec_pretty(&summary)?,
     )?;
     std::fs::write(out.join("signer.pub"), format!("{signed_by}\n"))?;
     std::fs::write(

@@ -3,6 +3,7 @@
 //! `verify`), and `publish` to a store.
 
 mod client;
+mod diff;
 mod local;
 mod publish;
 mod roles;
@@ -267,6 +268,29 @@ pub struct ControllerConn {
 }
 
 #[derive(Debug, Subcommand)]
+enum ReviewAction {
+    /// List review flags, oldest first (open ones only unless --all).
+    List {
+        #[command(flatten)]
+        conn: ControllerConn,
+        /// Include cleared flags.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Clear a review flag once it has been looked into, saying why.
+    Clear {
+        #[command(flatten)]
+        conn: ControllerConn,
+        flag: String,
+        /// Why the flag is cleared (kept with it).
+        #[arg(long)]
+        note: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Run an identity provider.
     #[command(args_conflicts_with_subcommands = true)]
@@ -342,12 +366,39 @@ enum Command {
         #[arg(short = 'f', long)]
         follow: bool,
     },
+    /// Print the report explaining a disputed job: how each group's differing files differ
+    /// (diffoscope's report, or the built-in file-level diff).
+    Diff {
+        #[command(flatten)]
+        conn: ControllerConn,
+        build: String,
+        job: String,
+        /// The HTML report instead of text.
+        #[arg(long)]
+        html: bool,
+    },
     /// Approve a manual job of a build (`manual: true` in the pipeline) so it can run.
     Approve {
         #[command(flatten)]
         conn: ControllerConn,
         build: String,
         job: String,
+    },
+    /// Ask a trusted worker to rebuild a disputed job: if it agrees with one side and that side
+    /// then meets the policy, the job verifies. The dispute stays on record.
+    Rebuild {
+        #[command(flatten)]
+        conn: ControllerConn,
+        /// Required: only a trusted worker's rebuild can break a tie.
+        #[arg(long)]
+        trusted: bool,
+        build: String,
+        job: String,
+    },
+    /// List or clear the review flags that spot checks raise.
+    Review {
+        #[command(subcommand)]
+        action: ReviewAction,
     },
     /// Show what workers reported using for this controller's builds, per tenant and per build.
     Usage {
@@ -501,6 +552,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             follow,
         } => client::logs(&conn, &build, job.as_deref(), follow).await,
         Command::Approve { conn, build, job } => client::approve(&conn, &build, &job).await,
+        Command::Diff {
+            conn,
+            build,
+            job,
+            html,
+        } => diff::diff(&conn, &build, &job, html).await,
+        Command::Rebuild {
+            conn,
+            trusted,
+            build,
+            job,
+        } => client::rebuild(&conn, trusted, &build, &job).await,
+        Command::Review {
+            action: ReviewAction::List { conn, all, json },
+        } => client::review_list(&conn, all, json).await,
+        Command::Review {
+            action: ReviewAction::Clear { conn, flag, note },
+        } => client::review_clear(&conn, &flag, &note).await,
         Command::Usage {
             conn,
             tenant,

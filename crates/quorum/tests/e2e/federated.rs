@@ -65,6 +65,7 @@ async fn controller(
         lease_secs: util::LEASE_SECS,
         upload_max_files: 1000,
         upload_max_bytes: 1 << 30,
+        project: Default::default(),
     };
     l.server(name, "controller", &config).await.unwrap()
 }

@@ -5,6 +5,7 @@
 
 mod federated;
 mod invariants;
+mod signing;
 mod util;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -148,12 +148,22 @@ pub struct Stack {
     pub config: quorum_controller::Config,
     idp: Option<Served>,
     store: Option<Served>,
+    store_config: quorum_store::Config,
     controller: Option<Served>,
     pub dir: tempfile::TempDir,
 }
 
 impl Stack {
     pub async fn start(backend: Backend, lease_secs: u64) -> Stack {
+        Stack::start_with(backend, lease_secs, Default::default()).await
+    }
+
+    /// A stack whose controller serves a project configured as `project`.
+    pub async fn start_with(
+        backend: Backend,
+        lease_secs: u64,
+        project: quorum_controller::ProjectConfig,
+    ) -> Stack {
         let dir = tempfile::tempdir().unwrap();
         let db = TestDb::create(backend).await;
         let secret = format!("secret-{}", uuid::Uuid::new_v4().simple());
@@ -178,8 +188,10 @@ impl Stack {
             )],
             ..Default::default()
         };
-        let (store_url, store) =
-            serve("127.0.0.1:0", |l, s| quorum_store::run(l, store_config, s)).await;
+        let (store_url, store) = serve("127.0.0.1:0", |l, s| {
+            quorum_store::run(l, store_config.clone(), s)
+        })
+        .await;
         let api_token = format!("api-{}", uuid::Uuid::new_v4().simple());
         let config = quorum_controller::Config {
             listen: "127.0.0.1:0".into(),
@@ -199,6 +211,7 @@ impl Stack {
             lease_secs,
             upload_max_files: 1000,
             upload_max_bytes: 1 << 30,
+            project,
         };
         let mut stack = Stack {
             db,
@@ -209,6 +222,7 @@ impl Stack {
             config,
             idp: Some(idp),
             store: Some(store),
+            store_config,
             controller: None,
             dir,
         };
@@ -247,6 +261,21 @@ impl Stack {
             assert!(Instant::now() < deadline, "the controller did not start");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Stops the store, as an outage would look to the controller (its data stays).
+    pub async fn stop_store(&mut self) {
+        if let Some(s) = self.store.take() {
+            s.stop().await;
+        }
+    }
+
+    /// Starts the store again on the address it had.
+    pub async fn start_store(&mut self) {
+        let listen = self.store_url.trim_start_matches("http://").to_string();
+        let config = self.store_config.clone();
+        let (_, served) = serve(&listen, |l, s| quorum_store::run(l, config, s)).await;
+        self.store = Some(served);
     }
 
     /// Stops the controller gracefully (its state stays in the database).
@@ -288,6 +317,22 @@ impl Stack {
     /// Enrolls a simulated worker of `owner` named `name`.
     pub async fn worker(&self, name: &str, owner: &str, trusted: bool) -> SimWorker {
         let token = self.enrollment(owner, trusted, &BTreeMap::new()).await;
+        SimWorker::enroll(&self.controller_url, name, &token).await
+    }
+
+    /// Enrolls a simulated worker of `owner` named `name` carrying the operator's `labels`.
+    pub async fn labelled_worker(
+        &self,
+        name: &str,
+        owner: &str,
+        trusted: bool,
+        labels: &[(&str, &str)],
+    ) -> SimWorker {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let token = self.enrollment(owner, trusted, &labels).await;
         SimWorker::enroll(&self.controller_url, name, &token).await
     }
 
@@ -422,6 +467,23 @@ impl SimWorker {
             .unwrap();
     }
 
+    /// Uploads `content` as the assignment's `out.txt` to the store and records the manifest,
+    /// with the upload token the controller handed over, as a worker does before it reports.
+    pub async fn upload(&self, a: &Assignment, content: &[u8]) {
+        let store = quorum_client::store::StoreClient::new(&a.store_url);
+        store
+            .put_blob(&a.upload_token, &Digest::of(content), content.to_vec())
+            .await
+            .unwrap();
+        let ReportedResult::Success { manifest, .. } = success(content) else {
+            unreachable!("success() is a success")
+        };
+        store
+            .put_manifest(&a.upload_token, &manifest)
+            .await
+            .unwrap();
+    }
+
     pub async fn fail(&self, a: &Assignment, reason: &str) {
         let report = self.report(
             a,
@@ -449,5 +511,42 @@ pub fn success(content: &[u8]) -> ReportedResult {
     ReportedResult::Success {
         manifest_digest: manifest.digest(),
         manifest,
+    }
+}
+
+impl SimWorker {
+    /// Uploads `files` (path, contents) to the store with the assignment's upload token, records
+    /// their manifest there, and reports success with it: a result whose files the controller
+    /// can fetch back (to explain a dispute, say).
+    pub async fn succeed_with_files(&self, a: &Assignment, files: &[(&str, &[u8])]) {
+        let store = quorum_client::store::StoreClient::new(&a.store_url);
+        let mut entries = Vec::new();
+        for (path, content) in files {
+            let digest = Digest::of(content);
+            store
+                .put_blob(&a.upload_token, &digest, content.to_vec())
+                .await
+                .unwrap();
+            entries.push(ManifestEntry {
+                path: path.to_string(),
+                mode: 0o644,
+                size: content.len() as u64,
+                digest,
+            });
+        }
+        let manifest = Manifest::new(entries).unwrap();
+        store
+            .put_manifest(&a.upload_token, &manifest)
+            .await
+            .unwrap();
+        let result = ReportedResult::Success {
+            manifest_digest: manifest.digest(),
+            manifest,
+        };
+        let report = self.report(a, result, Usage::default());
+        self.client
+            .result(&a.id, &self.client.sign_report(&report))
+            .await
+            .unwrap();
     }
 }
