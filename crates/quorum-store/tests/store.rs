@@ -109,8 +109,9 @@ enum Backend {
     S3Postgres,
 }
 
-/// A fresh PostgreSQL database and S3 bucket of this test's own, or nothing for [`Backend::Local`].
-async fn prepare(backend: Backend) -> (Option<String>, BlobsConfig) {
+/// A fresh PostgreSQL database (dropped with the returned guard) and S3 bucket of this test's
+/// own, or nothing for [`Backend::Local`].
+async fn prepare(backend: Backend) -> (Option<quorum_testkit::PgDatabase>, BlobsConfig) {
     if backend == Backend::Local {
         return (None, BlobsConfig::Local);
     }
@@ -119,18 +120,9 @@ async fn prepare(backend: Backend) -> (Option<String>, BlobsConfig) {
             panic!("{var} is not set: run `source .ci/services.sh` first (it starts PostgreSQL and moto)")
         })
     };
-    let pg = need("QUORUM_TEST_POSTGRES_URL");
     let s3 = need("QUORUM_TEST_S3_ENDPOINT");
-    let name = format!("store_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&pg)
-        .await
-        .expect("cannot reach QUORUM_TEST_POSTGRES_URL");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let (base, _) = pg.rsplit_once('/').unwrap();
-    let bucket = name.replace('_', "-");
+    let db = quorum_testkit::PgDatabase::create("store").await;
+    let bucket = format!("store-{}", uuid::Uuid::new_v4().simple());
     let made = reqwest::Client::new()
         .put(format!("{s3}/{bucket}"))
         .send()
@@ -148,7 +140,7 @@ async fn prepare(backend: Backend) -> (Option<String>, BlobsConfig) {
         access_key_id: Some("test".into()),
         secret_access_key: Some("test".into()),
     });
-    (Some(format!("{base}/{name}")), blobs)
+    (Some(db), blobs)
 }
 
 /// Starts a store and waits until it answers, so its storage is ready for other users (such as
@@ -194,6 +186,8 @@ struct World {
     config: quorum_store::Config,
     store_dir: PathBuf,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
+    /// The PostgreSQL database of the S3 + PostgreSQL runs, dropped after the test.
+    _db: Option<quorum_testkit::PgDatabase>,
 }
 
 impl World {
@@ -206,7 +200,7 @@ impl World {
         let idp_dir = tempfile::tempdir().unwrap();
         let store_dir = tempfile::tempdir().unwrap();
         let idp = start_idp(idp_dir.path()).await;
-        let (database_url, blobs) = prepare(backend).await;
+        let (db, blobs) = prepare(backend).await;
         let mut config = quorum_store::Config {
             listen: "127.0.0.1:0".into(),
             data_dir: store_dir.path().to_path_buf(),
@@ -215,7 +209,7 @@ impl World {
                 issuer: idp.url.clone(),
                 tenants: None,
             }],
-            database_url,
+            database_url: db.as_ref().map(|d| d.url.clone()),
             blobs,
             ..Default::default()
         };
@@ -229,6 +223,7 @@ impl World {
             idp,
             store,
             _dirs: (idp_dir, store_dir),
+            _db: db,
         }
     }
 

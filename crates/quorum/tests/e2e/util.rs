@@ -70,82 +70,12 @@ pub enum Db {
     Postgres,
 }
 
-/// A fresh database on the test PostgreSQL server (QUORUM_TEST_POSTGRES_URL), dropped with
-/// this value.
-pub struct PgDatabase {
-    pub url: String,
-    admin: String,
-    name: String,
-}
-
-impl PgDatabase {
-    pub async fn create() -> PgDatabase {
-        use sqlx::{Connection as _, Executor as _};
-        let admin = std::env::var("QUORUM_TEST_POSTGRES_URL").unwrap_or_else(|_| {
-            panic!(
-                "QUORUM_TEST_POSTGRES_URL is not set: run `source .ci/services.sh` first to \
-                 start the PostgreSQL server the controller's PostgreSQL tests need"
-            )
-        });
-        let name = format!("quorum_e2e_{}", uuid_like());
-        let mut conn = sqlx::PgConnection::connect(&admin)
-            .await
-            .unwrap_or_else(|e| panic!("cannot reach QUORUM_TEST_POSTGRES_URL: {e}"));
-        conn.execute(format!("CREATE DATABASE {name}").as_str())
-            .await
-            .unwrap();
-        conn.close().await.unwrap();
-        let (base, query) = match admin.split_once('?') {
-            Some((b, q)) => (b, format!("?{q}")),
-            None => (admin.as_str(), String::new()),
-        };
-        let scheme_end = base.find("://").map_or(0, |i| i + 3);
-        let host_end = base[scheme_end..]
-            .find('/')
-            .map_or(base.len(), |i| scheme_end + i);
-        PgDatabase {
-            url: format!("{}/{name}{query}", &base[..host_end]),
-            admin,
-            name,
-        }
-    }
-}
-
-fn uuid_like() -> String {
-    use rand_core::RngCore as _;
-    let mut b = [0u8; 16];
-    rand_core::OsRng.fill_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        let (admin, name) = (self.admin.clone(), self.name.clone());
-        // Drop may run inside the test's runtime, which cannot be blocked on.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                use sqlx::{Connection as _, Executor as _};
-                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
-                    let _ = conn
-                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
 pub struct Fixture {
     // Field order matters: the federation stops before its database is dropped and its
     // directory removed.
     pub fed: Federation,
     /// Held so the database outlives the federation, then is dropped.
-    _db: Option<PgDatabase>,
+    _db: Option<quorum_testkit::PgDatabase>,
     pub dir: tempfile::TempDir,
 }
 
@@ -158,7 +88,7 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let db = match db {
             Db::Sqlite => None,
-            Db::Postgres => Some(PgDatabase::create().await),
+            Db::Postgres => Some(quorum_testkit::PgDatabase::create("quorum_e2e").await),
         };
         let mut spec = Spec::local(dir.path(), &exe(), 0);
         spec.workers = workers;

@@ -33,81 +33,25 @@ pub enum Backend {
 /// A PostgreSQL database is created fresh and dropped when this is dropped.
 pub struct TestDb {
     pub url: Option<String>,
-    admin: Option<(String, String)>,
+    _pg: Option<quorum_testkit::PgDatabase>,
 }
 
 impl TestDb {
     pub async fn create(backend: Backend) -> TestDb {
-        use sqlx::{Connection as _, Executor as _};
         match backend {
             Backend::Sqlite => TestDb {
                 url: None,
-                admin: None,
+                _pg: None,
             },
             Backend::Postgres => {
-                let admin = std::env::var("QUORUM_TEST_POSTGRES_URL").unwrap_or_else(|_| {
-                    panic!(
-                        "QUORUM_TEST_POSTGRES_URL is not set: run `source .ci/services.sh` first \
-                         to start the PostgreSQL server these tests need"
-                    )
-                });
-                let name = format!("quorum_ctl_{}", uuid::Uuid::new_v4().simple());
-                let mut conn = sqlx::PgConnection::connect(&admin)
-                    .await
-                    .unwrap_or_else(|e| panic!("cannot reach QUORUM_TEST_POSTGRES_URL: {e}"));
-                conn.execute(format!("CREATE DATABASE {name}").as_str())
-                    .await
-                    .unwrap();
-                conn.close().await.unwrap();
+                let pg = quorum_testkit::PgDatabase::create("quorum_ctl").await;
                 TestDb {
-                    url: Some(with_database(&admin, &name)),
-                    admin: Some((admin, name)),
+                    url: Some(pg.url.clone()),
+                    _pg: Some(pg),
                 }
             }
         }
     }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let Some((admin, name)) = self.admin.take() else {
-            return;
-        };
-        // Drop runs inside the test's runtime, which cannot be blocked on: use a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                use sqlx::{Connection as _, Executor as _};
-                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
-                    let _ = conn
-                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-/// `admin` (a PostgreSQL URL) naming database `name` instead of its own.
-fn with_database(admin: &str, name: &str) -> String {
-    let (base, query) = match admin.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (admin, None),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let host_end = base[scheme_end..]
-        .find('/')
-        .map_or(base.len(), |i| scheme_end + i);
-    let mut url = format!("{}/{name}", &base[..host_end]);
-    if let Some(q) = query {
-        url.push('?');
-        url.push_str(q);
-    }
-    url
 }
 
 struct Served {
