@@ -1,8 +1,8 @@
 //! Client for an identity provider's token endpoint, used by controllers.
 
 use quorum_api::v1::idp::{
-    GRANT_CLIENT_CREDENTIALS, GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS, TokenConstraints,
-    TokenRequest, TokenResponse,
+    GRANT_CLIENT_CREDENTIALS, GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS, TOKEN_TYPE_JOB_AND_UPLOAD,
+    TakeUpRequest, TakeUpTokens, TokenConstraints, TokenRequest, TokenResponse,
 };
 
 use crate::{ClientError, send_json};
@@ -37,6 +37,22 @@ pub struct TokenFor {
     pub constraints: TokenConstraints,
 }
 
+/// What the controller asks a take-up's job and upload tokens to be for (one exchange,
+/// [`TOKEN_TYPE_JOB_AND_UPLOAD`]).
+#[derive(Debug, Clone, Default)]
+pub struct TakeUpFor {
+    /// The job token's audience: `worker:<name>`.
+    pub worker_audience: String,
+    /// The upload token's audience: the store.
+    pub upload_audience: String,
+    pub build: String,
+    pub job: String,
+    pub assignment: String,
+    pub lifetime_secs: i64,
+    /// Limits the store enforces for the upload token.
+    pub upload_constraints: TokenConstraints,
+}
+
 impl IdpClient {
     pub fn new(base: &str, client_id: &str, client_secret: &str) -> IdpClient {
         IdpClient {
@@ -47,24 +63,31 @@ impl IdpClient {
         }
     }
 
-    async fn token(
+    async fn token<T: serde::de::DeserializeOwned>(
         &self,
         req: &TokenRequest,
         constraints: &TokenConstraints,
-    ) -> Result<TokenResponse, ClientError> {
-        /// One form: the standard parameters and Quorum's constraints side by side.
+        take_up: &TakeUpRequest,
+    ) -> Result<T, ClientError> {
+        /// One form: the standard parameters and Quorum's side by side.
         #[derive(serde::Serialize)]
         struct Form<'a> {
             #[serde(flatten)]
             req: &'a TokenRequest,
             #[serde(flatten)]
             constraints: &'a TokenConstraints,
+            #[serde(flatten)]
+            take_up: &'a TakeUpRequest,
         }
         let req = self
             .http
             .post(format!("{}/token", self.base))
             .basic_auth(&self.client_id, Some(&self.client_secret))
-            .form(&Form { req, constraints });
+            .form(&Form {
+                req,
+                constraints,
+                take_up,
+            });
         send_json(req).await
     }
 
@@ -76,6 +99,7 @@ impl IdpClient {
                 ..Default::default()
             },
             &TokenConstraints::default(),
+            &TakeUpRequest::default(),
         )
         .await
     }
@@ -99,6 +123,34 @@ impl IdpClient {
                 lifetime_secs: Some(what.lifetime_secs),
             },
             &what.constraints,
+            &TakeUpRequest::default(),
+        )
+        .await
+    }
+
+    /// Exchanges the client's access token for an assignment's job and upload tokens in one
+    /// request.
+    pub async fn exchange_take_up(
+        &self,
+        access_token: &str,
+        what: &TakeUpFor,
+    ) -> Result<TakeUpTokens, ClientError> {
+        self.token(
+            &TokenRequest {
+                grant_type: GRANT_TOKEN_EXCHANGE.into(),
+                subject_token: Some(access_token.to_string()),
+                subject_token_type: Some(TOKEN_TYPE_ACCESS.into()),
+                requested_token_type: Some(TOKEN_TYPE_JOB_AND_UPLOAD.into()),
+                audience: Some(what.worker_audience.clone()),
+                build: Some(what.build.clone()),
+                job: Some(what.job.clone()),
+                assignment: Some(what.assignment.clone()),
+                lifetime_secs: Some(what.lifetime_secs),
+            },
+            &what.upload_constraints,
+            &TakeUpRequest {
+                upload_audience: Some(what.upload_audience.clone()),
+            },
         )
         .await
     }

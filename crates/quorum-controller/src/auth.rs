@@ -74,7 +74,7 @@ async fn worker(
         })?;
     let unknown = || ApiError::unauthorized("unknown worker or bad signature");
     let w = db::worker(&state.pool, id).await?.ok_or_else(unknown)?;
-    let key = public_key(&w.public_key).ok_or_else(unknown)?;
+    let key = parsed_key(&w.public_key).ok_or_else(unknown)?;
     let path = uri
         .path_and_query()
         .map(|p| p.as_str())
@@ -98,6 +98,30 @@ async fn worker(
         state.wake.notify_one();
     }
     Ok(w)
+}
+
+/// Parsed enrolled keys, by their stored base64 form: parsing decompresses a curve point on
+/// every request otherwise. Only the parsing is remembered: which key a worker has (and whether
+/// it still exists) is read from its row on every request, so a worker removed or given a new
+/// key is never checked against a remembered key. Emptied when full.
+static PARSED_KEYS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, VerifyingKey>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// Most keys [`PARSED_KEYS`] holds: a few MiB, more than the idle-worker benchmark's 10,000.
+const PARSED_KEYS_MAX: usize = 65_536;
+
+fn parsed_key(b64: &str) -> Option<VerifyingKey> {
+    if let Some(key) = PARSED_KEYS.lock().expect("parsed keys").get(b64) {
+        return Some(*key);
+    }
+    let key = public_key(b64)?;
+    let mut keys = PARSED_KEYS.lock().expect("parsed keys");
+    if keys.len() >= PARSED_KEYS_MAX {
+        keys.clear();
+    }
+    keys.insert(b64.to_string(), key);
+    Some(key)
 }
 
 pub fn public_key(b64: &str) -> Option<VerifyingKey> {

@@ -1,16 +1,16 @@
 //! The IdP's signing keys: a key ring in `idp.db` (table `signing_keys`), so that
 //! `quorum idp key rotate` can change the signing key of a running IdP without a restart.
 //!
-//! Exactly one key is active. The IdP reads the active key from the database on every token
-//! request (one indexed row; the parsed key is cached by kid), so a rotation counts from the next
-//! request. A rotated-out key loses its private half in the same transaction (it never signs
+//! Exactly one key is active. The IdP reads the active key and the published ones from the
+//! database at most once a second (`CACHE`; a rotation made in the IdP's own process counts at
+//! once), so a rotation by the CLI counts from at most a second later. A rotated-out key loses its private half in the same transaction (it never signs
 //! again; `secure_delete` overwrites the bytes in the file) and keeps its public half in JWKS
 //! until every token it signed has expired: the rotation time plus the longest token lifetime
-//! plus the verifiers' clock skew. Then it is dropped from JWKS and only listed.
+//! plus the verifiers' clock skew plus that second. Then it is dropped from JWKS and only listed.
 //!
-//! Claims are built before the active key is read (`token.rs`), so a token signed with a key
-//! that a racing rotation has just retired was issued before that rotation, and expires within
-//! the key's publication window.
+//! Claims are built before the active key is read (`token.rs`), and the key read is at most a
+//! second old, so a token signed with a key that a racing rotation has just retired was issued
+//! at most a second after that rotation, and expires within the key's publication window.
 
 use std::path::Path;
 
@@ -86,14 +86,32 @@ pub fn rfc3339(t: i64) -> String {
         .unwrap_or_else(|| t.to_string())
 }
 
+/// How long the running IdP trusts its last read of the ring. A rotation made by another
+/// process (`quorum idp key rotate`) counts from at most this much later; one made in this
+/// process counts at once ([`ROTATIONS`]). A retired key stays published this much longer too,
+/// since it may sign for this long after its rotation.
+const CACHE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Rotations made in this process: a ring whose snapshot predates the last one reads again.
+static ROTATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The running IdP's view of the ring. No `Debug`: it caches a private key.
 pub(crate) struct KeyRing {
     pool: SqlitePool,
     /// This IdP's longest token lifetime: a retired key stays published at least this long
     /// (plus skew) after its rotation, even if the CLI that rotated it read a shorter one.
     max_lifetime_secs: i64,
-    /// The active key as last parsed: a request then pays one query, not a key derivation.
-    active: std::sync::Mutex<Option<IssuerKey>>,
+    /// The ring as last read: a token request then pays neither a query nor a key derivation.
+    snapshot: std::sync::Mutex<Option<std::sync::Arc<Snapshot>>>,
+}
+
+/// One read of the ring: the active key and the keys published beside it, read together so a
+/// token is never signed with a key its own exchange would not find.
+struct Snapshot {
+    read_at: std::time::Instant,
+    rotations: u64,
+    active: IssuerKey,
+    published: Vec<Jwk>,
 }
 
 impl KeyRing {
@@ -101,40 +119,24 @@ impl KeyRing {
         KeyRing {
             pool: db.pool().clone(),
             max_lifetime_secs,
-            active: std::sync::Mutex::default(),
+            snapshot: std::sync::Mutex::default(),
         }
     }
 
-    /// The key that signs now, as the database says at this moment.
+    /// The key that signs now, as the database said at most [`CACHE`] ago.
     pub(crate) async fn active(&self) -> Result<IssuerKey, KeyError> {
-        let row = sqlx::query(
-            "SELECT kid, private_key FROM signing_keys WHERE retired_at IS NULL AND private_key IS NOT NULL",
-        )
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or(KeyError::NoActiveKey)?;
-        let kid: String = row.get("kid");
-        let mut cached = self.active.lock().expect("active key cache");
-        if let Some(key) = cached.as_ref()
-            && key.kid == kid
-        {
-            return Ok(key.clone());
-        }
-        let seed: Vec<u8> = row.get("private_key");
-        let key = issuer_key(&kid, &seed).ok_or_else(|| KeyError::Corrupt(kid.clone()))?;
-        tracing::info!(kid = %key.kid, "signing with key");
-        *cached = Some(key.clone());
-        Ok(key)
+        Ok(self.snapshot().await?.active.clone())
     }
 
-    /// The public keys verifiers may need now: the active one and every retiring one.
+    /// The public keys verifiers may need now: the active one and every retiring one. Read
+    /// from the database each time (verifiers cache JWKS), so it never lags what signs.
     pub(crate) async fn published(&self) -> Result<Vec<Jwk>, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT kid, public_key FROM signing_keys
              WHERE retired_at IS NULL OR MAX(published_until, retired_at + ?) > ?
              ORDER BY rowid DESC",
         )
-        .bind(self.max_lifetime_secs + SKEW_SECS)
+        .bind(self.max_lifetime_secs + SKEW_SECS + CACHE.as_secs() as i64)
         .bind(quorum_service::now_unix())
         .fetch_all(&self.pool)
         .await?;
@@ -148,14 +150,54 @@ impl KeyRing {
             .collect())
     }
 
-    /// A published key by kid (for the IdP's own access tokens, which may predate a rotation).
-    pub(crate) async fn public_key(&self, kid: &str) -> Result<Option<VerifyingKey>, sqlx::Error> {
-        Ok(self
-            .published()
-            .await?
-            .into_iter()
-            .find(|k| k.kid == kid)
-            .and_then(|k| k.verifying_key().ok()))
+    /// A published key by kid (for the IdP's own access tokens, which may predate a rotation):
+    /// from the snapshot, or from the database for a kid the snapshot does not know.
+    pub(crate) async fn public_key(&self, kid: &str) -> Result<Option<VerifyingKey>, KeyError> {
+        let snapshot = self.snapshot().await?;
+        let found = match snapshot.published.iter().find(|k| k.kid == kid) {
+            Some(k) => Some(k.clone()),
+            None => self.published().await?.into_iter().find(|k| k.kid == kid),
+        };
+        Ok(found.and_then(|k| k.verifying_key().ok()))
+    }
+
+    /// The snapshot, read again when it is older than [`CACHE`] or than this process's last
+    /// rotation. Concurrent requests may each read; the last one's snapshot stays.
+    async fn snapshot(&self) -> Result<std::sync::Arc<Snapshot>, KeyError> {
+        let rotations = ROTATIONS.load(std::sync::atomic::Ordering::SeqCst);
+        let previous = self.snapshot.lock().expect("key ring snapshot").clone();
+        if let Some(s) = &previous
+            && s.rotations == rotations
+            && s.read_at.elapsed() < CACHE
+        {
+            return Ok(s.clone());
+        }
+        let read_at = std::time::Instant::now();
+        let row = sqlx::query(
+            "SELECT kid, private_key FROM signing_keys WHERE retired_at IS NULL AND private_key IS NOT NULL",
+        )
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(KeyError::NoActiveKey)?;
+        let published = self.published().await?;
+        let kid: String = row.get("kid");
+        let active = match previous {
+            Some(s) if s.active.kid == kid => s.active.clone(),
+            _ => {
+                let seed: Vec<u8> = row.get("private_key");
+                let key = issuer_key(&kid, &seed).ok_or_else(|| KeyError::Corrupt(kid.clone()))?;
+                tracing::info!(kid = %key.kid, "signing with key");
+                key
+            }
+        };
+        let snapshot = std::sync::Arc::new(Snapshot {
+            read_at,
+            rotations,
+            active,
+            published,
+        });
+        *self.snapshot.lock().expect("key ring snapshot") = Some(snapshot.clone());
+        Ok(snapshot)
     }
 }
 
@@ -276,11 +318,12 @@ impl KeyAdmin {
              WHERE retired_at IS NULL",
         )
         .bind(now)
-        .bind(now + self.max_lifetime_secs + SKEW_SECS)
+        .bind(now + self.max_lifetime_secs + SKEW_SECS + CACHE.as_secs() as i64)
         .execute(&mut *tx)
         .await?;
         let kid = insert_active(&mut tx, &new_key()).await?;
         tx.commit().await?;
+        ROTATIONS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         // `secure_delete` scrubs the database file, but the WAL still holds the pages written
         // when the old key was inserted: copy it back and empty it. Busy readers only delay
         // this to a later checkpoint, so a failure here is not the rotation's.

@@ -100,7 +100,7 @@ impl Config {
 /// What every handler shares.
 struct Idp {
     issuer: String,
-    /// Read per request, so `quorum idp key rotate` counts from the next one.
+    /// Read at most once a second, so `quorum idp key rotate` counts from a second later.
     keys: keys::KeyRing,
     clients: Arc<clients::Clients>,
     /// Read per request, so the admin CLI's changes count from the next one.

@@ -1,7 +1,7 @@
 //! `POST /token`, client authenticated with HTTP Basic: the client credentials grant gives a
 //! client its access token for this IdP, and RFC 8693 token exchange turns that access token
 //! into a job, upload, read or revoke token for one assignment or build, carrying the
-//! constraints the controller sets up front. The tenant always comes from the
+//! constraints the controller sets up front, or into a take-up's job and upload tokens at once. The tenant always comes from the
 //! client's registration.
 
 use std::sync::Arc;
@@ -13,8 +13,8 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use quorum_api::v1::idp::{
     GRANT_CLIENT_CREDENTIALS, GRANT_TOKEN_EXCHANGE, OAuthError, TOKEN_TYPE_ACCESS, TOKEN_TYPE_JOB,
-    TOKEN_TYPE_READ, TOKEN_TYPE_REVOKE, TOKEN_TYPE_UPLOAD, TokenConstraints, TokenRequest,
-    TokenResponse,
+    TOKEN_TYPE_JOB_AND_UPLOAD, TOKEN_TYPE_READ, TOKEN_TYPE_REVOKE, TOKEN_TYPE_UPLOAD,
+    TakeUpRequest, TakeUpTokens, TokenConstraints, TokenRequest, TokenResponse,
 };
 use quorum_token::{Claims, Expect, Scope, TYP_ACCESS, TYP_JOB, TYP_READ, TYP_REVOKE, TYP_UPLOAD};
 
@@ -129,9 +129,10 @@ pub async fn token(
     };
     let req: TokenRequest = serde_urlencoded::from_bytes(&form).map_err(unreadable)?;
     let constraints: TokenConstraints = serde_urlencoded::from_bytes(&form).map_err(unreadable)?;
+    let take_up: TakeUpRequest = serde_urlencoded::from_bytes(&form).map_err(unreadable)?;
     let issued = match req.grant_type.as_str() {
-        GRANT_CLIENT_CREDENTIALS => client_credentials(&idp, &client).await?,
-        GRANT_TOKEN_EXCHANGE => exchange(&idp, &client, &req, &constraints).await?,
+        GRANT_CLIENT_CREDENTIALS => Issued::One(client_credentials(&idp, &client).await?),
+        GRANT_TOKEN_EXCHANGE => exchange(&idp, &client, &req, &constraints, &take_up).await?,
         other => {
             return Err(OAuthFailure::new(
                 "unsupported_grant_type",
@@ -145,6 +146,14 @@ pub async fn token(
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
+}
+
+/// What `POST /token` answers: one token, or a take-up's two.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Issued {
+    One(TokenResponse),
+    TakeUp(TakeUpTokens),
 }
 
 fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
@@ -178,7 +187,66 @@ async fn exchange(
     client: &Client,
     req: &TokenRequest,
     constraints: &TokenConstraints,
-) -> Result<TokenResponse, OAuthFailure> {
+    take_up: &TakeUpRequest,
+) -> Result<Issued, OAuthFailure> {
+    check_subject(idp, client, req).await?;
+    let requested = req.requested_token_type.as_deref().unwrap_or_default();
+    let (typ, token_type) = match requested {
+        TOKEN_TYPE_JOB => (TYP_JOB, TOKEN_TYPE_JOB),
+        TOKEN_TYPE_UPLOAD => (TYP_UPLOAD, TOKEN_TYPE_UPLOAD),
+        TOKEN_TYPE_READ => (TYP_READ, TOKEN_TYPE_READ),
+        TOKEN_TYPE_REVOKE => (TYP_REVOKE, TOKEN_TYPE_REVOKE),
+        TOKEN_TYPE_JOB_AND_UPLOAD => {
+            return Ok(Issued::TakeUp(
+                exchange_take_up(idp, client, req, constraints, take_up).await?,
+            ));
+        }
+        _ => {
+            return Err(OAuthFailure::invalid_request(format!(
+                "requested_token_type `{requested}` is not one of `{TOKEN_TYPE_JOB}`, `{TOKEN_TYPE_UPLOAD}`, `{TOKEN_TYPE_READ}`, `{TOKEN_TYPE_REVOKE}`, `{TOKEN_TYPE_JOB_AND_UPLOAD}`"
+            )));
+        }
+    };
+    if take_up.upload_audience.is_some() {
+        return Err(OAuthFailure::invalid_request(format!(
+            "upload_audience belongs only to `{TOKEN_TYPE_JOB_AND_UPLOAD}` exchanges"
+        )));
+    }
+    let audience = required(&req.audience, "audience")?;
+    let (scope, lifetime) = scope(idp, client, req, constraints)?;
+    let claims = idp.claims(client, audience, lifetime, Some(scope));
+    let key = idp.signing_key().await?;
+    Ok(Issued::One(mint(client, &key, typ, token_type, claims)))
+}
+
+/// A take-up's job and upload tokens at once: the checks of the two single exchanges, with the
+/// job and assignment required, and the constraints on the upload token only (the job token
+/// is used at the worker, which counts nothing).
+async fn exchange_take_up(
+    idp: &Idp,
+    client: &Client,
+    req: &TokenRequest,
+    constraints: &TokenConstraints,
+    take_up: &TakeUpRequest,
+) -> Result<TakeUpTokens, OAuthFailure> {
+    let audience = required(&req.audience, "audience")?;
+    let upload_audience = required(&take_up.upload_audience, "upload_audience")?;
+    required(&req.job, "job")?;
+    required(&req.assignment, "assignment")?;
+    let (job_scope, lifetime) = scope(idp, client, req, &TokenConstraints::default())?;
+    let (upload_scope, _) = scope(idp, client, req, constraints)?;
+    let job = idp.claims(client, audience, lifetime, Some(job_scope));
+    let upload = idp.claims(client, upload_audience, lifetime, Some(upload_scope));
+    let key = idp.signing_key().await?;
+    Ok(TakeUpTokens {
+        job: mint(client, &key, TYP_JOB, TOKEN_TYPE_JOB, job),
+        upload: mint(client, &key, TYP_UPLOAD, TOKEN_TYPE_UPLOAD, upload),
+    })
+}
+
+/// Checks that the exchange's subject token is this client's own, unexpired access token from
+/// this IdP.
+async fn check_subject(idp: &Idp, client: &Client, req: &TokenRequest) -> Result<(), OAuthFailure> {
     let subject = req
         .subject_token
         .as_deref()
@@ -224,19 +292,16 @@ async fn exchange(
             "subject_token was issued to another client",
         ));
     }
-    let requested = req.requested_token_type.as_deref().unwrap_or_default();
-    let (typ, token_type) = match requested {
-        TOKEN_TYPE_JOB => (TYP_JOB, TOKEN_TYPE_JOB),
-        TOKEN_TYPE_UPLOAD => (TYP_UPLOAD, TOKEN_TYPE_UPLOAD),
-        TOKEN_TYPE_READ => (TYP_READ, TOKEN_TYPE_READ),
-        TOKEN_TYPE_REVOKE => (TYP_REVOKE, TOKEN_TYPE_REVOKE),
-        _ => {
-            return Err(OAuthFailure::invalid_request(format!(
-                "requested_token_type `{requested}` is not one of `{TOKEN_TYPE_JOB}`, `{TOKEN_TYPE_UPLOAD}`, `{TOKEN_TYPE_READ}`, `{TOKEN_TYPE_REVOKE}`"
-            )));
-        }
-    };
-    let audience = required(&req.audience, "audience")?;
+    Ok(())
+}
+
+/// The scope an exchange asks for, checked, and its lifetime capped at the IdP's maximum.
+fn scope(
+    idp: &Idp,
+    client: &Client,
+    req: &TokenRequest,
+    constraints: &TokenConstraints,
+) -> Result<(Scope, i64), OAuthFailure> {
     let build = required(&req.build, "build")?;
     let job = optional(&req.job, "job")?;
     let assignment = optional(&req.assignment, "assignment")?;
@@ -273,18 +338,32 @@ async fn exchange(
         max_calls: constraints.max_calls,
         source_cidrs,
     };
-    let claims = idp.claims(client, audience, lifetime, Some(scope));
-    let key = idp.signing_key().await?;
+    Ok((scope, lifetime))
+}
+
+/// Signs one exchanged token. The claims are built before the key is read (`keys.rs`).
+fn mint(
+    client: &Client,
+    key: &quorum_token::IssuerKey,
+    typ: &'static str,
+    token_type: &str,
+    claims: Claims,
+) -> TokenResponse {
+    let build = claims
+        .scope
+        .as_ref()
+        .map(|s| s.build.as_str())
+        .unwrap_or_default();
     tracing::info!(
-        client = %client.id, tenant = %client.tenant, typ, audience, build, jti = %claims.jti, kid = %key.kid, lifetime,
-        "issued exchanged token"
+        client = %client.id, tenant = %client.tenant, typ, audience = %claims.aud, build, jti = %claims.jti, kid = %key.kid,
+        lifetime = claims.exp - claims.iat, "issued exchanged token"
     );
-    Ok(TokenResponse {
-        access_token: quorum_token::mint(typ, &claims, &key),
+    TokenResponse {
+        access_token: quorum_token::mint(typ, &claims, key),
         issued_token_type: token_type.into(),
         token_type: "Bearer".into(),
-        expires_in: lifetime,
-    })
+        expires_in: claims.exp - claims.iat,
+    }
 }
 
 /// Splits and checks the comma-separated CIDR list, so a token never carries a network its

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use quorum_api::v1::idp::{
     Discovery, GRANT_CLIENT_CREDENTIALS, GRANT_TOKEN_EXCHANGE, OAuthError, TOKEN_TYPE_ACCESS,
-    TOKEN_TYPE_JOB, TOKEN_TYPE_READ, TOKEN_TYPE_UPLOAD,
+    TOKEN_TYPE_JOB, TOKEN_TYPE_JOB_AND_UPLOAD, TOKEN_TYPE_READ, TOKEN_TYPE_UPLOAD,
+    TokenConstraints,
 };
-use quorum_client::idp::{IdpClient, TokenFor};
+use quorum_client::idp::{IdpClient, TakeUpFor, TokenFor};
 use quorum_client::trust::{TrustedIssuer, TrustedIssuers};
 use quorum_idp::{ClientConfig, Config, hash_secret};
 use quorum_token::{Jwks, TYP_ACCESS, TYP_JOB, TYP_READ, TYP_UPLOAD};
@@ -665,6 +666,227 @@ async fn an_issuer_speaks_only_for_the_tenants_it_is_trusted_for() {
                 .await
                 .is_err()
         );
+    })
+    .await;
+    idp.stop().await;
+}
+
+/// The take-up exchange's form with `changes` applied: each named field is replaced by the
+/// given value, or dropped for `None`.
+fn take_up_form<'a>(
+    subject: &'a str,
+    changes: &[(&'a str, Option<&'a str>)],
+) -> Vec<(&'a str, &'a str)> {
+    let mut form = vec![
+        ("grant_type", GRANT_TOKEN_EXCHANGE),
+        ("subject_token", subject),
+        ("subject_token_type", TOKEN_TYPE_ACCESS),
+        ("requested_token_type", TOKEN_TYPE_JOB_AND_UPLOAD),
+        ("audience", "worker:alice-1"),
+        ("upload_audience", "store:bettina"),
+        ("build", "b-42"),
+        ("job", "compile"),
+        ("assignment", "a-1"),
+        ("lifetime_secs", "600"),
+    ];
+    for (name, value) in changes {
+        form.retain(|(n, _)| n != name);
+        form.extend(value.map(|v| (*name, v)));
+    }
+    form
+}
+
+#[tokio::test]
+async fn take_up_exchange_gives_both_tokens_scoped_as_the_single_exchanges_would() {
+    use quorum_token::Scope;
+    let dir = tempfile::tempdir().unwrap();
+    let idp = start(dir.path(), 900).await;
+    bounded(async {
+        let trust = TrustedIssuers::new(vec![TrustedIssuer::any_tenant(idp.url.clone())]);
+        let dinah = client(&idp, 0);
+        let access = dinah.access_token().await.unwrap().access_token;
+        let what = TakeUpFor {
+            worker_audience: "worker:alice-1".into(),
+            upload_audience: "store:bettina".into(),
+            build: "b-42".into(),
+            job: "compile".into(),
+            assignment: "a-1".into(),
+            // Capped at the IdP's maximum, as a single exchange's.
+            lifetime_secs: 7 * 24 * 3600,
+            upload_constraints: TokenConstraints {
+                max_files: Some(3),
+                max_bytes: Some(1000),
+                max_calls: Some(7),
+                source_cidrs: Some("10.0.0.0/8".into()),
+            },
+        };
+        let tokens = dinah.exchange_take_up(&access, &what).await.unwrap();
+        assert_eq!(tokens.job.issued_token_type, TOKEN_TYPE_JOB);
+        assert_eq!(tokens.upload.issued_token_type, TOKEN_TYPE_UPLOAD);
+        assert_eq!(
+            (tokens.job.expires_in, tokens.upload.expires_in),
+            (900, 900)
+        );
+        let job = trust
+            .verify(&tokens.job.access_token, TYP_JOB, "worker:alice-1", 900)
+            .await
+            .unwrap();
+        let upload = trust
+            .verify(
+                &tokens.upload.access_token,
+                TYP_UPLOAD,
+                "store:bettina",
+                900,
+            )
+            .await
+            .unwrap();
+        let scope = Scope {
+            controller: "ctl-dinah".into(),
+            build: "b-42".into(),
+            job: Some("compile".into()),
+            assignment: Some("a-1".into()),
+            max_files: None,
+            max_bytes: None,
+            max_calls: None,
+            source_cidrs: vec![],
+        };
+        // The constraints bind the upload token only; the job token is used at the worker.
+        assert_eq!(job.scope.as_ref(), Some(&scope));
+        assert_eq!(
+            upload.scope,
+            Some(Scope {
+                max_files: Some(3),
+                max_bytes: Some(1000),
+                max_calls: Some(7),
+                source_cidrs: vec!["10.0.0.0/8".into()],
+                ..scope
+            })
+        );
+        for c in [&job, &upload] {
+            assert_eq!((c.sub.as_str(), c.tenant.as_str()), ("ctl-dinah", "dinah"));
+            assert_eq!(c.exp - c.iat, 900);
+        }
+        assert_ne!(job.jti, upload.jti);
+        // Neither token passes for the other: type and audience both differ.
+        for (token, typ, audience) in [
+            (&tokens.job.access_token, TYP_UPLOAD, "store:bettina"),
+            (&tokens.job.access_token, TYP_UPLOAD, "worker:alice-1"),
+            (&tokens.upload.access_token, TYP_JOB, "worker:alice-1"),
+            (&tokens.upload.access_token, TYP_JOB, "store:bettina"),
+        ] {
+            assert!(trust.verify(token, typ, audience, 900).await.is_err());
+        }
+
+        // The tenant comes from the registration, whatever the form says.
+        let (status, body) = post_form(
+            &idp,
+            "ctl-dinah",
+            "dinah-secret",
+            &take_up_form(&access, &[("tenant", Some("eliza"))]),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        for (field, typ, audience) in [
+            ("job", TYP_JOB, "worker:alice-1"),
+            ("upload", TYP_UPLOAD, "store:bettina"),
+        ] {
+            let token = body[field]["access_token"].as_str().unwrap();
+            let c = trust.verify(token, typ, audience, 900).await.unwrap();
+            assert_eq!(c.tenant, "dinah");
+        }
+    })
+    .await;
+    idp.stop().await;
+}
+
+#[tokio::test]
+async fn take_up_exchange_refuses_what_the_single_exchanges_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = start(dir.path(), 3600).await;
+    bounded(async {
+        let dinah = client(&idp, 0);
+        let access = dinah.access_token().await.unwrap().access_token;
+        let elizas = client(&idp, 1).access_token().await.unwrap().access_token;
+        let exchanged = dinah
+            .exchange(&access, &token_for(TOKEN_TYPE_JOB, "worker:w", "1"))
+            .await
+            .unwrap()
+            .access_token;
+        // (form, OAuth error, what its description names)
+        type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, &'a str);
+        let cases: Vec<Case> = vec![
+            (
+                take_up_form(&access, &[("upload_audience", None)]),
+                "invalid_request",
+                "upload_audience is required",
+            ),
+            (
+                take_up_form(&access, &[("upload_audience", Some(""))]),
+                "invalid_request",
+                "upload_audience is required",
+            ),
+            (
+                take_up_form(&access, &[("audience", None)]),
+                "invalid_request",
+                "audience is required",
+            ),
+            (
+                take_up_form(&access, &[("job", None)]),
+                "invalid_request",
+                "job is required",
+            ),
+            (
+                take_up_form(&access, &[("assignment", None)]),
+                "invalid_request",
+                "assignment is required",
+            ),
+            (
+                take_up_form(&access, &[("build", None)]),
+                "invalid_request",
+                "build is required",
+            ),
+            (
+                take_up_form(&access, &[("lifetime_secs", Some("0"))]),
+                "invalid_request",
+                "lifetime_secs must be positive",
+            ),
+            (
+                take_up_form(&access, &[("source_cidrs", Some("10.0.0.300/8"))]),
+                "invalid_request",
+                "`10.0.0.300/8` is not a CIDR",
+            ),
+            (
+                take_up_form(&access, &[("subject_token_type", None)]),
+                "invalid_request",
+                "subject_token_type",
+            ),
+            (
+                take_up_form(&elizas, &[]),
+                "invalid_grant",
+                "issued to another client",
+            ),
+            (take_up_form(&exchanged, &[]), "invalid_grant", "token type"),
+            (
+                take_up_form(
+                    &access,
+                    &[("requested_token_type", Some(TOKEN_TYPE_UPLOAD))],
+                ),
+                "invalid_request",
+                "upload_audience belongs only to",
+            ),
+        ];
+        for (form, error, needle) in cases {
+            let (status, body) = post_form(&idp, "ctl-dinah", "dinah-secret", &form).await;
+            assert_eq!(status, 400, "{form:?}: {body}");
+            let err = oauth_error(body);
+            assert_eq!(err.error, error, "{form:?}: {err:?}");
+            assert!(err.error_description.contains(needle), "{form:?}: {err:?}");
+        }
+        // A wrong secret is refused before anything is read.
+        let (status, body) =
+            post_form(&idp, "ctl-dinah", "wrong", &take_up_form(&access, &[])).await;
+        assert_eq!(status, 401);
+        assert_eq!(oauth_error(body).error, "invalid_client");
     })
     .await;
     idp.stop().await;

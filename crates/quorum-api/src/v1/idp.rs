@@ -82,3 +82,27 @@ pub struct OAuthError {
     pub error: String,
     pub error_description: String,
 }
+
+/// `requested_token_type` of the exchange that gives a worker's take-up both its tokens in one
+/// request: a job token for `audience` (`worker:<name>`) and an upload token for
+/// [`TakeUpRequest::upload_audience`] (the store), with the same scope (`build`, `job` and
+/// `assignment`, all three required) and lifetime, checked as the two single exchanges are.
+/// The [`TokenConstraints`] apply to the upload token only. Answered with [`TakeUpTokens`].
+pub const TOKEN_TYPE_JOB_AND_UPLOAD: &str = "urn:quorum:token-type:job-and-upload";
+
+/// The further form field of a [`TOKEN_TYPE_JOB_AND_UPLOAD`] exchange, sent beside
+/// [`TokenRequest`]'s.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct TakeUpRequest {
+    /// The upload token's audience (the store); `audience` is the job token's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_audience: Option<String>,
+}
+
+/// The answer to a [`TOKEN_TYPE_JOB_AND_UPLOAD`] exchange: each token as a single exchange
+/// would have answered it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TakeUpTokens {
+    pub job: TokenResponse,
+    pub upload: TokenResponse,
+}

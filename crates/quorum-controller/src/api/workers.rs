@@ -15,9 +15,8 @@ use quorum_api::v1::controller::{
     Assignment, EnrollRequest, EnrollResponse, HeartbeatResponse, PollRequest, RefuseRequest,
     ReportedResult, ResultReport, SignedReport,
 };
-use quorum_api::v1::idp::{TOKEN_TYPE_JOB, TOKEN_TYPE_UPLOAD};
 use quorum_api::v1::worker_auth::report_message;
-use quorum_client::idp::TokenFor;
+use quorum_client::idp::TakeUpFor;
 use quorum_service::{ApiError, now_unix};
 use serde::Deserialize;
 use sqlx::Row as _;
@@ -139,7 +138,7 @@ pub async fn poll(
     loop {
         // Register interest before looking, so an offer made in between still wakes us.
         let notified = notify.notified();
-        // Boxed: taking an offer holds two token requests in flight, and inline that state
+        // Boxed: taking an offer holds a token request in flight, and inline that state
         // would sit in every idle worker's waiting poll.
         if req.capacity > 0
             && let Some(a) = Box::pin(take_offer(&state, &w)).await?
@@ -194,24 +193,27 @@ async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, 
             .access_token()
             .await
             .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")))?;
-        let (job_token, upload_token) = tokio::try_join!(
-            exchange(
-                state,
-                &access,
-                TOKEN_TYPE_JOB,
-                format!("worker:{}", w.id),
-                &row,
-                lifetime
-            ),
-            exchange(
-                state,
-                &access,
-                TOKEN_TYPE_UPLOAD,
-                state.store_audience.clone(),
-                &row,
-                lifetime
-            ),
-        )?;
+        // Both tokens in one exchange: one IdP round trip per take-up.
+        let what = TakeUpFor {
+            worker_audience: format!("worker:{}", w.id),
+            upload_audience: state.store_audience.clone(),
+            build: row.build_id.clone(),
+            job: row.job.clone(),
+            assignment: row.id.clone(),
+            lifetime_secs: lifetime,
+            upload_constraints: state.upload_limits.clone(),
+        };
+        let tokens = state
+            .idp
+            .exchange_take_up(&access, &what)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("cannot get the job and upload tokens from the IdP: {e}"),
+                )
+            })?;
+        let (job_token, upload_token) = (tokens.job.access_token, tokens.upload.access_token);
         let tenant = token_claim(&access, "tenant").unwrap_or_default();
         let turn = state.write_gate.enter().await;
         let claimed = sqlx::query(
@@ -252,36 +254,6 @@ async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, 
         }));
     }
     Ok(None)
-}
-
-async fn exchange(
-    state: &State,
-    access: &str,
-    kind: &'static str,
-    audience: String,
-    a: &AssignmentRow,
-    lifetime: i64,
-) -> Result<String, ApiError> {
-    let what = TokenFor {
-        token_type: kind,
-        audience,
-        build: a.build_id.clone(),
-        job: Some(a.job.clone()),
-        assignment: Some(a.id.clone()),
-        lifetime_secs: lifetime,
-        constraints: if kind == TOKEN_TYPE_UPLOAD {
-            state.upload_limits.clone()
-        } else {
-            Default::default()
-        },
-    };
-    let resp = state.idp.exchange(access, &what).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("cannot get a token from the IdP: {e}"),
-        )
-    })?;
-    Ok(resp.access_token)
 }
 
 /// A claim of a token the controller's own IdP just issued to it (the tenant of its access
