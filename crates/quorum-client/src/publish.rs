@@ -1,6 +1,8 @@
 //! Publishing files to an artifact store: the engine behind `quorum publish` and the worker's
 //! uploads. Files are hashed once (a [`DigestCache`] of earlier digests keyed by path, size,
-//! mtime, ctime and inode skips unchanged files). [`Publisher::publish`] then sends the manifest
+//! mtime, ctime and inode skips unchanged files, checked on the metadata [`select`]'s walk
+//! read). [`Publisher::publish`] reads each small file the cache does not know once, hashing it
+//! and sending it in a batch from the same buffer if the store lacks it, then sends the manifest
 //! first (`POST /api/v1/manifest`), relative to the last manifest this store accepted from this
 //! cache when that is smaller, so an unchanged tree costs one small request; the store answers
 //! the blobs its tenant lacks, only those are sent (files up to 1 MiB in batches of about 16 MiB,
@@ -92,6 +94,32 @@ pub struct Source {
     pub path: PathBuf,
 }
 
+/// The files [`select`] chose, in order of their published names, with the metadata the walk
+/// read (its `lstat`) for the quick check, so a file is not stat'ed again before publishing.
+///
+/// The walk's metadata serves the first [`Publisher::publish`] of a selection only: a selection
+/// published again is stat'ed again, since its files may have changed since the walk.
+#[derive(Debug)]
+pub struct Selection {
+    sources: Vec<Source>,
+    walked: Mutex<Option<Vec<std::fs::Metadata>>>,
+}
+
+impl Selection {
+    /// The walk's metadata, once.
+    fn take_walked(&self) -> Option<Vec<std::fs::Metadata>> {
+        self.walked.lock().expect("selection lock").take()
+    }
+}
+
+impl std::ops::Deref for Selection {
+    type Target = [Source];
+
+    fn deref(&self) -> &[Source] {
+        &self.sources
+    }
+}
+
 /// Expands `patterns` relative to `base` and names each match `<kind>/<path without its first
 /// `strip` components>`, the only transformation publishing makes. `*` stops at `/`, `**`
 /// crosses directories, and directories themselves are skipped. Symlinks and special files are
@@ -101,7 +129,7 @@ pub fn select(
     patterns: &[String],
     strip: usize,
     kind: &str,
-) -> Result<Vec<Source>, PublishError> {
+) -> Result<Selection, PublishError> {
     if let Err(e) = quorum_core::names::check_relative_path(kind) {
         return Err(PublishError::BadType {
             kind: kind.to_string(),
@@ -122,8 +150,8 @@ pub fn select(
         require_literal_separator: true,
         require_literal_leading_dot: false,
     };
-    // Published name -> (relative path it came from, where it is).
-    let mut chosen: BTreeMap<String, (String, PathBuf)> = BTreeMap::new();
+    // Published name -> (relative path it came from, where it is, its lstat).
+    let mut chosen: BTreeMap<String, (String, PathBuf, std::fs::Metadata)> = BTreeMap::new();
     for pattern in patterns {
         check_pattern(pattern)?;
         let full = format!("{}/{pattern}", glob::Pattern::escape(base_str));
@@ -168,7 +196,7 @@ pub fn select(
             }
             let name = format!("{kind}/{}", parts[strip..].join("/"));
             match chosen.get(&name) {
-                Some((first, _)) if *first != rel => {
+                Some((first, _, _)) if *first != rel => {
                     return Err(PublishError::Collision {
                         name,
                         first: first.clone(),
@@ -177,7 +205,7 @@ pub fn select(
                 }
                 Some(_) => {}
                 None => {
-                    chosen.insert(name, (rel, found));
+                    chosen.insert(name, (rel, found, meta));
                 }
             }
         }
@@ -185,10 +213,14 @@ pub fn select(
             return Err(PublishError::NoMatch(pattern.clone()));
         }
     }
-    Ok(chosen
+    let (sources, walked) = chosen
         .into_iter()
-        .map(|(name, (_, path))| Source { name, path })
-        .collect())
+        .map(|(name, (_, path, meta))| (Source { name, path }, meta))
+        .unzip();
+    Ok(Selection {
+        sources,
+        walked: Mutex::new(Some(walked)),
+    })
 }
 
 fn check_pattern(pattern: &str) -> Result<(), PublishError> {
@@ -603,26 +635,42 @@ fn shown(path: &Path) -> String {
         .to_string()
 }
 
-/// Hashes one file, or takes its digest from the cache. Opened with O_NOFOLLOW and checked on
-/// the open file, so a file swapped for a symlink after it was selected is refused too.
-fn hash_one(source: &Source, cache: &Mutex<DigestCache>) -> Result<Hashed, PublishError> {
-    // Named only when something goes wrong: finding the current directory per file is not free.
-    let name = || shown(&source.path);
-    let read_err = |source_err| PublishError::Read {
-        path: name(),
-        source: source_err,
+/// A file after the quick check: its digest known, or left to be read once, hashed and sent
+/// from the same buffer ([`Publisher::stream`]).
+enum Checked {
+    Known(Hashed),
+    /// With its size from the quick check's metadata, for batching.
+    Unread(Source, u64),
+}
+
+/// Takes one file's digest from the cache, else hashes it, or with `defer` leaves a file small
+/// enough for a batch unread. `walked` is its `lstat` from the walk, if there was one. A file
+/// that is read is opened with O_NOFOLLOW and checked on the open file, so a file swapped for a
+/// symlink after it was selected is refused too.
+fn check_one(
+    source: &Source,
+    walked: Option<std::fs::Metadata>,
+    cache: &Mutex<DigestCache>,
+    defer: bool,
+) -> Result<Checked, PublishError> {
+    let read_err = |e| PublishError::Read {
+        path: shown(&source.path),
+        source: e,
     };
     let key = std::path::absolute(&source.path).map_err(read_err)?;
     // The quick check needs no open: a regular file (not followed if a symlink) whose stamp
     // the cache knows. Its bytes are read only when sent, and the store checks them then.
-    let meta = std::fs::symlink_metadata(&source.path).map_err(read_err)?;
+    let meta = match walked {
+        Some(meta) => meta,
+        None => std::fs::symlink_metadata(&source.path).map_err(read_err)?,
+    };
     if meta.is_file()
         && let Some(digest) = cache
             .lock()
             .expect("cache lock")
             .get(&key, &Stamp::of(&meta))
     {
-        return Ok(Hashed {
+        return Ok(Checked::Known(Hashed {
             entry: ManifestEntry {
                 path: source.name.clone(),
                 mode: meta.permissions().mode() & 0o777,
@@ -630,8 +678,29 @@ fn hash_one(source: &Source, cache: &Mutex<DigestCache>) -> Result<Hashed, Publi
                 digest,
             },
             path: source.path.clone(),
-        });
+        }));
     }
+    if defer && meta.is_file() && meta.len() <= BATCH_FILE_MAX {
+        return Ok(Checked::Unread(source.clone(), meta.len()));
+    }
+    let (hashed, _) = read_one(source, key, cache, false)?;
+    Ok(Checked::Known(hashed))
+}
+
+/// Reads and hashes one file, opened with O_NOFOLLOW and checked on the open file, and records
+/// its digest in the cache; with `keep`, returns its bytes too. `key` is its absolute path.
+fn read_one(
+    source: &Source,
+    key: PathBuf,
+    cache: &Mutex<DigestCache>,
+    keep: bool,
+) -> Result<(Hashed, Vec<u8>), PublishError> {
+    // Named only when something goes wrong: finding the current directory per file is not free.
+    let name = || shown(&source.path);
+    let read_err = |e| PublishError::Read {
+        path: name(),
+        source: e,
+    };
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
@@ -645,7 +714,23 @@ fn hash_one(source: &Source, cache: &Mutex<DigestCache>) -> Result<Hashed, Publi
         return Err(PublishError::NotRegular(name()));
     }
     let stamp = Stamp::of(&meta);
-    let entry = |digest| Hashed {
+    let (digest, size, bytes) = if keep {
+        let mut bytes = Vec::with_capacity(stamp.size as usize);
+        (&mut f)
+            .take(stamp.size + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_err)?;
+        (Digest::of(&bytes), bytes.len() as u64, bytes)
+    } else {
+        let (digest, size) = hash_reader(&mut f).map_err(read_err)?;
+        (digest, size, Vec::new())
+    };
+    let after = Stamp::of(&f.metadata().map_err(read_err)?);
+    if after != stamp || size != stamp.size {
+        return Err(PublishError::Changed(name()));
+    }
+    cache.lock().expect("cache lock").put(key, stamp, digest);
+    let hashed = Hashed {
         entry: ManifestEntry {
             path: source.name.clone(),
             mode: meta.permissions().mode() & 0o777,
@@ -654,13 +739,7 @@ fn hash_one(source: &Source, cache: &Mutex<DigestCache>) -> Result<Hashed, Publi
         },
         path: source.path.clone(),
     };
-    let (digest, size) = hash_reader(&mut f).map_err(read_err)?;
-    let after = Stamp::of(&f.metadata().map_err(read_err)?);
-    if after != stamp || size != stamp.size {
-        return Err(PublishError::Changed(name()));
-    }
-    cache.lock().expect("cache lock").put(key, stamp, digest);
-    Ok(entry(digest))
+    Ok((hashed, bytes))
 }
 
 /// Hears how publishing goes, for a progress bar. Every method has a no-op default.
@@ -712,15 +791,21 @@ const BATCH_TARGET_BYTES: u64 = 16 << 20;
 
 /// Splits `files` into upload units: large files alone, the others in batches.
 fn batches(files: Vec<Hashed>) -> Vec<Vec<Hashed>> {
+    batches_by(files, |h| h.entry.size)
+}
+
+/// [`batches`] of any items whose size `size` tells.
+fn batches_by<T>(files: Vec<T>, size: impl Fn(&T) -> u64) -> Vec<Vec<T>> {
     let mut out = Vec::new();
-    let mut open: Vec<Hashed> = Vec::new();
+    let mut open: Vec<T> = Vec::new();
     let mut open_bytes = 0;
     for h in files {
-        if h.entry.size > BATCH_FILE_MAX {
+        let bytes = size(&h);
+        if bytes > BATCH_FILE_MAX {
             out.push(vec![h]);
             continue;
         }
-        open_bytes += h.entry.size;
+        open_bytes += bytes;
         open.push(h);
         if open_bytes >= BATCH_TARGET_BYTES || open.len() == quorum_api::v1::store::MAX_BATCH_BLOBS
         {
@@ -734,8 +819,7 @@ fn batches(files: Vec<Hashed>) -> Vec<Vec<Hashed>> {
     out
 }
 
-/// Reads the files of `batch` into one framed body and sends it. An error names the file whose
-/// blob the store refused when the store says which, else the batch by its first file.
+/// Reads the files of `batch` into one framed body and sends it ([`put_batch`]).
 async fn send_batch(
     store: &StoreClient,
     token: &str,
@@ -770,6 +854,17 @@ async fn send_batch(
         path: shown(&batch[0].path),
         source: io::Error::other(e),
     })??;
+    put_batch(store, token, body, &batch).await
+}
+
+/// Sends one framed body of blobs of `batch`. An error names the file whose blob the store
+/// refused when the store says which, else the batch by its first file.
+async fn put_batch(
+    store: &StoreClient,
+    token: &str,
+    body: Vec<u8>,
+    batch: &[Hashed],
+) -> Result<(), PublishError> {
     store
         .put_blobs(token, body)
         .await
@@ -842,38 +937,72 @@ impl Publisher {
     /// Hashes every source (on blocking threads, one per core), taking unchanged files'
     /// digests from the cache. Fails on the first file that cannot be read, naming it.
     pub async fn hash(&self, sources: &[Source]) -> Result<Vec<Hashed>, PublishError> {
-        // The total costs a stat per file: only worth it when someone shows it.
-        let total = if self.progress.shows_totals() {
-            let paths: Vec<PathBuf> = sources.iter().map(|s| s.path.clone()).collect();
-            tokio::task::spawn_blocking(move || {
-                paths
-                    .iter()
-                    .filter_map(|p| std::fs::metadata(p).ok())
-                    .map(|m| m.len())
-                    .sum()
+        let checked = self.check(sources, None, false).await?;
+        Ok(checked
+            .into_iter()
+            .map(|c| match c {
+                Checked::Known(h) => h,
+                Checked::Unread(..) => unreachable!("nothing is deferred without `defer`"),
             })
-            .await
-            .unwrap_or(0)
-        } else {
-            0
+            .collect())
+    }
+
+    /// The quick check of every source (with the walk's metadata when `walked` has it), hashing
+    /// on blocking threads, one per core, what the cache does not know; with `defer`, files
+    /// small enough for a batch are left unread for [`Publisher::stream`].
+    async fn check(
+        &self,
+        sources: &[Source],
+        walked: Option<Vec<std::fs::Metadata>>,
+        defer: bool,
+    ) -> Result<Vec<Checked>, PublishError> {
+        // The total costs a stat per file unless the walk has them: only worth it when someone
+        // shows it.
+        let total = match &walked {
+            _ if !self.progress.shows_totals() => 0,
+            Some(metas) => metas.iter().map(std::fs::Metadata::len).sum(),
+            None => {
+                let paths: Vec<PathBuf> = sources.iter().map(|s| s.path.clone()).collect();
+                tokio::task::spawn_blocking(move || {
+                    paths
+                        .iter()
+                        .filter_map(|p| std::fs::metadata(p).ok())
+                        .map(|m| m.len())
+                        .sum()
+                })
+                .await
+                .unwrap_or(0)
+            }
         };
         self.progress.hashing(sources.len(), total);
         // Files go to the blocking threads in groups, so a tree of small or cached files costs
         // a few thread hand-offs rather than one per file.
         let group = sources.len().div_ceil(self.hashers * 16).clamp(1, 256);
-        let hashed = futures::stream::iter(sources.chunks(group).map(<[Source]>::to_vec))
-            .map(|group| {
+        let mut walked = walked.map(Vec::into_iter);
+        let groups: Vec<(Vec<Source>, Option<Vec<std::fs::Metadata>>)> = sources
+            .chunks(group)
+            .map(|g| {
+                let metas = walked.as_mut().map(|w| w.by_ref().take(g.len()).collect());
+                (g.to_vec(), metas)
+            })
+            .collect();
+        let checked = futures::stream::iter(groups)
+            .map(|(group, metas)| {
                 let cache = self.cache.clone();
                 let progress = self.progress.clone();
                 async move {
                     let first = shown(&group[0].path);
                     tokio::task::spawn_blocking(move || {
+                        let mut metas = metas.map(Vec::into_iter);
                         group
                             .iter()
                             .map(|source| {
-                                let h = hash_one(source, &cache)?;
-                                progress.advance(h.entry.size);
-                                Ok(h)
+                                let walked = metas.as_mut().and_then(Iterator::next);
+                                let c = check_one(source, walked, &cache, defer)?;
+                                if let Checked::Known(h) = &c {
+                                    progress.advance(h.entry.size);
+                                }
+                                Ok(c)
                             })
                             .collect::<Result<Vec<_>, PublishError>>()
                     })
@@ -888,7 +1017,101 @@ impl Publisher {
             .try_concat()
             .await;
         self.progress.done();
-        hashed
+        checked
+    }
+
+    /// Reads each of `files` once, hashing it and framing it into a batch from the same buffer:
+    /// per batch, the store is asked which of its blobs it lacks, and those are sent at once,
+    /// [`Publisher::parallel`] batches at a time. A first upload so reads its tree once and
+    /// hashes while sending, where a separate hashing pass would read it twice and send
+    /// nothing until every file was hashed. A blob is sent once even if several files carry it.
+    async fn stream(&self, files: Vec<(Source, u64)>) -> Result<(Vec<Hashed>, Sent), PublishError> {
+        if files.is_empty() {
+            return Ok((Vec::new(), Sent::default()));
+        }
+        let total = files.iter().map(|(_, size)| size).sum();
+        self.progress.sending(files.len(), total);
+        let claimed = Arc::new(Mutex::new(HashSet::new()));
+        let result = futures::stream::iter(batches_by(files, |(_, size)| *size))
+            .map(|batch| {
+                let (store, token) = (self.store.clone(), self.token.clone());
+                let (cache, progress, claimed) =
+                    (self.cache.clone(), self.progress.clone(), claimed.clone());
+                async move {
+                    let first = shown(&batch[0].0.path);
+                    let read = tokio::task::spawn_blocking(move || {
+                        batch
+                            .iter()
+                            .map(|(source, _)| {
+                                let key = std::path::absolute(&source.path).map_err(|e| {
+                                    PublishError::Read {
+                                        path: shown(&source.path),
+                                        source: e,
+                                    }
+                                })?;
+                                read_one(source, key, &cache, true)
+                            })
+                            .collect::<Result<Vec<_>, PublishError>>()
+                    })
+                    .await
+                    .map_err(|e| PublishError::Read {
+                        path: first,
+                        source: io::Error::other(e),
+                    })??;
+                    let mut digests: Vec<Digest> =
+                        read.iter().map(|(h, _)| h.entry.digest).collect();
+                    digests.sort();
+                    digests.dedup();
+                    let lacking = store
+                        .missing(&token, digests)
+                        .await
+                        .map_err(PublishError::Missing)?;
+                    // Claimed across batches, so a blob two batches carry goes once.
+                    let mut ours: HashSet<Digest> = {
+                        let mut claimed = claimed.lock().expect("claimed lock");
+                        lacking.into_iter().filter(|d| claimed.insert(*d)).collect()
+                    };
+                    let (mut body, mut framed) = (Vec::new(), Vec::new());
+                    let mut hashed = Vec::with_capacity(read.len());
+                    // Each file's buffer is dropped once framed, so a batch peaks near twice
+                    // its size only while its body is built.
+                    for (h, bytes) in read {
+                        if ours.remove(&h.entry.digest) {
+                            let header = quorum_api::v1::store::batch_frame_header(
+                                &h.entry.digest,
+                                h.entry.size,
+                            );
+                            body.extend_from_slice(header.as_bytes());
+                            body.extend_from_slice(&bytes);
+                            framed.push(h.clone());
+                        }
+                        hashed.push(h);
+                    }
+                    let sent = Sent {
+                        blobs: framed.len(),
+                        bytes_sent: framed.iter().map(|h| h.entry.size).sum(),
+                        bytes_skipped: 0,
+                    };
+                    if !framed.is_empty() {
+                        put_batch(&store, &token, body, &framed).await?;
+                    }
+                    progress.advance(hashed.iter().map(|h| h.entry.size).sum());
+                    Ok::<_, PublishError>((hashed, sent))
+                }
+            })
+            .buffer_unordered(self.parallel)
+            .try_fold(
+                (Vec::new(), Sent::default()),
+                |(mut all, mut sent), (hashed, more)| async move {
+                    all.extend(hashed);
+                    sent.blobs += more.blobs;
+                    sent.bytes_sent += more.bytes_sent;
+                    Ok((all, sent))
+                },
+            )
+            .await;
+        self.progress.done();
+        result
     }
 
     /// Sends the blobs of `files` that the store lacks for this token's tenant, one per digest:
@@ -977,17 +1200,45 @@ impl Publisher {
         Ok(())
     }
 
-    /// Hashes, proposes the manifest, uploads the blobs the store asks for and proposes it
-    /// again (see [`Publisher::propose`]). The digest cache is saved whether or not the rest
-    /// succeeds, since the digests are right either way.
-    pub async fn publish(&self, sources: &[Source]) -> Result<Summary, PublishError> {
+    /// Takes the digests the cache knows (the quick check, on the walk's metadata), hashes
+    /// the large files it does not, reads, hashes and sends the small ones it does not in one
+    /// pass ([`Publisher::stream`]), then proposes the manifest, uploads the blobs the store
+    /// asks for and proposes it again (see [`Publisher::propose`]). The digest cache is saved
+    /// whether or not the rest succeeds, since the digests are right either way.
+    pub async fn publish(&self, sources: &Selection) -> Result<Summary, PublishError> {
         let started = Instant::now();
         let result = async {
-            let hashed = self.hash(sources).await?;
-            tracing::debug!(files = hashed.len(), elapsed = ?started.elapsed(), "hashed");
+            let checked = self.check(sources, sources.take_walked(), true).await?;
+            let (mut hashed, mut unread) = (Vec::with_capacity(checked.len()), Vec::new());
+            for c in checked {
+                match c {
+                    Checked::Known(h) => hashed.push(h),
+                    Checked::Unread(s, size) => unread.push((s, size)),
+                }
+            }
+            tracing::debug!(files = hashed.len(), unread = unread.len(), elapsed = ?started.elapsed(), "checked");
             // Checked before anything is sent: a tree that cannot be recorded is not uploaded.
+            // The digests do not enter the checks, so the unread files' stand in as empty.
+            Manifest::new(
+                hashed
+                    .iter()
+                    .map(|h| h.entry.clone())
+                    .chain(unread.iter().map(|(s, _)| ManifestEntry {
+                        path: s.name.clone(),
+                        mode: 0,
+                        size: 0,
+                        digest: Digest::of(b""),
+                    }))
+                    .collect(),
+            )?;
+            let (streamed, early) = self.stream(unread).await?;
+            hashed.extend(streamed);
+            tracing::debug!(blobs = early.blobs, elapsed = ?started.elapsed(), "hashed while sending");
             let manifest = Manifest::new(hashed.iter().map(|h| h.entry.clone()).collect())?;
-            let sent = self.propose(&hashed, &manifest).await?;
+            let mut sent = self.propose(&hashed, &manifest).await?;
+            sent.blobs += early.blobs;
+            sent.bytes_sent += early.bytes_sent;
+            sent.bytes_skipped = sent.bytes_skipped.saturating_sub(early.bytes_sent);
             tracing::debug!(blobs = sent.blobs, elapsed = ?started.elapsed(), "recorded the manifest");
             Ok(Summary {
                 files: hashed.len(),

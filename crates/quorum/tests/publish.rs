@@ -615,6 +615,77 @@ async fn republishing_sends_the_changes_and_another_tenants_base_falls_back_to_t
     assert_eq!((again.manifest, again.sent.blobs), (second.manifest, 0));
 }
 
+/// A first upload reads each small file once, hashing it and sending it from the same buffer,
+/// batch by batch: a blob two batches carry (identical files far apart in the tree) still
+/// travels once, and every digest lands in the cache for the next run.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_upload_hashes_while_sending_and_sends_a_blob_shared_by_two_batches_once() {
+    let roles = Roles::start().await;
+    let tree = tempfile::tempdir().unwrap();
+    let t = tree.path();
+    // 40 files of 900 KB: three batches of about 16 MiB, with f{i} and f{i+20} identical, so
+    // each pair is split across batches sent in parallel.
+    const SIZE: usize = 900_000;
+    let mut digests = Vec::new();
+    for i in 0..40 {
+        let content = bytes(500 + i % 20, SIZE);
+        digests.push(Digest::of(&content));
+        write(t, &format!("dist/f{i:02}"), &content, 0o644);
+    }
+    let args = ["--type=dist", "--json", "b1", "dist/*"];
+    let s = summary(&roles.publish(t, &roles.upload_token("b1", "a1").await, &args));
+    assert_eq!(s["files"], 40);
+    assert_eq!(s["blobs_sent"], 20, "{s}");
+    assert_eq!(s["bytes_sent"], 20 * SIZE);
+    assert_eq!(s["bytes_skipped"], 20 * SIZE);
+    assert_eq!(roles.lacking(&digests).await, 0);
+    let cache = DigestCache::load(&roles.dir.path().join("cache/quorum/publish-digests.bin"));
+    assert_eq!(cache.len(), 40);
+
+    let s = summary(&roles.publish(t, &roles.upload_token("b1", "a2").await, &args));
+    assert_eq!(
+        (s["blobs_sent"].clone(), s["bytes_sent"].clone()),
+        (0.into(), 0.into())
+    );
+}
+
+/// The walk's metadata is only a quick check: a file swapped for a symlink to a secret after
+/// the walk (small, so hashed while sending, or large, so hashed first) is refused when it is
+/// opened, naming it, and the secret's bytes never reach the store.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_swapped_for_a_symlink_after_the_walk_is_refused_and_nothing_leaks() {
+    let roles = Roles::start().await;
+    let tree = tempfile::tempdir().unwrap();
+    let t = tree.path();
+    let secret = bytes(600, 2_000_000);
+    write(t, "secret", &secret, 0o600);
+    let leaked = [Digest::of(&secret), Digest::of(&secret[..10_000])];
+    std::fs::write(t.join("small-secret"), &secret[..10_000]).unwrap();
+    for (file, size, target) in [
+        ("out/small", 10_000, "small-secret"),
+        ("out/large", 2_000_000, "secret"),
+    ] {
+        write(t, "out/other", &bytes(601, 5_000), 0o644);
+        write(t, file, &bytes(602, size), 0o644);
+        let sources = quorum_client::publish::select(t, &["out/*".to_string()], 1, "dist").unwrap();
+        std::fs::remove_file(t.join(file)).unwrap();
+        std::os::unix::fs::symlink(t.join(target), t.join(file)).unwrap();
+        let err = quorum_client::publish::Publisher::new(
+            roles.store(),
+            &roles.upload_token("b1", "a1").await,
+        )
+        .publish(&sources)
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&err, quorum_client::publish::PublishError::Symlink(p) if p.ends_with(file)),
+            "{file}: {err}"
+        );
+        std::fs::remove_file(t.join(file)).unwrap();
+    }
+    assert_eq!(roles.lacking(&leaked).await, 2);
+}
+
 fn running_as_root() -> bool {
     // /proc/self belongs to the process's effective user.
     std::fs::metadata("/proc/self")
