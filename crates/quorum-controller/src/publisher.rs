@@ -31,8 +31,13 @@ const BATCH: i64 = 64;
 pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
     let store = StoreClient::new(&state.store_url);
     loop {
-        if let Err(e) = pass(&state, &store).await {
-            tracing::warn!(error = %format!("{e:#}"), "cannot read the statement outbox; retrying");
+        // Stopping drops a pass midway (a store request in flight): what it had not marked done
+        // is done by the next start.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = pass(&state, &store) => if let Err(e) = r {
+                tracing::warn!(error = %format!("{e:#}"), "cannot read the statement outbox; retrying");
+            },
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -17,8 +17,13 @@ use crate::State;
 pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
     let store = StoreClient::new(&state.store_url);
     loop {
-        if let Err(e) = pass(&state, &store).await {
-            tracing::warn!(error = %format!("{e:#}"), "cannot revoke ended assignments' upload tokens yet; retrying");
+        // Stopping drops a pass midway (a store request in flight): what it had not marked done
+        // is done by the next start.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = pass(&state, &store) => if let Err(e) = r {
+                tracing::warn!(error = %format!("{e:#}"), "cannot revoke ended assignments' upload tokens yet; retrying");
+            },
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -67,8 +67,13 @@ fn forget_specs(state: &State, build_id: &str) {
 pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
     let tick = Duration::from_millis(250);
     loop {
-        if let Err(e) = pass(&state).await {
-            tracing::error!(error = %format!("{e:#}"), "scheduler pass failed; retrying");
+        // Stopping drops a pass midway: its open transaction rolls back, and the next start
+        // redoes the pass from the database (as after a kill).
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = pass(&state) => if let Err(e) = r {
+                tracing::error!(error = %format!("{e:#}"), "scheduler pass failed; retrying");
+            },
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
