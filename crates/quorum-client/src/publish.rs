@@ -223,6 +223,22 @@ pub fn select(
     })
 }
 
+/// Why `pattern` cannot select files beneath `base` (named in the reason), if it cannot: it is
+/// empty, absolute, or climbs out with `..`. `quorum publish` and the worker's artifact globs
+/// share this rule.
+pub fn pattern_problem(pattern: &str, base: &str) -> Option<String> {
+    let path = Path::new(pattern);
+    if pattern.is_empty() {
+        Some("it is empty".into())
+    } else if path.is_absolute() {
+        Some(format!("it must be relative to {base}"))
+    } else if path.components().any(|c| c == Component::ParentDir) {
+        Some("it must not contain `..`".into())
+    } else {
+        None
+    }
+}
+
 fn check_pattern(pattern: &str) -> Result<(), PublishError> {
     let bad = |reason: &str| {
         Err(PublishError::BadPattern {
@@ -230,15 +246,8 @@ fn check_pattern(pattern: &str) -> Result<(), PublishError> {
             reason: reason.into(),
         })
     };
-    if pattern.is_empty() {
-        return bad("it is empty");
-    }
-    let path = Path::new(pattern);
-    if path.is_absolute() {
-        return bad("it must be relative to the current directory");
-    }
-    if path.components().any(|c| c == Component::ParentDir) {
-        return bad("it must not contain `..`");
+    if let Some(reason) = pattern_problem(pattern, "the current directory") {
+        return bad(&reason);
     }
     if let Err(e) = glob::Pattern::new(pattern) {
         return bad(e.msg);

@@ -8,6 +8,7 @@
 
 mod api;
 mod auth;
+mod background;
 mod db;
 mod diff;
 mod failpoint;

@@ -19,31 +19,17 @@ use quorum_service::now_unix;
 use sqlx::Row as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::State;
+use crate::{State, background};
 
 /// How often the outbox is looked at.
 const EVERY: Duration = Duration::from_secs(1);
-/// The longest wait between two attempts to push one statement (or to make a dispute report).
-const MAX_BACKOFF_SECS: i64 = 300;
 /// Statements pushed per pass, so one pass stays short.
 const BATCH: i64 = 64;
 
 pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
     let store = StoreClient::new(&state.store_url);
-    loop {
-        // Stopping drops a pass midway (a store request in flight): what it had not marked done
-        // is done by the next start.
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = pass(&state, &store) => if let Err(e) = r {
-                tracing::warn!(error = %format!("{e:#}"), "cannot read the statement outbox; retrying");
-            },
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(EVERY) => {}
-        }
-    }
+    let failed = "cannot read the statement outbox; retrying";
+    background::every(&shutdown, EVERY, failed, || pass(&state, &store)).await
 }
 
 async fn pass(state: &State, store: &StoreClient) -> anyhow::Result<()> {
@@ -69,7 +55,7 @@ async fn pass(state: &State, store: &StoreClient) -> anyhow::Result<()> {
                 tracing::info!(%build, public = state.project.public, "statement pushed to the store");
             }
             Err(e) => {
-                let delay = backoff_secs(attempts);
+                let delay = background::backoff_secs(attempts);
                 tracing::warn!(%build, error = %format!("{e:#}"), retry_in_secs = delay, "cannot push the statement to the store");
                 let _turn = state.write_gate.enter().await;
                 sqlx::query(
@@ -83,14 +69,6 @@ async fn pass(state: &State, store: &StoreClient) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// 1 s after the first failure, doubling up to [`MAX_BACKOFF_SECS`]; the dispute reports'
-/// retries (`diff`) wait the same way.
-pub(crate) fn backoff_secs(attempts: i64) -> i64 {
-    1i64.checked_shl(attempts.clamp(0, 16) as u32)
-        .unwrap_or(MAX_BACKOFF_SECS)
-        .min(MAX_BACKOFF_SECS)
 }
 
 async fn push(
@@ -117,17 +95,4 @@ async fn push(
         .put_statement(&token, build, &envelope, state.project.public)
         .await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        let delays: Vec<i64> = (0..12).map(backoff_secs).collect();
-        assert_eq!(&delays[..4], &[1, 2, 4, 8]);
-        assert_eq!(delays[11], MAX_BACKOFF_SECS);
-        assert_eq!(backoff_secs(i64::MAX), MAX_BACKOFF_SECS);
-    }
 }

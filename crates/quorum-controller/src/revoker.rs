@@ -12,24 +12,15 @@ use quorum_client::store::StoreClient;
 use sqlx::Row as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::State;
+use crate::{State, background};
 
 pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
     let store = StoreClient::new(&state.store_url);
-    loop {
-        // Stopping drops a pass midway (a store request in flight): what it had not marked done
-        // is done by the next start.
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = pass(&state, &store) => if let Err(e) = r {
-                tracing::warn!(error = %format!("{e:#}"), "cannot revoke ended assignments' upload tokens yet; retrying");
-            },
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
+    let failed = "cannot revoke ended assignments' upload tokens yet; retrying";
+    background::every(&shutdown, Duration::from_secs(1), failed, || {
+        pass(&state, &store)
+    })
+    .await
 }
 
 async fn pass(state: &State, store: &StoreClient) -> anyhow::Result<()> {

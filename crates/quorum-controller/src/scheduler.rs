@@ -66,12 +66,20 @@ fn forget_specs(state: &State, build_id: &str) {
 
 pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
     let tick = Duration::from_millis(250);
+    // Trusted rebuilds and spot checks move along at most once a tick, not on every wake-up: a
+    // busy controller wakes the scheduler for each take-up and report, and their reads would
+    // ride along on every one of those passes.
+    let mut rebuilds_due = tokio::time::Instant::now();
     loop {
+        let rebuilds = tokio::time::Instant::now() >= rebuilds_due;
+        if rebuilds {
+            rebuilds_due = tokio::time::Instant::now() + tick;
+        }
         // Stopping drops a pass midway: its open transaction rolls back, and the next start
         // redoes the pass from the database (as after a kill).
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = pass(&state) => if let Err(e) = r {
+            r = pass(&state, rebuilds) => if let Err(e) = r {
                 tracing::error!(error = %format!("{e:#}"), "scheduler pass failed; retrying");
             },
         }
@@ -83,7 +91,9 @@ pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
     }
 }
 
-async fn pass(state: &State) -> anyhow::Result<()> {
+/// One pass: leases, timeouts, every unfinished build, and, when `rebuilds`, the trusted
+/// rebuilds (tie-breaks, spot checks).
+async fn pass(state: &State, rebuilds: bool) -> anyhow::Result<()> {
     let now = now_unix();
     let turn = state.write_gate.enter().await;
     let lost = sqlx::query(
@@ -117,10 +127,12 @@ async fn pass(state: &State) -> anyhow::Result<()> {
         );
     }
     evaluate_builds(state, now).await?;
+    if !rebuilds {
+        return Ok(());
+    }
     // Trusted rebuilds after the quorum: tie-breaks operators asked for, then spot checks.
     // Their failures are logged, never in the way of scheduling. They come after the builds,
-    // so their reads and commits never delay a new job's offer, and a build signed in this
-    // pass has its spot checks drawn in this pass too.
+    // so their reads and commits never delay a new job's offer.
     if let Err(e) = crate::rebuild::pass(state).await {
         tracing::error!(error = %format!("{e:#}"), "trusted rebuilds could not be moved along");
     }

@@ -332,22 +332,19 @@ impl ClientAdmin {
     /// Disables a database client: from the IdP's next request on it is refused like an unknown
     /// one. Disabling a disabled client is harmless.
     pub async fn disable(&self, id: &str) -> Result<(), AdminError> {
-        self.refuse_config_client(id)?;
-        let done = sqlx::query("UPDATE clients SET disabled = 1 WHERE id = ?")
-            .bind(id)
-            .execute(&self.db.pool)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(AdminError::UnknownClient(id.into()));
-        }
-        Ok(())
+        self.set_disabled(id, true).await
     }
 
     /// Enables a disabled database client again: from the IdP's next request on its current
     /// secret works. Enabling an enabled client is harmless.
     pub async fn enable(&self, id: &str) -> Result<(), AdminError> {
+        self.set_disabled(id, false).await
+    }
+
+    async fn set_disabled(&self, id: &str, disabled: bool) -> Result<(), AdminError> {
         self.refuse_config_client(id)?;
-        let done = sqlx::query("UPDATE clients SET disabled = 0 WHERE id = ?")
+        let done = sqlx::query("UPDATE clients SET disabled = ? WHERE id = ?")
+            .bind(i64::from(disabled))
             .bind(id)
             .execute(&self.db.pool)
             .await?;

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -137,23 +137,13 @@ pub fn expand(
 }
 
 fn check_pattern(pattern: &str) -> Result<(), ArtifactError> {
-    let bad = |reason: &str| {
-        Err(ArtifactError::BadPattern {
+    match quorum_client::publish::pattern_problem(pattern, "the build directory") {
+        Some(reason) => Err(ArtifactError::BadPattern {
             pattern: pattern.to_string(),
-            reason: reason.into(),
-        })
-    };
-    if pattern.is_empty() {
-        return bad("it is empty");
+            reason,
+        }),
+        None => Ok(()),
     }
-    let path = Path::new(pattern);
-    if path.is_absolute() {
-        return bad("it must be relative to the build directory");
-    }
-    if path.components().any(|c| c == Component::ParentDir) {
-        return bad("it must not contain `..`");
-    }
-    Ok(())
 }
 
 /// Hashes one file, streaming. Opened with O_NOFOLLOW and checked again on the open file, so a

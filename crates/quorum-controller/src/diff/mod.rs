@@ -183,20 +183,10 @@ pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
         }
         Err(why) => tracing::info!(%why, "disputes are explained by the built-in diff"),
     }
-    loop {
-        // Stopping drops a pass midway: a running diffoscope is killed with it (kill on drop),
-        // and its report stays pending for the next start.
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = pass(&state, &store) => if let Err(e) = r {
-                tracing::warn!(error = %format!("{e:#}"), "cannot read the pending dispute reports; retrying");
-            },
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(EVERY) => {}
-        }
-    }
+    // Stopping drops a pass midway: a running diffoscope is killed with it (kill on drop), and
+    // its report stays pending for the next start.
+    let failed = "cannot read the pending dispute reports; retrying";
+    crate::background::every(&shutdown, EVERY, failed, || pass(&state, &store)).await
 }
 
 async fn pass(state: &State, store: &StoreClient) -> anyhow::Result<()> {
@@ -242,7 +232,7 @@ async fn pass(state: &State, store: &StoreClient) -> anyhow::Result<()> {
                 tracing::info!(%build, %job, tool, "dispute explained");
             }
             Err(e) => {
-                let delay = crate::publisher::backoff_secs(attempts);
+                let delay = crate::background::backoff_secs(attempts);
                 let error = format!("{e:#}");
                 tracing::warn!(%build, %job, %error, retry_in_secs = delay, "cannot explain the dispute yet");
                 let _turn = state.write_gate.enter().await;
