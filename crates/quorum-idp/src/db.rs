@@ -288,7 +288,7 @@ impl ClientAdmin {
         let (secret, hash) = new_secret().await?;
         // IMMEDIATE takes the write lock before the check, so a concurrent add of the same id
         // waits and then sees this one, instead of failing on commit.
-        let mut tx = self.db.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = quorum_service::begin_with(&self.db.pool, "BEGIN IMMEDIATE").await?;
         let exists = sqlx::query("SELECT 1 FROM clients WHERE id = ?")
             .bind(id)
             .fetch_optional(&mut *tx)

@@ -215,7 +215,7 @@ pub(crate) async fn ensure_active(db: &ClientDb, data_dir: &Path) -> Result<Stri
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(AdminError::LegacyKey(legacy_path, e.to_string())),
     };
-    let mut tx = db.pool().begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = quorum_service::begin_with(db.pool(), "BEGIN IMMEDIATE").await?;
     let active: Option<String> =
         sqlx::query_scalar("SELECT kid FROM signing_keys WHERE retired_at IS NULL")
             .fetch_optional(&mut *tx)
@@ -312,7 +312,7 @@ impl KeyAdmin {
     pub async fn rotate(&self) -> Result<KeyInfo, AdminError> {
         ensure_active(&self.db, &self.data_dir).await?;
         let now = quorum_service::now_unix();
-        let mut tx = self.db.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = quorum_service::begin_with(self.db.pool(), "BEGIN IMMEDIATE").await?;
         let retired = sqlx::query(
             "UPDATE signing_keys SET private_key = NULL, retired_at = ?, published_until = ?
              WHERE retired_at IS NULL",

@@ -168,3 +168,25 @@ impl From<anyhow::Error> for ApiError {
         ApiError::internal(format!("{e:#}"))
     }
 }
+
+/// Begins a transaction with a statement of the caller's (SQLite's `BEGIN IMMEDIATE`, which
+/// takes the write lock at once) and survives the caller being cancelled.
+///
+/// sqlx (0.8) checks a custom `BEGIN` after the database has acknowledged it, at an await
+/// point of its own. A caller dropped there (an HTTP handler whose client hung up) leaves the
+/// pooled connection inside a transaction no one will end: it keeps SQLite's write lock, every
+/// other writer fails with "database is locked", and its own next `BEGIN` with "non-zero
+/// transaction depth". Begun in a task of its own, the transaction is always either handed
+/// over or dropped whole, and dropping it rolls it back.
+pub async fn begin_with<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+    statement: &'static str,
+) -> Result<sqlx::Transaction<'static, DB>, sqlx::Error> {
+    let pool = pool.clone();
+    match tokio::spawn(async move { pool.begin_with(statement).await }).await {
+        Ok(begun) => begun,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Only a runtime shutting down cancels the task.
+        Err(_) => Err(sqlx::Error::PoolClosed),
+    }
+}

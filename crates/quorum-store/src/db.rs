@@ -99,7 +99,7 @@ impl Db {
     /// true until it commits.
     pub async fn write(&self) -> Result<Tx, sqlx::Error> {
         match self.kind {
-            Kind::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Kind::Sqlite => quorum_service::begin_with(&self.pool, "BEGIN IMMEDIATE").await,
             Kind::Postgres => {
                 let mut tx = self.pool.begin().await?;
                 sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -858,4 +858,44 @@ pub async fn blob_size(db: &Db, digest: Digest) -> Result<Option<u64>, sqlx::Err
         .fetch_optional(db.pool())
         .await?;
     Ok(size.map(|s| s.max(0) as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Db;
+
+    /// An HTTP handler may be dropped at any await point when its client hangs up. A write
+    /// dropped while it begins must leave every pooled connection outside a transaction:
+    /// one left inside would hold SQLite's write lock for good.
+    #[tokio::test]
+    async fn a_write_dropped_while_it_begins_leaves_no_transaction_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open_sqlite(&dir.path().join("store.db")).await.unwrap();
+        // Drop the write after 1, 2, ... polls, so that some drop lands in each of its await
+        // points: taking a connection, the BEGIN itself, and what follows it.
+        for polls in 1..=8 {
+            let mut write = Box::pin(db.write());
+            for _ in 0..polls {
+                if futures::poll!(&mut write).is_ready() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            drop(write);
+            // Let the pool take the connection back before the next round.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Sequential writes go round the pool's connections; each must begin and commit at
+        // once (a leftover transaction would make them wait out the 30 s busy timeout, or
+        // refuse to begin inside it).
+        for round in 0..12 {
+            let tx = tokio::time::timeout(Duration::from_secs(5), db.write())
+                .await
+                .unwrap_or_else(|_| panic!("write {round} still waits for the lock after 5 s"))
+                .unwrap_or_else(|e| panic!("write {round} did not begin: {e}"));
+            tx.commit().await.unwrap();
+        }
+    }
 }
