@@ -304,7 +304,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn malicious_worker_makes_the_build_disputed_and_nothing_is_signed() {
-    let fx = Fixture::with_workers(2).await;
+    let mut fx = Fixture::with_workers(2).await;
     let token = quorum_controller::create_enrollment(
         &fx.fed.role_dir("controller"),
         fx.fed.database_url(),
@@ -385,6 +385,49 @@ async fn malicious_worker_makes_the_build_disputed_and_nothing_is_signed() {
     assert!(
         fx.fed.user_client().statement(&build).await.is_err(),
         "nothing is signed"
+    );
+
+    // The operator's side, through the CLI: the report explaining the dispute names the
+    // differing file, a rebuild must be asked for as trusted, and the trusted worker's rebuild
+    // (mallory has stopped) agrees with the honest pair, which verifies the job, runs the
+    // job that was skipped and signs the build.
+    let diff = fx.cli(&["diff", &build, "build"]);
+    assert!(diff.status.success(), "{}", stderr(&diff));
+    assert!(stdout(&diff).contains("dist/hello"), "{}", stdout(&diff));
+    let untrusted = fx.cli(&["rebuild", &build, "build"]);
+    assert!(!untrusted.status.success());
+    assert!(
+        stderr(&untrusted).contains("--trusted"),
+        "{}",
+        stderr(&untrusted)
+    );
+    let rebuild = fx.cli(&["rebuild", "--trusted", &build, "build"]);
+    assert!(rebuild.status.success(), "{}", stderr(&rebuild));
+    // Only a trusted worker of an owner not in the dispute may settle it: w1 took part.
+    let waiting = fx
+        .wait_until(&build, LIMIT, "the rebuild waiting", |s| {
+            s.rebuilds
+                .iter()
+                .any(|r| r.detail.contains("waiting for an online trusted worker"))
+        })
+        .await;
+    assert!(!waiting.signed);
+    fx.fed
+        .start_worker(&WorkerSpec::new("w3", "owner3", true))
+        .await
+        .unwrap();
+    let status = fx
+        .wait_until(&build, LIMIT, "the tie-break", |s| {
+            s.state.is_final() && s.signed
+        })
+        .await;
+    assert_eq!(status.state, BuildState::Verified, "{status:#?}");
+    let test_job = status.jobs.iter().find(|j| j.name == "test").unwrap();
+    assert_eq!(test_job.state, JobState::Verified, "{status:#?}");
+    let job = status.jobs.iter().find(|j| j.name == "build").unwrap();
+    assert!(
+        job.differing_paths.contains(&"dist/hello".to_string()),
+        "the dispute's record stays: {job:#?}"
     );
 }
 
