@@ -33,10 +33,21 @@ impl ClientError {
     }
 }
 
-/// One shared HTTP client configuration: rustls, bounded connect time.
+/// How long a request may wait for the next bytes of a response. Not a bound on the whole
+/// request (a large upload or download takes as long as it takes), but a server that stops
+/// answering no longer holds its caller, and with it a worker's job or a controller's pass,
+/// forever.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// One shared HTTP client configuration: rustls, bounded connect time, bounded silence.
 pub fn http_client() -> reqwest::Client {
+    http_client_reading(READ_TIMEOUT)
+}
+
+fn http_client_reading(read_timeout: std::time::Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(10))
+        .read_timeout(read_timeout)
         .pool_idle_timeout(std::time::Duration::from_secs(60))
         .build()
         .expect("the HTTP client builds")
@@ -120,4 +131,35 @@ pub(crate) async fn send_bytes(
     let headers = resp.headers().clone();
     let body = resp.bytes().await.map_err(transport(&url))?;
     Ok((headers, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    /// A server that accepts the request and then says nothing must not hold the caller.
+    #[tokio::test]
+    async fn a_silent_server_times_the_request_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silent = tokio::spawn(async move {
+            let (conn, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(conn);
+        });
+        let client = super::http_client_reading(Duration::from_millis(300));
+        let start = Instant::now();
+        let err = client
+            .get(format!("http://{addr}/api/v1/anything"))
+            .send()
+            .await
+            .expect_err("nothing was answered");
+        assert!(err.is_timeout(), "{err:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
+        silent.abort();
+    }
 }
