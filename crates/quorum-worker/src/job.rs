@@ -229,20 +229,10 @@ async fn build(
         Err(e) => return Some(failed(&log, format!("worker error: {e}")).await),
     };
     let src = workspace.build_dir.clone();
-    if let Err(e) = fetch_source(w, a, &src, cancel).await {
-        if cancel.is_cancelled() {
-            return None;
-        }
-        return Some(
-            failed(
-                &log,
-                format!("worker error: cannot fetch the source: {e:#}"),
-            )
-            .await,
-        );
-    }
     // Inputs are the job's own declaration: one that cannot be had or does not match its pinned
-    // digest fails the job, with the input, URL and digests named.
+    // digest fails the job, with the input, URL and digests named. They come before the source
+    // because the first step's sandbox binds them: it is started next, and gets ready while the
+    // source is exported into the build directory it binds.
     let inputs = match w.inputs.fetch(&a.inputs, cancel).await {
         Ok(inputs) => inputs,
         Err(crate::inputs::InputError::Cancelled) => return None,
@@ -256,6 +246,24 @@ async fn build(
         timeout: Duration::from_secs(a.timeout_secs),
         inputs,
     };
+    let start = match executor::JobStart::new() {
+        Ok(start) => start,
+        Err(e) => return Some(failed(&log, format!("worker error: {e}")).await),
+    };
+    start.prepare(&*w.executor, &spec).await;
+    if let Err(e) = fetch_source(w, a, &src, cancel).await {
+        start.discard().await;
+        if cancel.is_cancelled() {
+            return None;
+        }
+        return Some(
+            failed(
+                &log,
+                format!("worker error: cannot fetch the source: {e:#}"),
+            )
+            .await,
+        );
+    }
     // Outputs go up while later steps run; the result waits for them in `finish`.
     let uploads = artifacts::Uploads::start(
         &a.store_url,
@@ -265,7 +273,7 @@ async fn build(
         PARALLEL_UPLOADS,
     );
     let steps = uploads.watch(&*w.executor);
-    let outcome = match executor::run_job(&steps, &spec, log.clone(), cancel).await {
+    let outcome = match executor::run_started_job(&steps, &spec, start, log.clone(), cancel).await {
         Ok(outcome) => outcome,
         Err(e) => return Some(failed(&log, format!("worker error: {e}")).await),
     };

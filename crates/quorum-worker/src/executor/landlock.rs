@@ -78,7 +78,7 @@ impl std::fmt::Display for LandlockTier {
     }
 }
 
-/// The helper's arguments for a sandboxed step, before the step's own command line.
+/// The helper's options for a sandboxed step, before `-- <command>` or `--wait`.
 pub(crate) fn init_arguments(init_in_sandbox: &Path) -> Vec<OsString> {
     [
         init_in_sandbox.as_os_str(),
@@ -90,7 +90,6 @@ pub(crate) fn init_arguments(init_in_sandbox: &Path) -> Vec<OsString> {
         "/dev/shm".as_ref(),
         "--dev".as_ref(),
         "/dev".as_ref(),
-        "--".as_ref(),
     ]
     .into_iter()
     .map(OsString::from)
@@ -140,9 +139,95 @@ fn parse_report(text: &str) -> Option<LandlockTier> {
 #[derive(Debug, Default)]
 struct InitArgs {
     report: bool,
+    /// Read the environment and command from stdin once restricted (`--wait`): the init of a
+    /// spare sandbox, waiting for its step.
+    wait: bool,
     write: Vec<PathBuf>,
     dev: Vec<PathBuf>,
     command: Vec<OsString>,
+}
+
+/// The most a step's environment and command may take in the hand-over message; the kernel's
+/// own limit for the arguments and environment of an exec is lower.
+const HANDOVER_MAX: u64 = 4 << 20;
+
+/// What the worker hands a waiting init ([`InitArgs::wait`]) on its stdin: the header
+/// `<variables> <arguments>\n`, then each `KEY=value` and each argument, each ended by a NUL.
+/// The counts make a message cut short (the worker died while writing) an error, never a
+/// different command.
+pub(crate) fn handover_message(
+    env: &[(&str, String)],
+    command: &[&str],
+) -> Result<Vec<u8>, String> {
+    let mut message = format!("{} {}\n", env.len(), command.len()).into_bytes();
+    for (key, value) in env {
+        if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
+            return Err(format!(
+                "the environment variable `{key}` cannot be passed on"
+            ));
+        }
+        message.extend_from_slice(format!("{key}={value}\0").as_bytes());
+    }
+    for arg in command {
+        if arg.contains('\0') {
+            return Err("the step's command contains a NUL byte".into());
+        }
+        message.extend_from_slice(arg.as_bytes());
+        message.push(0);
+    }
+    if message.len() as u64 > HANDOVER_MAX {
+        return Err(format!(
+            "the step's command and environment take {} bytes, more than {HANDOVER_MAX}",
+            message.len()
+        ));
+    }
+    Ok(message)
+}
+
+/// The environment and command in a [`handover_message`].
+type Handover = (Vec<(OsString, OsString)>, Vec<OsString>);
+
+fn parse_handover(message: &[u8]) -> Result<Handover, String> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let newline = message
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or("no header in the hand-over message")?;
+    let header = std::str::from_utf8(&message[..newline]).map_err(|_| "a garbled header")?;
+    let counts = header
+        .split_once(' ')
+        .and_then(|(e, a)| Some((e.parse::<usize>().ok()?, a.parse::<usize>().ok()?)));
+    let Some((variables, arguments)) = counts else {
+        return Err(format!("a garbled header {header:?}"));
+    };
+    let body = &message[newline + 1..];
+    let Some(body) = body.strip_suffix(b"\0") else {
+        return Err("the hand-over message was cut short".into());
+    };
+    let fields: Vec<&[u8]> = body.split(|&b| b == 0).collect();
+    if fields.len() != variables + arguments || arguments == 0 {
+        return Err(format!(
+            "{} fields for {variables} variables and {arguments} arguments",
+            fields.len()
+        ));
+    }
+    let mut env = Vec::with_capacity(variables);
+    for field in &fields[..variables] {
+        let eq = field
+            .iter()
+            .position(|&b| b == b'=')
+            .filter(|&i| i > 0)
+            .ok_or("a variable without a name")?;
+        env.push((
+            std::ffi::OsStr::from_bytes(&field[..eq]).to_owned(),
+            std::ffi::OsStr::from_bytes(&field[eq + 1..]).to_owned(),
+        ));
+    }
+    let command = fields[variables..]
+        .iter()
+        .map(|f| std::ffi::OsStr::from_bytes(f).to_owned())
+        .collect();
+    Ok((env, command))
 }
 
 fn parse_args(args: impl Iterator<Item = OsString>) -> Result<InitArgs, String> {
@@ -151,6 +236,7 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<InitArgs, String> 
     while let Some(arg) = args.next() {
         match arg.to_str() {
             Some("--report") => parsed.report = true,
+            Some("--wait") => parsed.wait = true,
             Some(flag @ ("--write" | "--dev")) => {
                 let dir = args
                     .next()
@@ -168,8 +254,10 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<InitArgs, String> 
             _ => return Err(format!("unknown argument {arg:?}")),
         }
     }
-    if parsed.command.is_empty() {
-        return Err("no command after `--`".into());
+    match (parsed.wait, parsed.command.is_empty()) {
+        (false, true) => return Err("no command after `--`".into()),
+        (true, false) => return Err("--wait takes the command from stdin, not after `--`".into()),
+        _ => {}
     }
     Ok(parsed)
 }
@@ -219,9 +307,40 @@ pub fn init_main() -> ExitCode {
         };
         println!("landlock {kind} {abi}");
     }
-    let (program, rest) = args.command.split_first().expect("checked by parse_args");
-    let err = Command::new(program).args(rest).exec();
-    fail(format!("cannot execute {program:?}: {err}"))
+    let mut command = if args.wait {
+        // A spare: everything above is done before its step is known; now wait for the step.
+        let mut message = Vec::new();
+        if let Err(e) = std::io::Read::read_to_end(
+            &mut std::io::Read::take(std::io::stdin().lock(), HANDOVER_MAX + 1),
+            &mut message,
+        ) {
+            return fail(format!("cannot read the step from the worker: {e}"));
+        }
+        if message.is_empty() {
+            // The worker let the spare go without a step: nothing ran, which is no success.
+            return ExitCode::from(INIT_FAILED);
+        }
+        let (env, argv) = match parse_handover(&message) {
+            Ok(handover) => handover,
+            Err(e) => return fail(format!("unusable step from the worker: {e}")),
+        };
+        let (program, rest) = argv.split_first().expect("checked by parse_handover");
+        let mut command = Command::new(program);
+        // Exactly the step's environment; the pipe the step came through is not its stdin.
+        command
+            .args(rest)
+            .env_clear()
+            .envs(env)
+            .stdin(Stdio::null());
+        command
+    } else {
+        let (program, rest) = args.command.split_first().expect("checked by parse_args");
+        let mut command = Command::new(program);
+        command.args(rest);
+        command
+    };
+    let err = command.exec();
+    fail(format!("cannot execute {:?}: {err}", command.get_program()))
 }
 
 #[cfg(test)]
@@ -247,5 +366,27 @@ mod tests {
         assert_eq!(a.command.len(), 3);
         assert!(parse_args(["--write"].into_iter().map(OsString::from)).is_err());
         assert!(parse_args(["--report"].into_iter().map(OsString::from)).is_err());
+        assert!(parse_args(["--wait"].into_iter().map(OsString::from)).is_ok_and(|a| a.wait));
+        assert!(parse_args(["--wait", "--", "sh"].into_iter().map(OsString::from)).is_err());
+    }
+
+    #[test]
+    fn a_handover_message_reads_back_and_a_cut_one_is_refused() {
+        let env = [("A", "1=2".to_string()), ("EMPTY", String::new())];
+        let message = handover_message(&env, &["/bin/sh", "-c", ""]).unwrap();
+        let (got_env, got_cmd) = parse_handover(&message).unwrap();
+        assert_eq!(
+            got_env,
+            [("A".into(), "1=2".into()), ("EMPTY".into(), "".into())]
+        );
+        assert_eq!(got_cmd, [OsString::from("/bin/sh"), "-c".into(), "".into()]);
+        for cut in 0..message.len() {
+            assert!(
+                parse_handover(&message[..cut]).is_err(),
+                "cut at {cut} was accepted"
+            );
+        }
+        assert!(handover_message(&[("A=B", String::new())], &["x"]).is_err());
+        assert!(handover_message(&[], &["a\0b"]).is_err());
     }
 }

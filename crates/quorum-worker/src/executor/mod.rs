@@ -6,7 +6,8 @@
 //! [`ProcessExecutor`] runs steps as plain processes of the worker's user; [`SandboxExecutor`] runs
 //! each step in its own namespaces (bubblewrap), under a seccomp filter, within the owner's cgroup
 //! [`Limits`]; a VM would be a third `Executor` behind the same seam. [`probe()`] picks what the
-//! host supports at start.
+//! host supports at start. A tier may start the next step's sandbox while a step runs and keep it
+//! in the job's [`SpareSlot`], so that a step does not wait for its sandbox's set-up.
 
 use std::future::Future;
 use std::io::{PipeReader, PipeWriter, Write as _};
@@ -119,6 +120,65 @@ pub struct StepContext<'a> {
     pub deadline: Instant,
     /// Cancelled on worker shutdown or when the controller says stop: kill the step.
     pub cancel: &'a CancellationToken,
+    /// Where the tier keeps a sandbox it started ahead for the job's next step.
+    pub spare: &'a SpareSlot,
+}
+
+/// A sandbox started ahead of the step that will run in it, waiting for that step's command.
+/// It is used by one step at most (taking it out of its [`SpareSlot`] moves it), and dropping
+/// or discarding it unused kills it with everything in it.
+pub trait Spare: std::any::Any + Send {
+    /// Kills the sandbox and everything in it, and returns once all of it is gone.
+    fn discard(self: Box<Self>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+/// One job's place for a [`Spare`]: a tier puts in the sandbox it started for the next step while
+/// this one runs, and takes it out when that step comes. [`run_job`] owns it and discards what is
+/// left in it when the job ends, however it ends, so no spare outlives its job.
+#[derive(Default)]
+pub struct SpareSlot(std::sync::Mutex<Option<Box<dyn Spare>>>);
+
+impl SpareSlot {
+    /// Keeps `spare` for the next step; one that was already there is returned.
+    pub fn put(&self, spare: Box<dyn Spare>) -> Option<Box<dyn Spare>> {
+        self.lock().replace(spare)
+    }
+
+    /// The spare, when there is one of type `T` (another tier's spare stays where it is).
+    pub fn take<T: Spare>(&self) -> Option<Box<T>> {
+        let mut slot = self.lock();
+        let ours = slot.as_deref().is_some_and(|spare| {
+            let spare: &dyn std::any::Any = spare;
+            spare.is::<T>()
+        });
+        if !ours {
+            return None;
+        }
+        let spare: Box<dyn std::any::Any + Send> = slot.take()?;
+        spare.downcast::<T>().ok()
+    }
+
+    /// Kills the spare, if there is one, and waits until it is gone.
+    pub async fn discard(&self) {
+        let spare = self.lock().take();
+        if let Some(spare) = spare {
+            spare.discard().await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Box<dyn Spare>>> {
+        // A panic while holding the lock cannot leave the Option half-written.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl std::fmt::Debug for SpareSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let full = self.lock().is_some();
+        f.debug_struct("SpareSlot").field("full", &full).finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +214,17 @@ pub trait Executor: Send + Sync {
     /// Creates the directories of a job in `job_dir` (which must exist).
     fn workspace(&self, job_dir: &Path) -> Result<Workspace, ExecError> {
         Workspace::plain(job_dir).map_err(ExecError::Setup)
+    }
+    /// Starts the sandbox of `job`'s first step ahead, writing to `output`, and keeps it in
+    /// `spare` for [`Executor::run_step`]; tiers with nothing to start ahead do nothing. A
+    /// failure is not reported here: the step then starts its own sandbox and says what failed.
+    fn prepare<'a>(
+        &'a self,
+        _job: &'a JobSpec,
+        _output: &'a PipeWriter,
+        _spare: &'a SpareSlot,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(std::future::ready(()))
     }
 }
 
@@ -227,6 +298,39 @@ pub struct JobOutcome {
 /// step's process group can still hold the pipe open then; its output is dropped.
 const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 
+/// A job's output pipe and spare slot, made before the job runs, so that its first step's
+/// sandbox can be started while the worker still fetches the source ([`JobStart::prepare`]).
+/// Dropping it unused kills that sandbox.
+#[derive(Debug)]
+pub struct JobStart {
+    reader: PipeReader,
+    writer: PipeWriter,
+    spare: SpareSlot,
+}
+
+impl JobStart {
+    pub fn new() -> Result<JobStart, ExecError> {
+        let (reader, writer) = std::io::pipe().map_err(ExecError::Setup)?;
+        Ok(JobStart {
+            reader,
+            writer,
+            spare: SpareSlot::default(),
+        })
+    }
+
+    /// Has `executor` start the sandbox of `job`'s first step now, if its tier can. `job` must
+    /// be the job later run with [`run_started_job`], its inputs verified and its build
+    /// directory in place (the source may still be arriving in it).
+    pub async fn prepare(&self, executor: &dyn Executor, job: &JobSpec) {
+        executor.prepare(job, &self.writer, &self.spare).await;
+    }
+
+    /// Kills the first step's sandbox, if one was started, and waits until it is gone.
+    pub async fn discard(self) {
+        self.spare.discard().await;
+    }
+}
+
 /// Runs `job`'s steps in order with `executor` until one fails, the deadline passes or `cancel`
 /// fires. Output, a `$ <step>` header per step and a closing note on failure go to `log`.
 pub async fn run_job(
@@ -235,10 +339,29 @@ pub async fn run_job(
     log: mpsc::Sender<Vec<u8>>,
     cancel: &CancellationToken,
 ) -> Result<JobOutcome, ExecError> {
-    tokio::fs::create_dir_all(&job.tmp_dir)
-        .await
-        .map_err(ExecError::Setup)?;
-    let (reader, writer) = std::io::pipe().map_err(ExecError::Setup)?;
+    run_started_job(executor, job, JobStart::new()?, log, cancel).await
+}
+
+/// [`run_job`] with the output pipe and spare slot of `start`, in which the first step's sandbox
+/// may be waiting.
+pub async fn run_started_job(
+    executor: &dyn Executor,
+    job: &JobSpec,
+    start: JobStart,
+    log: mpsc::Sender<Vec<u8>>,
+    cancel: &CancellationToken,
+) -> Result<JobOutcome, ExecError> {
+    // A spare holds the output pipe too, and the log ends only when every writer is gone: the
+    // job's end discards `spare` before it drops `writer`.
+    let JobStart {
+        reader,
+        writer,
+        spare,
+    } = start;
+    if let Err(e) = tokio::fs::create_dir_all(&job.tmp_dir).await {
+        spare.discard().await;
+        return Err(ExecError::Setup(e));
+    }
     let mut forwarder = tokio::spawn(forward(reader, log.clone()));
     let started = Instant::now();
     let deadline = started + job.timeout;
@@ -272,8 +395,16 @@ pub async fn run_job(
                 output: &writer,
                 deadline,
                 cancel,
+                spare: &spare,
             })
-            .await?;
+            .await;
+        let run = match run {
+            Ok(run) => run,
+            Err(e) => {
+                spare.discard().await;
+                return Err(e);
+            }
+        };
         outcome.cpu += run.cpu;
         outcome.peak_rss_kib = outcome.peak_rss_kib.max(run.peak_rss_kib);
         outcome.status = match run.exit {
@@ -296,6 +427,8 @@ pub async fn run_job(
         break;
     }
     outcome.wall = started.elapsed();
+    // A spare left for a step that will not run: the job has ended, and so does the spare.
+    spare.discard().await;
     drop(writer);
     if tokio::time::timeout(OUTPUT_GRACE, &mut forwarder)
         .await

@@ -61,7 +61,7 @@ pub fn probe(state_dir: &Path, limits: &Limits) -> Result<SandboxExecutor, Probe
     };
     std::fs::create_dir_all(&job.build_dir).map_err(setup)?;
     std::fs::create_dir_all(&job.tmp_dir).map_err(setup)?;
-    let (mut command, root) = executor.command(&job, "true").map_err(setup)?;
+    let (mut command, root) = executor.command(&job, Some("true")).map_err(setup)?;
     let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -66,19 +66,38 @@ pub(super) struct Supervision {
 /// pipe here), waits for it until it ends, the deadline passes or the step is cancelled, and
 /// kills its process group on every way out.
 pub(super) async fn run_supervised(
-    mut cmd: Command,
+    cmd: Command,
     step: &StepContext<'_>,
 ) -> Result<StepRun, ExecError> {
-    let index = step.index;
+    spawn_supervised(cmd, step.output, step.index)
+        .await?
+        .wait(step)
+        .await
+}
+
+/// A supervised child, spawned and not yet waited for. Dropping it kills its process group;
+/// the thread blocked in `wait4` then reaps it.
+pub(super) struct Spawned {
+    index: usize,
+    group: ProcessGroup,
+    waiter: tokio::task::JoinHandle<io::Result<(i32, libc::rusage)>>,
+}
+
+/// Spawns `cmd` for step `index`, with both its stdout and stderr going to `output`.
+pub(super) async fn spawn_supervised(
+    mut cmd: Command,
+    output: &std::io::PipeWriter,
+    index: usize,
+) -> Result<Spawned, ExecError> {
     let spawn_err = |source| ExecError::Spawn {
         step: index,
         source,
     };
-    cmd.stdout(step.output.try_clone().map_err(spawn_err)?);
-    cmd.stderr(step.output.try_clone().map_err(spawn_err)?);
+    cmd.stdout(output.try_clone().map_err(spawn_err)?);
+    cmd.stderr(output.try_clone().map_err(spawn_err)?);
 
     let (pid_tx, pid_rx) = oneshot::channel();
-    let mut waiter = tokio::task::spawn_blocking(move || spawn_and_wait(cmd, pid_tx));
+    let waiter = tokio::task::spawn_blocking(move || spawn_and_wait(cmd, pid_tx));
     let Ok(pid) = pid_rx.await else {
         // No pid means the spawn failed; the waiter holds the reason.
         return match waiter.await {
@@ -89,17 +108,43 @@ pub(super) async fn run_supervised(
             Err(e) => Err(spawn_err(io::Error::other(e))),
         };
     };
-    // Dropping the guard kills the group on every path out of here, including this future
-    // being dropped halfway.
-    let group = ProcessGroup(pid);
-    let killed = tokio::select! {
-        biased;
-        waited = &mut waiter => return finish(index, waited, None),
-        _ = tokio::time::sleep_until(step.deadline) => StepExit::TimedOut,
-        _ = step.cancel.cancelled() => StepExit::Cancelled,
-    };
-    group.kill();
-    finish(index, waiter.await, Some(killed))
+    Ok(Spawned {
+        index,
+        group: ProcessGroup(pid),
+        waiter,
+    })
+}
+
+impl Spawned {
+    /// Whether the child has ended (and been reaped) already.
+    pub(super) fn has_ended(&self) -> bool {
+        self.waiter.is_finished()
+    }
+
+    /// Waits for the child until it ends, the deadline of `step` passes or the step is
+    /// cancelled; its process group is killed on every way out, including this future being
+    /// dropped halfway.
+    pub(super) async fn wait(self, step: &StepContext<'_>) -> Result<StepRun, ExecError> {
+        let Spawned {
+            index,
+            group,
+            mut waiter,
+        } = self;
+        let killed = tokio::select! {
+            biased;
+            waited = &mut waiter => return finish(index, waited, None),
+            _ = tokio::time::sleep_until(step.deadline) => StepExit::TimedOut,
+            _ = step.cancel.cancelled() => StepExit::Cancelled,
+        };
+        group.kill();
+        finish(index, waiter.await, Some(killed))
+    }
+
+    /// Kills the child's process group and returns once the child is reaped.
+    pub(super) async fn kill(self) {
+        self.group.kill();
+        let _ = self.waiter.await;
+    }
 }
 
 /// The step's command line and environment. The allow on `Command::new` marks this as the one

@@ -15,22 +15,34 @@
 //! calls builds never need with `EPERM`. bwrap reads it from a memfd each step inherits. The
 //! step's first program is `quorum-sandbox-init` when the worker has it ([`super::landlock`]):
 //! it adds the Landlock rules, which must come after bwrap's mounts, and executes the step.
+//!
+//! With the init, a sandbox can be made before its step is known: the init then waits for the
+//! step's environment and command on its stdin. While a step runs, the executor starts the next
+//! step's sandbox that way (a [`Spare`] in the job's slot), so that step finds everything set up
+//! but the exec of its shell; the worker has the first step's started while it exports the
+//! source ([`Executor::prepare`]). Each sandbox still serves one step only.
 
 use std::ffi::OsString;
+use std::future::Future;
+use std::io::PipeWriter;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use tokio::io::AsyncWriteExt as _;
 
 use super::cgroup::{CgroupError, Hierarchy, LimitHit, Limits, StepCgroup};
 use super::disk::{self, BuildDisk};
 use super::landlock::{self, INIT_NAME, LandlockTier};
-use super::process::{Supervision, inherit_fd, memfd_with, run_supervised, supervise};
+use super::process::{Spawned, Supervision, inherit_fd, memfd_with, spawn_supervised, supervise};
 use super::root::{Root, Roots, TOP_DIRS};
 use super::seccomp::{self, SeccompError};
 use super::{
-    ExecError, Executor, JobSpec, StepContext, StepExit, StepFuture, StepRun, Workspace,
-    build_environment,
+    ExecError, Executor, JobSpec, Spare, SpareSlot, StepContext, StepExit, StepFuture, StepRun,
+    Workspace, build_environment,
 };
 
 /// Where the build directory appears inside the sandbox; the same on every worker, so paths
@@ -155,13 +167,14 @@ impl SandboxExecutor {
 
     /// The bwrap command for `step` in `job`, not yet supervised, and the root it binds, which
     /// must be kept until the step ends. The command owns the descriptor the seccomp filter is
-    /// read from.
+    /// read from. Without a step, the init waits for one on its stdin (`--wait`), and it brings
+    /// the step's environment along.
     #[allow(clippy::disallowed_methods)] // the executor is where build processes are created
     pub(crate) fn command(
         &self,
         job: &JobSpec,
-        step: &str,
-    ) -> std::io::Result<(Command, std::sync::Arc<Root>)> {
+        step: Option<&str>,
+    ) -> std::io::Result<(Command, Arc<Root>)> {
         // Names are checked when the pipeline is parsed; a second check keeps a bind from
         // landing anywhere but directly in /inputs.
         if let Some(bad) = job
@@ -180,21 +193,28 @@ impl SandboxExecutor {
         // steps started at the same time would otherwise share.
         let filter = memfd_with(c"quorum-seccomp", &self.seccomp)?;
         let fd = inherit_fd(&mut cmd, filter);
-        cmd.args(self.arguments(job, root.path()))
+        cmd.args(self.arguments(job, root.path(), step.is_some()))
             .arg("--seccomp")
             .arg(fd.to_string())
             .arg("--");
         if self.init.is_some() {
             cmd.args(landlock::init_arguments(Path::new(landlock::INIT_PATH)));
         }
-        cmd.args(["/bin/sh", "-e", "-c", step])
-            .env_clear()
-            .current_dir("/")
-            .stdin(Stdio::null());
+        match (step, self.init.is_some()) {
+            (Some(step), true) => cmd.arg("--").args(step_command(step)),
+            (Some(step), false) => cmd.args(step_command(step)),
+            (None, true) => cmd.arg("--wait"),
+            (None, false) => {
+                return Err(std::io::Error::other(format!(
+                    "a sandbox can wait for its step only with {INIT_NAME}"
+                )));
+            }
+        };
+        cmd.env_clear().current_dir("/").stdin(Stdio::null());
         Ok((cmd, root))
     }
 
-    fn arguments(&self, job: &JobSpec, root: &Path) -> Vec<OsString> {
+    fn arguments(&self, job: &JobSpec, root: &Path, with_env: bool) -> Vec<OsString> {
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
             a.extend(args.iter().map(|s| s.as_ref().to_os_string()));
@@ -269,15 +289,20 @@ impl SandboxExecutor {
             &"/dev",
             &"--clearenv",
         ]);
-        for (key, value) in sandbox_environment(job) {
-            push(&[&"--setenv", &key, &value]);
+        if with_env {
+            for (key, value) in sandbox_environment(job) {
+                push(&[&"--setenv", &key, &value]);
+            }
         }
         a
     }
 
+    /// Runs `step` in the spare started for it, or in a sandbox started now when there is none
+    /// (the job's first step, or no init to wait in), and meanwhile starts the spare of the
+    /// job's next step.
     async fn run(&self, step: StepContext<'_>) -> Result<StepRun, ExecError> {
-        let setup = ExecError::Setup;
-        // The owner's per-step limit, when it comes before the job's deadline.
+        // The owner's per-step limit, when it comes before the job's deadline; counted from
+        // here, when the step starts, not from when its spare was made.
         let step_limit = self.limits.step_timeout_secs.and_then(|secs| {
             let until = tokio::time::Instant::now() + Duration::from_secs(secs);
             (until < step.deadline).then_some((secs, until))
@@ -286,6 +311,57 @@ impl SandboxExecutor {
             deadline: step_limit.map_or(step.deadline, |(_, until)| until),
             ..step
         };
+        let sandbox = match step.spare.take::<Sandbox>() {
+            Some(spare) if !spare.process.has_ended() => *spare,
+            stale => {
+                // A spare whose bwrap ended before its step (it could not set up): start afresh,
+                // so that the step's own sandbox says what went wrong, after the step's header.
+                if let Some(stale) = stale {
+                    stale.discard().await;
+                }
+                let command = self.init.is_none().then_some(step.command);
+                self.start(step.job, step.output, step.index, command)
+                    .await?
+            }
+        };
+        let next = async {
+            if self.init.is_none() || step.index >= step.job.script.len() {
+                return None;
+            }
+            match self
+                .start(step.job, step.output, step.index + 1, None)
+                .await
+            {
+                Ok(spare) => Some(spare),
+                Err(e) => {
+                    // The next step starts its sandbox itself then, and reports what fails.
+                    tracing::warn!(error = %e, "cannot start a spare sandbox");
+                    None
+                }
+            }
+        };
+        // The step goes first (`join!` polls in order): its hand-over is written before the
+        // spare's set-up begins.
+        let (run, next) = tokio::join!(self.finish(sandbox, &step, step_limit), next);
+        if let Some(next) = next
+            && let Some(old) = step.spare.put(Box::new(next))
+        {
+            old.discard().await;
+        }
+        run
+    }
+
+    /// Starts a sandbox for step `index` of `job`, writing to `output`: the step's cgroup with
+    /// the owner's limits, bwrap with the namespaces, mounts and seccomp filter, and the init
+    /// restricted by Landlock and waiting for its step, or, without `command`, running it.
+    async fn start(
+        &self,
+        job: &JobSpec,
+        output: &PipeWriter,
+        index: usize,
+        command: Option<&str>,
+    ) -> Result<Sandbox, ExecError> {
+        let setup = ExecError::Setup;
         let group = match &self.cgroups {
             Some(h) => {
                 let n = STEPS.fetch_add(1, Ordering::Relaxed);
@@ -303,7 +379,15 @@ impl SandboxExecutor {
                 .map_err(|e| setup(std::io::Error::other(e)))?,
             None => Vec::new(),
         };
-        let (mut cmd, _root) = self.command(step.job, step.command).map_err(setup)?;
+        let (mut cmd, root) = self.command(job, command).map_err(setup)?;
+        let handover = match command {
+            Some(_) => None,
+            None => {
+                let (reader, writer) = std::io::pipe().map_err(setup)?;
+                cmd.stdin(reader);
+                Some(writer)
+            }
+        };
         supervise(
             &mut cmd,
             Supervision {
@@ -311,7 +395,60 @@ impl SandboxExecutor {
                 cgroups,
             },
         );
-        let mut run = run_supervised(cmd, &step).await?;
+        let process = spawn_supervised(cmd, output, index).await?;
+        Ok(Sandbox {
+            process,
+            handover,
+            group,
+            _root: root,
+        })
+    }
+
+    /// Hands `step` to the waiting init of `sandbox` (if it is not running its step already),
+    /// waits for the step, and reads what it used from its cgroup.
+    async fn finish(
+        &self,
+        sandbox: Sandbox,
+        step: &StepContext<'_>,
+        step_limit: Option<(u64, tokio::time::Instant)>,
+    ) -> Result<StepRun, ExecError> {
+        let Sandbox {
+            process,
+            handover,
+            group,
+            _root,
+        } = sandbox;
+        let spawn_err = |source| ExecError::Spawn {
+            step: step.index,
+            source,
+        };
+        let message = match &handover {
+            Some(_) => Some(
+                landlock::handover_message(
+                    &sandbox_environment(step.job),
+                    &step_command(step.command),
+                )
+                .map_err(|e| spawn_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?,
+            ),
+            None => None,
+        };
+        let hand_over = async move {
+            let (Some(pipe), Some(message)) = (handover, message) else {
+                return Ok(());
+            };
+            let mut pipe = tokio::net::unix::pipe::Sender::from_owned_fd(pipe.into())?;
+            pipe.write_all(&message).await
+            // Closing the pipe here is the end of the message for the init.
+        };
+        let (handed, run) = tokio::join!(hand_over, process.wait(step));
+        let mut run = run?;
+        // The init never runs a step it did not get whole: unless the step was stopped while it
+        // waited, nothing ran, whatever the init exited with.
+        if let Err(e) = handed
+            && !matches!(run.exit, StepExit::TimedOut | StepExit::Cancelled)
+        {
+            return Err(spawn_err(e));
+        }
         if let Some(group) = group {
             let usage = tokio::task::spawn_blocking(move || {
                 let usage = group.usage();
@@ -319,7 +456,7 @@ impl SandboxExecutor {
                 usage
             })
             .await
-            .map_err(|e| setup(std::io::Error::other(e)))?;
+            .map_err(|e| ExecError::Setup(std::io::Error::other(e)))?;
             run.cpu = usage.cpu.unwrap_or(run.cpu);
             if let Some(peak) = usage.peak_memory_bytes {
                 run.peak_rss_kib = peak / 1024;
@@ -339,6 +476,41 @@ impl SandboxExecutor {
         }
         Ok(run)
     }
+}
+
+/// A started sandbox: bwrap's namespaces, mounts and seccomp filter in place, inside the step's
+/// cgroup, with the init restricted by Landlock and waiting for its step on `handover` (or,
+/// without one, running the step it was started with). As a [`Spare`] it serves one step.
+struct Sandbox {
+    /// First, so that dropping the sandbox kills its processes before the cgroup goes.
+    process: Spawned,
+    handover: Option<PipeWriter>,
+    group: Option<StepCgroup>,
+    /// The root bwrap binds, kept until the sandbox is gone.
+    _root: Arc<Root>,
+}
+
+impl Spare for Sandbox {
+    fn discard(self: Box<Self>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let Sandbox {
+            process,
+            handover,
+            group,
+            _root,
+        } = *self;
+        Box::pin(async move {
+            process.kill().await;
+            drop(handover);
+            if let Some(group) = group {
+                let _ = tokio::task::spawn_blocking(move || group.remove()).await;
+            }
+        })
+    }
+}
+
+/// The step's command line inside the sandbox.
+fn step_command(step: &str) -> [&str; 4] {
+    ["/bin/sh", "-e", "-c", step]
 }
 
 impl Executor for SandboxExecutor {
@@ -361,6 +533,27 @@ impl Executor for SandboxExecutor {
 
     fn run_step<'a>(&'a self, step: StepContext<'a>) -> StepFuture<'a> {
         Box::pin(self.run(step))
+    }
+
+    fn prepare<'a>(
+        &'a self,
+        job: &'a JobSpec,
+        output: &'a PipeWriter,
+        spare: &'a SpareSlot,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            if self.init.is_none() || job.script.is_empty() {
+                return;
+            }
+            match self.start(job, output, 1, None).await {
+                Ok(sandbox) => {
+                    if let Some(old) = spare.put(Box::new(sandbox)) {
+                        old.discard().await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot start a spare sandbox"),
+            }
+        })
     }
 
     fn workspace(&self, job_dir: &Path) -> Result<Workspace, ExecError> {

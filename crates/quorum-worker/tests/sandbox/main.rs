@@ -17,6 +17,7 @@ mod facts;
 mod inputs;
 mod landlock;
 mod limits;
+mod spares;
 mod two_builds;
 
 const SHORT: Duration = Duration::from_secs(30);
