@@ -2,7 +2,8 @@
 //! uploads. Files are hashed once (a [`DigestCache`] of earlier digests keyed by path, size,
 //! mtime, ctime and inode skips unchanged files, checked on the metadata [`select`]'s walk
 //! read). [`Publisher::publish`] reads each small file the cache does not know once, hashing it
-//! and sending it in a batch from the same buffer if the store lacks it, then sends the manifest
+//! and sending it in a batch from the same buffer if the store lacks it (the large files it had
+//! to hash travel beside those batches, one per request), then sends the manifest
 //! first (`POST /api/v1/manifest`), relative to the last manifest this store accepted from this
 //! cache when that is smaller, so an unchanged tree costs one small request; the store answers
 //! the blobs its tenant lacks, only those are sent (files up to 1 MiB in batches of about 16 MiB,
@@ -644,10 +645,13 @@ fn shown(path: &Path) -> String {
         .to_string()
 }
 
-/// A file after the quick check: its digest known, or left to be read once, hashed and sent
-/// from the same buffer ([`Publisher::stream`]).
+/// A file after the quick check: its digest known from the cache, hashed by the check, or left
+/// to be read once, hashed and sent from the same buffer ([`Publisher::stream`]).
 enum Checked {
     Known(Hashed),
+    /// Read and hashed by the check (a file too large for a batch that the cache did not know),
+    /// so its content is likely new to the store too.
+    Read(Hashed),
     /// With its size from the quick check's metadata, for batching.
     Unread(Source, u64),
 }
@@ -693,7 +697,7 @@ fn check_one(
         return Ok(Checked::Unread(source.clone(), meta.len()));
     }
     let (hashed, _) = read_one(source, key, cache, false)?;
-    Ok(Checked::Known(hashed))
+    Ok(Checked::Read(hashed))
 }
 
 /// Reads and hashes one file, opened with O_NOFOLLOW and checked on the open file, and records
@@ -895,6 +899,117 @@ async fn put_batch(
         })
 }
 
+/// Sends one upload unit of files already hashed: a large file alone (one `PUT`), or a batch.
+async fn send_unit(
+    store: &StoreClient,
+    token: &str,
+    batch: Vec<Hashed>,
+) -> Result<(), PublishError> {
+    match batch.as_slice() {
+        [h] if h.entry.size > BATCH_FILE_MAX => store
+            .put_file(token, &h.entry.digest, &h.path)
+            .await
+            .map_err(|source| PublishError::Upload {
+                path: shown(&h.path),
+                source,
+            }),
+        _ => send_batch(store, token, batch).await,
+    }
+}
+
+/// What [`Publisher::stream`] sends in one request.
+enum Unit {
+    /// Files hashed already ([`send_unit`]).
+    Read(Vec<Hashed>),
+    /// Files to read, hash and frame ([`stream_batch`]).
+    Unread(Vec<(Source, u64)>),
+}
+
+/// `a`'s items spread evenly among `b`'s, so that requests of both kinds are in flight
+/// together.
+fn spread<T>(a: Vec<T>, b: Vec<T>) -> Vec<T> {
+    let (n, m) = (a.len(), b.len());
+    let mut out = Vec::with_capacity(n + m);
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    let (mut taken_a, mut taken_b) = (0, 0);
+    while a.peek().is_some() || b.peek().is_some() {
+        // Take from `a` while it is behind its share of what has been taken.
+        let from_a = b.peek().is_none() || (a.peek().is_some() && taken_a * m <= taken_b * n);
+        if from_a {
+            out.extend(a.next());
+            taken_a += 1;
+        } else {
+            out.extend(b.next());
+            taken_b += 1;
+        }
+    }
+    out
+}
+
+/// Reads the files of `batch` (on a blocking thread), hashing each from its buffer, asks the
+/// store which of their blobs it lacks, and sends those not `claimed` by another request in one
+/// framed body. Returns every file's digest and what was sent.
+async fn stream_batch(
+    store: &StoreClient,
+    token: &str,
+    cache: &Arc<Mutex<DigestCache>>,
+    claimed: &Mutex<HashSet<Digest>>,
+    batch: Vec<(Source, u64)>,
+) -> Result<(Vec<Hashed>, Sent), PublishError> {
+    let first = shown(&batch[0].0.path);
+    let cache = cache.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        batch
+            .iter()
+            .map(|(source, _)| {
+                let key = std::path::absolute(&source.path).map_err(|e| PublishError::Read {
+                    path: shown(&source.path),
+                    source: e,
+                })?;
+                read_one(source, key, &cache, true)
+            })
+            .collect::<Result<Vec<_>, PublishError>>()
+    })
+    .await
+    .map_err(|e| PublishError::Read {
+        path: first,
+        source: io::Error::other(e),
+    })??;
+    let mut digests: Vec<Digest> = read.iter().map(|(h, _)| h.entry.digest).collect();
+    digests.sort();
+    digests.dedup();
+    let lacking = store
+        .missing(token, digests)
+        .await
+        .map_err(PublishError::Missing)?;
+    let mut ours: HashSet<Digest> = {
+        let mut claimed = claimed.lock().expect("claimed lock");
+        lacking.into_iter().filter(|d| claimed.insert(*d)).collect()
+    };
+    let (mut body, mut framed) = (Vec::new(), Vec::new());
+    let mut hashed = Vec::with_capacity(read.len());
+    // Each file's buffer is dropped once framed, so a batch peaks near twice its size only
+    // while its body is built.
+    for (h, bytes) in read {
+        if ours.remove(&h.entry.digest) {
+            let header = quorum_api::v1::store::batch_frame_header(&h.entry.digest, h.entry.size);
+            body.extend_from_slice(header.as_bytes());
+            body.extend_from_slice(&bytes);
+            framed.push(h.clone());
+        }
+        hashed.push(h);
+    }
+    let sent = Sent {
+        blobs: framed.len(),
+        bytes_sent: framed.iter().map(|h| h.entry.size).sum(),
+        bytes_skipped: 0,
+    };
+    if !framed.is_empty() {
+        put_batch(store, token, body, &framed).await?;
+    }
+    Ok((hashed, sent))
+}
+
 /// Publishes files with one upload token.
 #[derive(Clone)]
 pub struct Publisher {
@@ -950,7 +1065,7 @@ impl Publisher {
         Ok(checked
             .into_iter()
             .map(|c| match c {
-                Checked::Known(h) => h,
+                Checked::Known(h) | Checked::Read(h) => h,
                 Checked::Unread(..) => unreachable!("nothing is deferred without `defer`"),
             })
             .collect())
@@ -1008,7 +1123,7 @@ impl Publisher {
                             .map(|source| {
                                 let walked = metas.as_mut().and_then(Iterator::next);
                                 let c = check_one(source, walked, &cache, defer)?;
-                                if let Checked::Known(h) = &c {
+                                if let Checked::Known(h) | Checked::Read(h) = &c {
                                     progress.advance(h.entry.size);
                                 }
                                 Ok(c)
@@ -1029,83 +1144,81 @@ impl Publisher {
         checked
     }
 
-    /// Reads each of `files` once, hashing it and framing it into a batch from the same buffer:
-    /// per batch, the store is asked which of its blobs it lacks, and those are sent at once,
-    /// [`Publisher::parallel`] batches at a time. A first upload so reads its tree once and
-    /// hashes while sending, where a separate hashing pass would read it twice and send
-    /// nothing until every file was hashed. A blob is sent once even if several files carry it.
-    async fn stream(&self, files: Vec<(Source, u64)>) -> Result<(Vec<Hashed>, Sent), PublishError> {
-        if files.is_empty() {
+    /// Sends what this run reads that the store lacks, in one stream of requests,
+    /// [`Publisher::parallel`] at a time: the files the check hashed (`read`: too large for a
+    /// batch; the store is asked about all of them in one call first), one per request, spread
+    /// among batches of `files`, each of which is read once, hashed and framed from the same
+    /// buffer (per batch, the store is asked which of its blobs it lacks, and those are sent at
+    /// once). A first upload so reads its small files once and hashes while sending, where a
+    /// separate hashing pass would read them twice and send nothing until every file was
+    /// hashed, and its large files travel beside the batches, so the first proposal of the
+    /// manifest is recorded. A blob is sent once even if several files carry it. Returns the
+    /// digests of `files`.
+    async fn stream(
+        &self,
+        read: &[Hashed],
+        files: Vec<(Source, u64)>,
+    ) -> Result<(Vec<Hashed>, Sent), PublishError> {
+        if files.is_empty() && read.is_empty() {
             return Ok((Vec::new(), Sent::default()));
         }
-        let total = files.iter().map(|(_, size)| size).sum();
-        self.progress.sending(files.len(), total);
+        let total = files.iter().map(|(_, size)| size).sum::<u64>()
+            + read.iter().map(|h| h.entry.size).sum::<u64>();
+        self.progress.sending(files.len() + read.len(), total);
+        // Claimed across requests, so a blob two of them carry goes once.
         let claimed = Arc::new(Mutex::new(HashSet::new()));
-        let result = futures::stream::iter(batches_by(files, |(_, size)| *size))
-            .map(|batch| {
+        let mut digests: Vec<Digest> = read.iter().map(|h| h.entry.digest).collect();
+        digests.sort();
+        digests.dedup();
+        let mut lacking = HashSet::new();
+        for chunk in digests.chunks(MISSING_BATCH) {
+            let lacks = self
+                .store
+                .missing(&self.token, chunk.to_vec())
+                .await
+                .map_err(PublishError::Missing)?;
+            lacking.extend(lacks);
+        }
+        claimed
+            .lock()
+            .expect("claimed lock")
+            .extend(lacking.iter().copied());
+        let wanted: Vec<Hashed> = read
+            .iter()
+            .filter(|h| lacking.remove(&h.entry.digest))
+            .cloned()
+            .collect();
+        let units = spread(
+            batches(wanted).into_iter().map(Unit::Read).collect(),
+            batches_by(files, |(_, size)| *size)
+                .into_iter()
+                .map(Unit::Unread)
+                .collect(),
+        );
+        let result = futures::stream::iter(units)
+            .map(|unit| {
                 let (store, token) = (self.store.clone(), self.token.clone());
                 let (cache, progress, claimed) =
                     (self.cache.clone(), self.progress.clone(), claimed.clone());
                 async move {
-                    let first = shown(&batch[0].0.path);
-                    let read = tokio::task::spawn_blocking(move || {
-                        batch
-                            .iter()
-                            .map(|(source, _)| {
-                                let key = std::path::absolute(&source.path).map_err(|e| {
-                                    PublishError::Read {
-                                        path: shown(&source.path),
-                                        source: e,
-                                    }
-                                })?;
-                                read_one(source, key, &cache, true)
-                            })
-                            .collect::<Result<Vec<_>, PublishError>>()
-                    })
-                    .await
-                    .map_err(|e| PublishError::Read {
-                        path: first,
-                        source: io::Error::other(e),
-                    })??;
-                    let mut digests: Vec<Digest> =
-                        read.iter().map(|(h, _)| h.entry.digest).collect();
-                    digests.sort();
-                    digests.dedup();
-                    let lacking = store
-                        .missing(&token, digests)
-                        .await
-                        .map_err(PublishError::Missing)?;
-                    // Claimed across batches, so a blob two batches carry goes once.
-                    let mut ours: HashSet<Digest> = {
-                        let mut claimed = claimed.lock().expect("claimed lock");
-                        lacking.into_iter().filter(|d| claimed.insert(*d)).collect()
-                    };
-                    let (mut body, mut framed) = (Vec::new(), Vec::new());
-                    let mut hashed = Vec::with_capacity(read.len());
-                    // Each file's buffer is dropped once framed, so a batch peaks near twice
-                    // its size only while its body is built.
-                    for (h, bytes) in read {
-                        if ours.remove(&h.entry.digest) {
-                            let header = quorum_api::v1::store::batch_frame_header(
-                                &h.entry.digest,
-                                h.entry.size,
-                            );
-                            body.extend_from_slice(header.as_bytes());
-                            body.extend_from_slice(&bytes);
-                            framed.push(h.clone());
+                    match unit {
+                        Unit::Read(batch) => {
+                            let sent = Sent {
+                                blobs: batch.len(),
+                                bytes_sent: batch.iter().map(|h| h.entry.size).sum(),
+                                bytes_skipped: 0,
+                            };
+                            send_unit(&store, &token, batch).await?;
+                            progress.advance(sent.bytes_sent);
+                            Ok((Vec::new(), sent))
                         }
-                        hashed.push(h);
+                        Unit::Unread(batch) => {
+                            let (hashed, sent) =
+                                stream_batch(&store, &token, &cache, &claimed, batch).await?;
+                            progress.advance(hashed.iter().map(|h| h.entry.size).sum());
+                            Ok((hashed, sent))
+                        }
                     }
-                    let sent = Sent {
-                        blobs: framed.len(),
-                        bytes_sent: framed.iter().map(|h| h.entry.size).sum(),
-                        bytes_skipped: 0,
-                    };
-                    if !framed.is_empty() {
-                        put_batch(&store, &token, body, &framed).await?;
-                    }
-                    progress.advance(hashed.iter().map(|h| h.entry.size).sum());
-                    Ok::<_, PublishError>((hashed, sent))
                 }
             })
             .buffer_unordered(self.parallel)
@@ -1174,16 +1287,7 @@ impl Publisher {
                 let (store, token, progress) = (store.clone(), token.clone(), progress.clone());
                 async move {
                     let bytes = batch.iter().map(|h| h.entry.size).sum();
-                    match batch.as_slice() {
-                        [h] if h.entry.size > BATCH_FILE_MAX => store
-                            .put_file(&token, &h.entry.digest, &h.path)
-                            .await
-                            .map_err(|source| PublishError::Upload {
-                                path: shown(&h.path),
-                                source,
-                            })?,
-                        _ => send_batch(&store, &token, batch).await?,
-                    }
+                    send_unit(&store, &token, batch).await?;
                     progress.advance(bytes);
                     Ok::<_, PublishError>(())
                 }
@@ -1218,20 +1322,26 @@ impl Publisher {
         let started = Instant::now();
         let result = async {
             let checked = self.check(sources, sources.take_walked(), true).await?;
-            let (mut hashed, mut unread) = (Vec::with_capacity(checked.len()), Vec::new());
+            let (mut hashed, mut read, mut unread) =
+                (Vec::with_capacity(checked.len()), Vec::new(), Vec::new());
             for c in checked {
                 match c {
                     Checked::Known(h) => hashed.push(h),
+                    Checked::Read(h) => read.push(h),
                     Checked::Unread(s, size) => unread.push((s, size)),
                 }
             }
-            tracing::debug!(files = hashed.len(), unread = unread.len(), elapsed = ?started.elapsed(), "checked");
+            tracing::debug!(
+                known = hashed.len(), read = read.len(), unread = unread.len(),
+                elapsed = ?started.elapsed(), "checked"
+            );
             // Checked before anything is sent: a tree that cannot be recorded is not uploaded.
             // The digests do not enter the checks, so the unread files' stand in as empty.
             Manifest::new(
                 hashed
                     .iter()
                     .map(|h| h.entry.clone())
+                    .chain(read.iter().map(|h| h.entry.clone()))
                     .chain(unread.iter().map(|(s, _)| ManifestEntry {
                         path: s.name.clone(),
                         mode: 0,
@@ -1240,11 +1350,18 @@ impl Publisher {
                     }))
                     .collect(),
             )?;
-            let (streamed, early) = self.stream(unread).await?;
+            let (streamed, early) = self.stream(&read, unread).await?;
+            // The store has every blob of these now, or has just said it has.
+            let settled: HashSet<Digest> = read
+                .iter()
+                .chain(&streamed)
+                .map(|h| h.entry.digest)
+                .collect();
+            hashed.extend(read);
             hashed.extend(streamed);
             tracing::debug!(blobs = early.blobs, elapsed = ?started.elapsed(), "hashed while sending");
             let manifest = Manifest::new(hashed.iter().map(|h| h.entry.clone()).collect())?;
-            let mut sent = self.propose(&hashed, &manifest).await?;
+            let mut sent = self.propose(&hashed, &manifest, &settled).await?;
             sent.blobs += early.blobs;
             sent.bytes_sent += early.bytes_sent;
             sent.bytes_skipped = sent.bytes_skipped.saturating_sub(early.bytes_sent);
@@ -1264,14 +1381,16 @@ impl Publisher {
     /// Records `manifest` of `files`, manifest first: proposed relative to the remembered
     /// manifest of this store it differs least from (or in full), so an unchanged tree costs one
     /// small request; the store answers the blobs it lacks, which are sent before proposing
-    /// again. The changed entries' blobs are asked about (`missing`) and sent before the first
-    /// proposal, so a changed tree is usually recorded by it. A base the store does not know
+    /// again. The changed entries' blobs, but for those this run has sent or been told the store
+    /// has (`settled`), are asked about (`missing`) and sent before the first proposal, so a
+    /// changed tree is usually recorded by it. A base the store does not know
     /// for this tenant is forgotten and the manifest sent in full. What the store accepts is
     /// remembered as the next base.
     pub async fn propose(
         &self,
         files: &[Hashed],
         manifest: &Manifest,
+        settled: &HashSet<Digest>,
     ) -> Result<Sent, PublishError> {
         let store = self.store.base().to_string();
         let digest = manifest.digest();
@@ -1283,8 +1402,14 @@ impl Publisher {
         let mut sent = Sent::default();
         // The changed entries' blobs are asked about and sent first: a changed tree then costs
         // the store one application of the changes, not two.
-        if let Some((_, delta)) = proposal.as_ref().filter(|(_, d)| !d.entries.is_empty()) {
-            let mut digests: Vec<Digest> = delta.entries.iter().map(|e| e.digest).collect();
+        let unsettled: Vec<Digest> = proposal
+            .iter()
+            .flat_map(|(_, delta)| &delta.entries)
+            .map(|e| e.digest)
+            .filter(|d| !settled.contains(d))
+            .collect();
+        if !unsettled.is_empty() {
+            let mut digests = unsettled;
             digests.sort();
             digests.dedup();
             let mut lacking = HashSet::new();
@@ -1488,6 +1613,16 @@ mod tests {
         std::fs::write(&file, br#"{"version":1,"entries":[]}"#).unwrap();
         assert!(DigestCache::load(&file).is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn large_files_are_spread_evenly_among_batches_in_order() {
+        assert_eq!(
+            spread(vec![1, 2], vec![10, 20, 30, 40]),
+            [1, 10, 20, 2, 30, 40]
+        );
+        assert_eq!(spread(vec![1, 2, 3], Vec::new()), [1, 2, 3]);
+        assert_eq!(spread(Vec::new(), vec![10, 20]), [10, 20]);
     }
 
     #[test]

@@ -62,22 +62,36 @@ impl From<io::Error> for BlobError {
     }
 }
 
-/// A blob received and verified, not yet visible. Dropping it discards the bytes.
+/// A blob received and verified, not yet recorded. Dropping it discards the bytes (but see
+/// [`Received::sync`]).
 ///
-/// Making it visible and durable takes three steps, so that a batch can group them: [`sync`]
-/// the bytes (outside any lock), [`reveal`] them under the digest, then sync the directory entry
-/// that `reveal` names. [`BlobBackend::sync_all`] and [`BlobBackend::place_all`] do them for
-/// any number of blobs, grouped.
+/// Making it visible and durable takes steps that a batch can group: [`sync`] the bytes and,
+/// where the backend can, stage them under the digest (outside any lock), sync the directory
+/// entries that staging made, then [`reveal`] them inside the transaction that records them,
+/// which costs nothing for a blob whose staged name is still its own, and sync the directory
+/// entry that `reveal` names. [`BlobBackend::sync_all`] and [`BlobBackend::place_all`] do them
+/// for any number of blobs, grouped.
 ///
 /// [`sync`]: Received::sync
 /// [`reveal`]: Received::reveal
 pub trait Received: Send + 'static {
     fn size(&self) -> u64;
-    /// Makes the received bytes durable, still invisible.
-    fn sync(&self) -> BoxFuture<'static, Result<(), BlobError>>;
-    /// Makes the blob visible under its digest, replacing identical bytes if some are there;
-    /// returns the directory whose entry must still be synced for the blob to survive a crash.
+    /// Makes the received bytes durable, and may stage them under the digest: a second name for
+    /// the same bytes that no row points to yet, so readers do not see it, and garbage
+    /// collection may remove it as bytes without metadata (then [`Received::reveal`] places
+    /// the blob again). Returns the directory whose entry staging made, to be synced. A staged
+    /// blob that is not revealed must be [`unstaged`](Received::unstage) under the write lock,
+    /// or it stays until garbage collection.
+    fn sync(&self) -> BoxFuture<'static, Result<Option<PathBuf>, BlobError>>;
+    /// Makes the blob visible under its digest: done if its staged name is still its own, else
+    /// placed now, replacing identical bytes if some are there; returns the directory whose
+    /// entry must still be synced for the blob to survive a crash. Called under the write lock.
     fn reveal(self: Box<Self>) -> BoxFuture<'static, Result<Option<PathBuf>, BlobError>>;
+    /// Removes what [`Received::sync`] staged, if it is still this blob's own. Called under the
+    /// write lock, so no upload can be placing the same digest meanwhile.
+    fn unstage(&self) -> BoxFuture<'static, Result<(), BlobError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Blobs synced (or renamed) at once by [`BlobBackend::sync_all`] and `place_all`: enough to
@@ -89,6 +103,15 @@ async fn sync_dir(dir: PathBuf) -> Result<(), BlobError> {
         .await
         .map_err(io::Error::other)??;
     Ok(())
+}
+
+/// Syncs each directory named once, in parallel.
+async fn sync_dirs(dirs: Vec<Option<PathBuf>>) -> Result<(), BlobError> {
+    let dirs: std::collections::BTreeSet<PathBuf> = dirs.into_iter().flatten().collect();
+    futures::stream::iter(dirs.into_iter().map(sync_dir))
+        .buffer_unordered(PARALLEL_SYNCS)
+        .try_collect::<()>()
+        .await
 }
 
 pub trait BlobBackend: Send + Sync + 'static {
@@ -115,13 +138,31 @@ pub trait BlobBackend: Send + Sync + 'static {
     /// Every blob whose bytes are stored.
     fn list(&self) -> BoxFuture<'_, Result<Vec<Digest>, BlobError>>;
 
-    /// Makes every blob in `items` durable, still invisible; called before taking a lock: each
-    /// one's [`Received::sync`], in parallel. (One `syncfs` per batch was tried: it also flushes
-    /// whatever else is dirty on the file system, which on a busy machine costs more.)
+    /// Makes every blob in `items` durable, still unrecorded; called before taking a lock: each
+    /// one's [`Received::sync`], in parallel, then each directory staging touched is synced
+    /// once, in parallel. (One `syncfs` per batch was tried: it also flushes whatever else is
+    /// dirty on the file system, which on a busy machine costs more.) On an error, the caller
+    /// unstages `items` under the write lock ([`BlobBackend::unstage_all`]).
     fn sync_all(&self, items: &[Box<dyn Received>]) -> BoxFuture<'static, Result<(), BlobError>> {
         let syncs: Vec<_> = items.iter().map(|r| r.sync()).collect();
+        Box::pin(async move {
+            let dirs: Vec<Option<PathBuf>> = futures::stream::iter(syncs)
+                .buffer_unordered(PARALLEL_SYNCS)
+                .try_collect()
+                .await?;
+            sync_dirs(dirs).await
+        })
+    }
+
+    /// Removes what [`BlobBackend::sync_all`] staged for `items`, which will not be recorded;
+    /// called under the write lock.
+    fn unstage_all(
+        &self,
+        items: &[Box<dyn Received>],
+    ) -> BoxFuture<'static, Result<(), BlobError>> {
+        let unstages: Vec<_> = items.iter().map(|r| r.unstage()).collect();
         Box::pin(
-            futures::stream::iter(syncs)
+            futures::stream::iter(unstages)
                 .buffer_unordered(PARALLEL_SYNCS)
                 .try_collect::<()>(),
         )
@@ -141,11 +182,7 @@ pub trait BlobBackend: Send + Sync + 'static {
                 .buffer_unordered(PARALLEL_SYNCS)
                 .try_collect()
                 .await?;
-            let dirs: std::collections::BTreeSet<PathBuf> = dirs.into_iter().flatten().collect();
-            futures::stream::iter(dirs.into_iter().map(sync_dir))
-                .buffer_unordered(PARALLEL_SYNCS)
-                .try_collect::<()>()
-                .await
+            sync_dirs(dirs).await
         })
     }
 }
@@ -340,24 +377,73 @@ impl Received for LocalReceived {
         self.size
     }
 
-    fn sync(&self) -> BoxFuture<'static, Result<(), BlobError>> {
-        let path = self.temp.to_path_buf();
+    /// Syncs the temporary file, then stages it: a hard link under the digest, made outside the
+    /// lock so that its directory is synced outside it too. A name already there (identical
+    /// bytes, recorded or staged by another upload) is left alone: `reveal` replaces it.
+    fn sync(&self) -> BoxFuture<'static, Result<Option<PathBuf>, BlobError>> {
+        let (temp, dest) = (self.temp.to_path_buf(), self.dest.clone());
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || std::fs::File::open(path)?.sync_all())
-                .await
-                .map_err(io::Error::other)??;
-            Ok(())
+            let staged = tokio::task::spawn_blocking(move || -> io::Result<Option<PathBuf>> {
+                std::fs::File::open(&temp)?.sync_all()?;
+                let dir = dest.parent().expect("blob paths have a parent");
+                std::fs::create_dir_all(dir)?;
+                match std::fs::hard_link(&temp, &dest) {
+                    Ok(()) => Ok(Some(dir.to_path_buf())),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .await
+            .map_err(io::Error::other)??;
+            Ok(staged)
         })
     }
 
+    /// Under the write lock no other upload places this digest and garbage collection deletes
+    /// nothing, so a name under the digest that is still this upload's own file (same inode:
+    /// staged by `sync`, its directory synced since) stays until the commit, and then nothing is
+    /// left to do. Otherwise (collected as bytes without metadata meanwhile, or another upload's
+    /// bytes) the temporary file is renamed over it and its directory must be synced.
     fn reveal(self: Box<Self>) -> BoxFuture<'static, Result<Option<PathBuf>, BlobError>> {
         Box::pin(async move {
             let LocalReceived { temp, dest, .. } = *self;
-            let dir = tokio::task::spawn_blocking(move || rename(temp, &dest))
-                .await
-                .map_err(io::Error::other)??;
-            Ok(Some(dir))
+            let dir = tokio::task::spawn_blocking(move || -> io::Result<Option<PathBuf>> {
+                if is_own(&temp, &dest)? {
+                    // Dropping `temp` removes the temporary name; the staged one stays.
+                    return Ok(None);
+                }
+                rename(temp, &dest).map(Some)
+            })
+            .await
+            .map_err(io::Error::other)??;
+            Ok(dir)
         })
+    }
+
+    fn unstage(&self) -> BoxFuture<'static, Result<(), BlobError>> {
+        let (temp, dest) = (self.temp.to_path_buf(), self.dest.clone());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || -> io::Result<()> {
+                if is_own(&temp, &dest)? {
+                    std::fs::remove_file(&dest)?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(io::Error::other)??;
+            Ok(())
+        })
+    }
+}
+
+/// Whether `dest` is the same file as `temp` (a hard link that staging made).
+fn is_own(temp: &Path, dest: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ours = std::fs::metadata(temp)?;
+    match std::fs::symlink_metadata(dest) {
+        Ok(there) => Ok(there.dev() == ours.dev() && there.ino() == ours.ino()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -529,9 +615,10 @@ impl Received for S3Received {
         self.size
     }
 
-    /// S3 keeps nothing unless the upload completes, and completes only durably.
-    fn sync(&self) -> BoxFuture<'static, Result<(), BlobError>> {
-        Box::pin(async { Ok(()) })
+    /// S3 keeps nothing unless the upload completes, and completes only durably; nothing is
+    /// staged (completing the upload would make it visible under its key).
+    fn sync(&self) -> BoxFuture<'static, Result<Option<PathBuf>, BlobError>> {
+        Box::pin(async { Ok(None) })
     }
 
     fn reveal(mut self: Box<Self>) -> BoxFuture<'static, Result<Option<PathBuf>, BlobError>> {
@@ -612,5 +699,92 @@ impl BlobBackend for S3 {
             }
             Ok(out)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::*;
+
+    fn body(bytes: &'static [u8]) -> ByteStream<'static> {
+        futures::stream::iter([Ok(Bytes::from_static(bytes))]).boxed()
+    }
+
+    async fn received(local: &LocalDir, bytes: &'static [u8]) -> Vec<Box<dyn Received>> {
+        vec![
+            local
+                .receive(Digest::of(bytes), body(bytes), 100)
+                .await
+                .unwrap(),
+        ]
+    }
+
+    fn inode(path: &Path) -> Option<u64> {
+        std::fs::metadata(path).map(|m| m.ino()).ok()
+    }
+
+    fn temporary_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join("tmp")).unwrap().count()
+    }
+
+    /// Staging happens before the write lock, so by the time a blob is revealed under it, its
+    /// staged name may have been collected as bytes without metadata, or replaced by another
+    /// upload of the same bytes: either way the blob is placed again. Unstaging a refused blob
+    /// removes its own staged name only, never another upload's.
+    #[tokio::test]
+    async fn a_staged_blob_collected_or_replaced_before_its_reveal_is_placed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = LocalDir::open(dir.path().join("blobs"), dir.path().join("tmp"), true).unwrap();
+        let bytes: &'static [u8] = b"staged bytes";
+        let path = local.path(&Digest::of(bytes));
+
+        // Staged, then collected before the lock.
+        let a = received(&local, bytes).await;
+        local.sync_all(&a).await.unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "staged under the digest"
+        );
+        local.delete(Digest::of(bytes)).await.unwrap();
+        local.place_all(a).await.unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "placed again");
+        assert_eq!(temporary_files(dir.path()), 0);
+        local.delete(Digest::of(bytes)).await.unwrap();
+
+        // Staged, then another upload of the same bytes finds the name taken (so stages
+        // nothing) and is refused: unstaging it leaves the first upload's name alone.
+        let a = received(&local, bytes).await;
+        local.sync_all(&a).await.unwrap();
+        let staged = inode(&path);
+        let b = received(&local, bytes).await;
+        local.sync_all(&b).await.unwrap();
+        local.unstage_all(&b).await.unwrap();
+        drop(b);
+        assert_eq!(inode(&path), staged, "another upload's staged name stays");
+        // Then the first is refused too: its own name goes, and nothing is left.
+        local.unstage_all(&a).await.unwrap();
+        drop(a);
+        assert_eq!(inode(&path), None);
+        assert_eq!(temporary_files(dir.path()), 0);
+
+        // Staged, then replaced by another upload placed first: placed again over it.
+        let a = received(&local, bytes).await;
+        local.sync_all(&a).await.unwrap();
+        let b = received(&local, bytes).await;
+        local.sync_all(&b).await.unwrap();
+        local.delete(Digest::of(bytes)).await.unwrap();
+        local.place_all(b).await.unwrap();
+        let replaced = inode(&path);
+        local.place_all(a).await.unwrap();
+        assert_ne!(
+            inode(&path),
+            replaced,
+            "the first upload placed its own file"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        assert_eq!(temporary_files(dir.path()), 0);
     }
 }

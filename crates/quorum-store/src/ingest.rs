@@ -1,17 +1,21 @@
 //! Taking in blobs for a tenant: the two functions the upload endpoints call, one blob
-//! ([`store_blob`]) or a batch ([`store_blobs`]). The bytes are received, verified and synced by
-//! the backend first, without any lock; then one serialized metadata transaction checks the
-//! tenant's quota (and, for a batch, the token's file and byte counters), places the bytes, and
-//! links the blobs to the tenant. Garbage collection deletes bytes inside the same kind of
-//! transaction, so it can never delete bytes that an upload has just linked.
+//! ([`store_blob`]) or a batch ([`store_blobs`]). The bytes are received, verified, synced and
+//! (in a local directory) staged under their digests by the backend first, without any lock;
+//! then one serialized metadata transaction checks the tenant's quota (and, for a batch, the
+//! token's file and byte counters), places the bytes, and links the blobs to the tenant.
+//! Garbage collection deletes bytes inside the same kind of transaction, so it can never delete
+//! bytes that an upload has just linked.
+
+use std::collections::HashMap;
 
 use axum::http::StatusCode;
+use futures::future::BoxFuture;
 use quorum_core::Digest;
 use quorum_service::ApiError;
 
 use crate::Store;
 use crate::auth::Limits;
-use crate::blobs::{ByteStream, Received};
+use crate::blobs::{BlobError, ByteStream, Received};
 use crate::db;
 use crate::error::Error;
 
@@ -40,20 +44,29 @@ pub async fn store_blob(
         .await?;
     let size = received.size();
     let received = vec![received];
-    store.blobs.sync_all(&received).await?;
+    let started = std::time::Instant::now();
+    let unstage = store.blobs.unstage_all(&received);
+    let unstage = sync(store, store.blobs.sync_all(&received), unstage).await?;
+    let synced = started.elapsed();
     let mut tx = store.db.write().await?;
+    let locked = started.elapsed();
     let linked = db::is_linked(&mut tx, tenant, digest).await?;
     if let Some(limit) = limit.filter(|_| !linked) {
         let stored = db::stored_bytes(&mut tx, tenant).await?;
         if stored.saturating_add(size) > limit {
-            return Err(over_quota(tenant, stored, size, limit));
+            return Err(refuse(tx, unstage, over_quota(tenant, stored, size, limit)).await);
         }
     }
     // Placed even when the store holds the blob already: the bytes are identical, and a copy
     // lost from the backend behind the store's back comes back this way.
     store.blobs.place_all(received).await?;
+    let placed = started.elapsed();
     db::link_blob(&mut tx, tenant, digest, size, size).await?;
     tx.commit().await?;
+    tracing::debug!(
+        %digest, size, ?synced, ?locked, ?placed, committed = ?started.elapsed(),
+        "blob kept"
+    );
     Ok(size)
 }
 
@@ -70,28 +83,82 @@ pub async fn store_blobs(
     let sizes: Vec<(Digest, u64)> = items.iter().map(|(d, r)| (*d, r.size())).collect();
     let received: u64 = sizes.iter().map(|(_, n)| n).sum();
     let items: Vec<Box<dyn Received>> = items.into_iter().map(|(_, r)| r).collect();
-    store.blobs.sync_all(&items).await?;
+    let started = std::time::Instant::now();
+    let unstage = store.blobs.unstage_all(&items);
+    let unstage = sync(store, store.blobs.sync_all(&items), unstage).await?;
+    let synced = started.elapsed();
     let mut tx = store.db.write().await?;
-    crate::usage::count_batch(&mut tx, limits, sizes.len() as u64, received).await?;
+    let locked = started.elapsed();
+    let linked = match admit(store, &mut tx, tenant, limits, &sizes, received).await {
+        Ok(linked) => linked,
+        Err(e) => return Err(refuse(tx, unstage, e).await),
+    };
+    store.blobs.place_all(items).await?;
+    let placed = started.elapsed();
+    db::link_blobs(&mut tx, tenant, &sizes, &linked, received).await?;
+    tx.commit().await?;
+    tracing::debug!(
+        blobs = sizes.len(), ?synced, ?locked, ?placed, committed = ?started.elapsed(),
+        "batch kept"
+    );
+    Ok(received)
+}
+
+/// What the transaction checks before a batch is kept: its counts against the token and the
+/// tenant's quota. Returns which of the blobs the tenant had linked already.
+async fn admit(
+    store: &Store,
+    tx: &mut db::Tx,
+    tenant: &str,
+    limits: &Limits,
+    sizes: &[(Digest, u64)],
+    received: u64,
+) -> Result<HashMap<Digest, u64>, Error> {
+    crate::usage::count_batch(tx, limits, sizes.len() as u64, received).await?;
     let digests: Vec<Digest> = sizes.iter().map(|(d, _)| *d).collect();
-    let linked = db::tenant_blobs(&mut tx, tenant, &digests).await?;
+    let linked = db::tenant_blobs(tx, tenant, &digests).await?;
     if let Some(limit) = store.quota.limit(tenant) {
-        let mut new = std::collections::HashMap::new();
-        for (d, n) in &sizes {
+        let mut new = HashMap::new();
+        for (d, n) in sizes {
             if !linked.contains_key(d) {
                 new.insert(*d, *n);
             }
         }
         let adding: u64 = new.values().sum();
-        let stored = db::stored_bytes(&mut tx, tenant).await?;
+        let stored = db::stored_bytes(tx, tenant).await?;
         if adding > 0 && stored.saturating_add(adding) > limit {
             return Err(over_quota(tenant, stored, adding, limit));
         }
     }
-    store.blobs.place_all(items).await?;
-    db::link_blobs(&mut tx, tenant, &sizes, &linked, received).await?;
-    tx.commit().await?;
-    Ok(received)
+    Ok(linked)
+}
+
+/// Work on a batch's blobs, prepared while they are at hand and run later (the blobs are `Send`
+/// but not `Sync`, so no reference to them is held across an await).
+type Pending = BoxFuture<'static, Result<(), BlobError>>;
+
+/// Runs `synced` (the blobs' [`BlobBackend::sync_all`](crate::blobs::BlobBackend::sync_all),
+/// before the lock) and hands back `unstage`, which removes what it staged should the blobs be
+/// refused ([`refuse`]); on an error, removes it at once, under the lock.
+async fn sync(store: &Store, synced: Pending, unstage: Pending) -> Result<Pending, Error> {
+    let Err(e) = synced.await else {
+        return Ok(unstage);
+    };
+    match store.db.write().await {
+        Ok(tx) => Err(refuse(tx, unstage, e.into()).await),
+        // Left to garbage collection, as bytes without metadata.
+        Err(_) => Err(e.into()),
+    }
+}
+
+/// Refuses blobs with `error`: `unstage` removes what was staged for them while `tx` still holds
+/// the write lock (so no upload places the same digest meanwhile), then `tx` is rolled back.
+async fn refuse(tx: db::Tx, unstage: Pending, error: Error) -> Error {
+    if let Err(e) = unstage.await {
+        tracing::warn!(error = %e, "cannot remove staged blobs; garbage collection will");
+    }
+    drop(tx);
+    error
 }
 
 fn over_quota(tenant: &str, stored: u64, size: u64, limit: u64) -> Error {

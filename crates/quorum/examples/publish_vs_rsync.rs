@@ -11,8 +11,10 @@
 //! and runs three scenarios with each tool: the first upload, the same tree again unchanged, and
 //! the tree with one file rewritten. Both tools reach their server through a relay in this
 //! process that counts the bytes each way, so "bytes sent" is what crossed the wire (TCP
-//! payload, client to server) for both, protocol included. Also prints SHA-256 throughput on
-//! one core.
+//! payload, client to server) for both, protocol included. Every timed run starts after a
+//! `sync`, so none pays for writing out what the one before it (or the generated tree) left
+//! dirty in the page cache, and the table shows the load average at each scenario. Also prints
+//! SHA-256 throughput on one core.
 
 #![allow(clippy::disallowed_methods)] // a harness: it runs rsync and the quorum binary
 
@@ -254,7 +256,17 @@ struct Run {
     sent: u64,
 }
 
+/// Writes every dirty page out before a timed run, so that no run pays for writing out what the
+/// one before it left in the page cache (rsync fsyncs nothing; the generated tree is 1 GiB):
+/// the kernel's flusher would otherwise write it out during whichever run comes next.
+fn settle() -> anyhow::Result<()> {
+    let status = Command::new("sync").status().context("cannot run sync")?;
+    ensure!(status.success(), "sync failed: {status}");
+    Ok(())
+}
+
 async fn rsync(src: &Path, relay: &Relay) -> anyhow::Result<Run> {
+    settle()?;
     let started = Instant::now();
     let out = Command::new("rsync")
         .arg("-a")
@@ -280,6 +292,7 @@ async fn publish(
     cache: &Path,
     parallel: usize,
 ) -> anyhow::Result<(Run, serde_json::Value)> {
+    settle()?;
     let started = Instant::now();
     let out = Command::new(quorum)
         .arg("publish")
@@ -325,6 +338,14 @@ fn sha256_throughput() -> f64 {
     let secs = started.elapsed().as_secs_f64();
     std::hint::black_box(digest);
     buf.len() as f64 / secs / 1e9
+}
+
+/// The one-minute load average, to judge how much other work shared the machine.
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
 }
 
 fn mib(n: u64) -> String {
@@ -434,12 +455,13 @@ async fn main() -> anyhow::Result<()> {
             write_file(&src.join(file_name(changed)), sizes[changed], 1_000_000)?;
             eprintln!("rewrote {} ({})", file_name(changed), mib(sizes[changed]));
         }
+        let load = load();
         let r = rsync(&src, &rsync_relay).await?;
         let token = token(&format!("a{i}")).await?;
         let (q, summary) =
             publish(&o.quorum, &src, &store_relay, &token, &cache, o.parallel).await?;
-        eprintln!("{scenario}: rsync {r:?}, quorum {q:?} {summary}");
-        rows.push((scenario, r, q, summary));
+        eprintln!("{scenario} (load {load}): rsync {r:?}, quorum {q:?} {summary}");
+        rows.push((scenario, load, r, q, summary));
     }
 
     let gbps = sha256_throughput();
@@ -450,12 +472,12 @@ async fn main() -> anyhow::Result<()> {
         mib(total)
     );
     println!(
-        "| scenario | rsync time | rsync sent | publish time | publish sent | blobs sent | time ratio | bytes ratio |"
+        "| scenario | load | rsync time | rsync sent | publish time | publish sent | blobs sent | time ratio | bytes ratio |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
-    for (scenario, r, q, summary) in &rows {
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (scenario, load, r, q, summary) in &rows {
         println!(
-            "| {scenario} | {:.2} s | {} | {:.2} s | {} | {} | {:.2} | {:.2} |",
+            "| {scenario} | {load} | {:.2} s | {} | {:.2} s | {} | {} | {:.2} | {:.2} |",
             r.secs,
             mib(r.sent),
             q.secs,

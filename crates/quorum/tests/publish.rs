@@ -615,6 +615,63 @@ async fn republishing_sends_the_changes_and_another_tenants_base_falls_back_to_t
     assert_eq!((again.manifest, again.sent.blobs), (second.manifest, 0));
 }
 
+/// Round trips, counted by the store against the token's `max_calls`: a first upload sends its
+/// large files beside its batch (one `missing` for all of them, one `PUT` each), so the first
+/// proposal of the manifest records it; one changed small file then costs three calls: its
+/// `missing`, its batch and the relative manifest, which is not asked about again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_takes_no_more_round_trips_than_its_blobs_need() {
+    let roles = Roles::start().await;
+    let tree = tempfile::tempdir().unwrap();
+    let t = tree.path();
+    write(t, "out/large-1", &bytes(60, 1_500_000), 0o644);
+    write(t, "out/large-2", &bytes(61, 1_600_000), 0o644);
+    for i in 0..3u64 {
+        write(t, &format!("out/small-{i}"), &bytes(70 + i, 20_000), 0o644);
+    }
+    let sources = quorum_client::publish::select(t, &["out/*".to_string()], 1, "dist").unwrap();
+    let cache = Arc::new(Mutex::new(DigestCache::in_memory()));
+    let limited = async |build: &str, calls: u64| {
+        let token = roles
+            .token(
+                TOKEN_TYPE_UPLOAD,
+                build,
+                Some("a1"),
+                TokenConstraints {
+                    max_calls: Some(calls),
+                    ..TokenConstraints::default()
+                },
+            )
+            .await;
+        quorum_client::publish::Publisher::new(roles.store(), &token).cache(cache.clone())
+    };
+
+    // missing (large files), 2 PUTs, missing (the batch), the batch, the manifest.
+    let first = limited("b1", 6)
+        .await
+        .publish(&sources)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", roles.logs()));
+    assert_eq!((first.files, first.sent.blobs), (5, 5));
+
+    write(t, "out/small-1", &bytes(80, 20_000), 0o644);
+    let second = limited("b2", 3)
+        .await
+        .publish(&sources)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", roles.logs()));
+    assert_eq!((second.sent.blobs, second.sent.bytes_sent), (1, 20_000));
+    let read = roles
+        .token(TOKEN_TYPE_READ, "b2", None, TokenConstraints::default())
+        .await;
+    let recorded = roles
+        .store()
+        .get_file(&read, "b2", "publish", "dist/small-1", None)
+        .await
+        .unwrap();
+    assert_eq!(&recorded[..], &bytes(80, 20_000)[..]);
+}
+
 /// A first upload reads each small file once, hashing it and sending it from the same buffer,
 /// batch by batch: a blob two batches carry (identical files far apart in the tree) still
 /// travels once, and every digest lands in the cache for the next run.

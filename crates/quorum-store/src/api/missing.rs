@@ -32,13 +32,24 @@ pub async fn missing(
         ))
         .into());
     }
-    // One serialized transaction: a blob reported present has its provisional lifetime
-    // restarted before garbage collection can look at it again, so it stays for the manifest.
-    let mut tx = store.db.write().await?;
-    let stored = crate::db::tenant_blobs(&mut tx, &slot.tenant, &req.digests).await?;
-    let present: Vec<Digest> = stored.keys().copied().collect();
-    crate::db::touch_links(&mut tx, &slot.tenant, &present, quorum_service::now_unix()).await?;
-    tx.commit().await?;
+    // A first look without the write lock: what it finds missing may be reported so (at worst
+    // the blob is sent again), and a first upload, where nearly everything is missing, does not
+    // wait behind the batches being placed.
+    let mut stored = {
+        let mut conn = store.db.pool().acquire().await?;
+        crate::db::tenant_blobs(&mut conn, &slot.tenant, &req.digests).await?
+    };
+    if !stored.is_empty() {
+        // What is reported present is looked at again in one serialized transaction that
+        // restarts its provisional lifetime before garbage collection can look at it again, so
+        // it stays for the manifest.
+        let seen: Vec<Digest> = stored.keys().copied().collect();
+        let mut tx = store.db.write().await?;
+        stored = crate::db::tenant_blobs(&mut tx, &slot.tenant, &seen).await?;
+        let present: Vec<Digest> = stored.keys().copied().collect();
+        crate::db::touch_links(&mut tx, &slot.tenant, &present, quorum_service::now_unix()).await?;
+        tx.commit().await?;
+    }
     let empty = Digest::empty();
     let mut seen = HashSet::new();
     let missing: Vec<Digest> = req

@@ -35,6 +35,7 @@ pub async fn put_blobs(
     Upload { slot, limits }: Upload,
     body: Body,
 ) -> Result<Json<BlobsStored>, Error> {
+    let started = std::time::Instant::now();
     let (used_files, used_bytes) = {
         let mut conn = store.db.pool().acquire().await?;
         crate::usage::counts(&mut conn, &limits.jti).await?
@@ -87,8 +88,12 @@ pub async fn put_blobs(
         items.push((digest, received));
     }
     let blobs = items.len() as u64;
+    let received = started.elapsed();
     let bytes = crate::ingest::store_blobs(&store, &slot.tenant, &limits, items).await?;
-    tracing::info!(tenant = %slot.tenant, build = %slot.build, blobs, bytes, "blob batch stored");
+    tracing::info!(
+        tenant = %slot.tenant, build = %slot.build, blobs, bytes, ?received,
+        elapsed = ?started.elapsed(), "blob batch stored"
+    );
     Ok(Json(BlobsStored { blobs, bytes }))
 }
 
