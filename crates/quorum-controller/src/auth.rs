@@ -95,7 +95,7 @@ async fn worker(
     }
     if was_offline {
         // A worker coming (back) online may be what a waiting job needs.
-        state.wake.notify_one();
+        state.wake.all();
     }
     Ok(w)
 }

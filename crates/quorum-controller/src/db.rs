@@ -48,8 +48,12 @@ async fn open_postgres(url: &str) -> anyhow::Result<Pool> {
     // `synchronous_commit = off`, the counterpart of SQLite's `synchronous = NORMAL` (see
     // `open_sqlite`): a commit returns before its WAL record is flushed, so only a crash of the
     // database server can drop the last commits, which the protocol redoes.
+    // No ping before each use of a pooled connection (sqlx's default): it doubled the round
+    // trips of every statement. A connection the server dropped fails its next statement,
+    // which the scheduler's next pass or the worker's retry repeats.
     let pool = AnyPoolOptions::new()
         .max_connections(16)
+        .test_before_acquire(false)
         .after_connect(|conn, _meta| {
             Box::pin(async move {
                 use sqlx::Executor as _;
@@ -79,8 +83,11 @@ async fn open_sqlite(data_dir: &Path) -> anyhow::Result<Pool> {
     // returns, so it survives a kill -9 of the controller; only a power loss or kernel crash
     // can drop the last commits, which the protocol redoes: see ARCHITECTURE.md, "Dispatch"),
     // foreign keys, and a busy timeout.
+    // No ping before each use of a pooled connection: a round trip to the connection's thread
+    // per statement, for a file that cannot go away.
     let options = AnyPoolOptions::new()
         .max_connections(4)
+        .test_before_acquire(false)
         .after_connect(|conn, _meta| {
             Box::pin(async move {
                 use sqlx::Executor as _;
@@ -398,4 +405,118 @@ pub async fn open_assignments(pool: &Pool, build_id: &str) -> anyhow::Result<Vec
     .fetch_all(pool)
     .await?;
     Ok(rows.iter().map(assignment_from_row).collect())
+}
+
+/// Most values bound in one `IN (...)` list: far below the parameter limits of both databases.
+const IN_CHUNK: usize = 500;
+
+/// `$first, $first + 1, ...`: `n` placeholders for an `IN (...)` list.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The jobs of a build named in `names` (any order), like [`jobs_with_specs`].
+pub async fn jobs_named(
+    pool: &Pool,
+    build_id: &str,
+    names: &[&str],
+    specs: &HashMap<String, Arc<JobSpec>>,
+) -> anyhow::Result<Vec<JobRow>> {
+    let mut out = Vec::with_capacity(names.len());
+    for chunk in names.chunks(IN_CHUNK) {
+        let sql = format!(
+            "SELECT name, state, detail, manifest, differing_paths, round, approved_at FROM jobs \
+             WHERE build_id = $1 AND name IN ({})",
+            placeholders(2, chunk.len())
+        );
+        let mut q = sqlx::query(&sql).bind(build_id);
+        for name in chunk {
+            q = q.bind(*name);
+        }
+        for r in q.fetch_all(pool).await? {
+            let name: String = r.get("name");
+            let spec = specs
+                .get(&name)
+                .with_context(|| format!("job `{name}` of build {build_id} has no spec"))?;
+            out.push(job_with_spec(&r, spec.clone())?);
+        }
+    }
+    Ok(out)
+}
+
+/// The assignments of the current rounds of the jobs named in `names`, like
+/// [`open_assignments`] for those jobs only.
+pub async fn open_assignments_of(
+    pool: &Pool,
+    build_id: &str,
+    names: &[&str],
+) -> anyhow::Result<Vec<AssignmentRow>> {
+    let mut out = Vec::new();
+    for chunk in names.chunks(IN_CHUNK) {
+        let sql = format!(
+            "SELECT a.* FROM assignments a JOIN jobs j ON j.build_id = a.build_id AND j.name = a.job \
+             AND j.round = a.round WHERE a.build_id = $1 AND a.job IN ({}) \
+             ORDER BY a.created_at, a.id",
+            placeholders(2, chunk.len())
+        );
+        let mut q = sqlx::query(&sql).bind(build_id);
+        for name in chunk {
+            q = q.bind(*name);
+        }
+        out.extend(q.fetch_all(pool).await?.iter().map(assignment_from_row));
+    }
+    Ok(out)
+}
+
+/// The workers whose ids are in `ids`.
+pub async fn workers_named(pool: &Pool, ids: &[&str]) -> anyhow::Result<Vec<WorkerRow>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(IN_CHUNK) {
+        let sql = format!(
+            "SELECT * FROM workers WHERE id IN ({})",
+            placeholders(1, chunk.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        out.extend(q.fetch_all(pool).await?.iter().map(worker_from_row));
+    }
+    Ok(out)
+}
+
+/// Whether any job of the build is not final yet.
+pub async fn any_unfinished(pool: &Pool, build_id: &str) -> anyhow::Result<bool> {
+    let row = sqlx::query(
+        "SELECT 1 FROM jobs WHERE build_id = $1 \
+         AND state NOT IN ('verified', 'disputed', 'failed', 'skipped', 'cancelled') LIMIT 1",
+    )
+    .bind(build_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.is_some())
+}
+
+/// Sets `upload_revoked` to `mark` on the assignments in `ids` (1: the store revoked the
+/// token; -1: it would not), a few statements for a whole batch.
+pub async fn mark_revoked(
+    conn: &mut sqlx::AnyConnection,
+    ids: &[&str],
+    mark: i64,
+) -> anyhow::Result<()> {
+    for chunk in ids.chunks(IN_CHUNK) {
+        let sql = format!(
+            "UPDATE assignments SET upload_revoked = $1 WHERE id IN ({})",
+            placeholders(2, chunk.len())
+        );
+        let mut q = sqlx::query(&sql).bind(mark);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
 }

@@ -163,8 +163,8 @@ pub(crate) struct State {
     /// scheduler parses them once per build instead of once per pass. Only a cache: a
     /// restarted controller reads them again.
     pub specs: std::sync::Mutex<HashMap<String, Arc<scheduler::BuildSpecs>>>,
-    /// Wakes the scheduler.
-    pub wake: Notify,
+    /// Wakes the scheduler, for a full pass or for the jobs named (`scheduler::Wake`).
+    pub wake: scheduler::Wake,
     /// Wakes a worker's pending long poll when the scheduler offers it work.
     pub worker_wake: std::sync::Mutex<HashMap<String, Arc<Notify>>>,
 }
@@ -245,7 +245,7 @@ pub async fn run(
         failpoints: config.data_dir.join("failpoints"),
         write_gate,
         specs: std::sync::Mutex::default(),
-        wake: Notify::new(),
+        wake: scheduler::Wake::default(),
         worker_wake: std::sync::Mutex::default(),
     });
     scheduler::resume_after_restart(&state).await?;

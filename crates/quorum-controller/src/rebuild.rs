@@ -443,7 +443,7 @@ async fn decide(state: &State, r: &Request) -> anyhow::Result<()> {
     tx.commit().await?;
     drop(turn);
     tracing::info!(build = %r.build_id, job = %r.job, state = job_state, "a trusted rebuild settled a dispute");
-    state.wake.notify_one();
+    state.wake.all();
     Ok(())
 }
 

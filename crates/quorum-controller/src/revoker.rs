@@ -12,7 +12,7 @@ use quorum_client::store::StoreClient;
 use sqlx::Row as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::{State, background};
+use crate::{State, background, db};
 
 pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
     let store = StoreClient::new(&state.store_url);
@@ -52,22 +52,18 @@ async fn pass(state: &State, store: &StoreClient) -> anyhow::Result<()> {
         let jtis: Vec<String> = items.iter().map(|(_, j)| j.clone()).collect();
         let answer = store.revoke(&token, jtis).await?;
         // One commit for the whole batch: these marks compete with dispatch for the writer.
+        let (revoked, pinned): (Vec<_>, Vec<_>) = items
+            .iter()
+            .partition(|(_, jti)| answer.revoked.contains(jti));
+        for (id, jti) in &pinned {
+            // Pinned to someone else at the store: nothing more this controller can do.
+            tracing::error!(assignment = %id, %jti, "the store would not revoke this upload token");
+        }
         let _turn = state.write_gate.enter().await;
         let mut tx = state.pool.begin().await?;
-        for (id, jti) in &items {
-            if answer.revoked.contains(jti) {
-                sqlx::query("UPDATE assignments SET upload_revoked = 1 WHERE id = $1")
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-            } else {
-                // Pinned to someone else at the store: nothing more this controller can do.
-                tracing::error!(assignment = %id, %jti, "the store would not revoke this upload token");
-                sqlx::query("UPDATE assignments SET upload_revoked = -1 WHERE id = $1")
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+        for (mark, rows) in [(1, &revoked), (-1, &pinned)] {
+            let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
+            db::mark_revoked(&mut tx, &ids, mark).await?;
         }
         tx.commit().await?;
         tracing::info!(%build, count = items.len(), "upload tokens revoked");

@@ -1,10 +1,13 @@
 //! The scheduler: the one task that creates assignments and decides job and build states.
-//! Each pass expires lost leases, then walks every unfinished build: jobs whose needs are
+//! A full pass expires lost leases, then walks every unfinished build: jobs whose needs are
 //! verified get workers of distinct owners (random among the eligible, trusted ones first when
 //! the policy asks), reported results become verdicts, and a build whose jobs all verified is
-//! signed. Every pass starts from the database alone, so it can be repeated after a crash.
+//! signed. Between full passes (at least one a tick, and one on every wake that is not about a
+//! single job), a pass weighs only the jobs whose assignments were reported or refused since the
+//! last one, with the same rule on the same rows. Every pass starts from the database alone, so
+//! it can be repeated after a crash.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +21,7 @@ use quorum_service::now_unix;
 use quorum_signer::{Evidence, JobEvidence, ResultEvidence};
 use rand::seq::SliceRandom as _;
 use sqlx::Row as _;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{self, AssignmentRow, JobRow, WorkerRow};
@@ -64,37 +68,159 @@ fn forget_specs(state: &State, build_id: &str) {
     state.specs.lock().expect("spec cache").remove(build_id);
 }
 
+/// What wakes the scheduler, and how much of a pass that asks for. A report or a refusal names
+/// its job, and the next pass weighs only the jobs named since the last one: with a thousand
+/// jobs running, reading and weighing the whole build on every report cost more than the
+/// reports themselves. Anything else (a new build, a worker back online, an approval, a
+/// cancellation, a settled tie-break) asks for a full pass. The names are only where to look
+/// first: a full pass runs first after a start and at least every [`FULL_EVERY`].
+#[derive(Default)]
+pub(crate) struct Wake {
+    notify: Notify,
+    pending: std::sync::Mutex<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    full: bool,
+    /// Jobs whose assignments changed, by build.
+    jobs: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Wake {
+    /// Asks for a pass over every unfinished build.
+    pub fn all(&self) {
+        self.pending.lock().expect("scheduler wake").full = true;
+        self.notify.notify_one();
+    }
+
+    /// Asks for a pass over one job whose assignments changed (a report, a refusal).
+    pub fn job(&self, build: &str, job: &str) {
+        {
+            let mut pending = self.pending.lock().expect("scheduler wake");
+            // A full pass is coming anyway; it weighs this job too.
+            if !pending.full {
+                pending
+                    .jobs
+                    .entry(build.to_string())
+                    .or_default()
+                    .insert(job.to_string());
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    fn full_requested(&self) -> bool {
+        self.pending.lock().expect("scheduler wake").full
+    }
+
+    /// Waits for the next wake-up; when it is for jobs only, gathers the wake-ups of
+    /// [`GATHER`] more (or until a full pass is asked for), so that reports arriving together
+    /// are weighed in one pass and one transaction.
+    async fn wait(&self) {
+        self.notify.notified().await;
+        let until = tokio::time::Instant::now() + GATHER;
+        while !self.full_requested() {
+            if tokio::time::timeout_at(until, self.notify.notified())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    fn take(&self) -> Pending {
+        std::mem::take(&mut *self.pending.lock().expect("scheduler wake"))
+    }
+}
+
+/// The longest time between two full passes. Everything that changes what a pass would decide
+/// wakes the scheduler (a report or refusal for its job, anything else for a full pass), and
+/// expired leases are looked for every tick; the periodic full pass is the net under that.
+const FULL_EVERY: Duration = Duration::from_secs(2);
+
+/// How long a pass for reported jobs waits for more reports: a verdict is recorded that much
+/// later, and a busy controller weighs many reports in one pass instead of one pass each. New
+/// builds and everything else that asks for a full pass do not wait.
+const GATHER: Duration = Duration::from_millis(10);
+
 pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
     let tick = Duration::from_millis(250);
-    // Trusted rebuilds and spot checks move along at most once a tick, not on every wake-up: a
-    // busy controller wakes the scheduler for each take-up and report, and their reads would
+    // Leases, trusted rebuilds and spot checks are looked at once a tick, not on every
+    // wake-up: a busy controller wakes the scheduler for each report, and their reads would
     // ride along on every one of those passes.
-    let mut rebuilds_due = tokio::time::Instant::now();
+    let mut tick_due = tokio::time::Instant::now();
+    // The first pass is full: it is what resumes a restarted controller.
+    let mut full_due = tokio::time::Instant::now();
     loop {
-        let rebuilds = tokio::time::Instant::now() >= rebuilds_due;
-        if rebuilds {
-            rebuilds_due = tokio::time::Instant::now() + tick;
+        let now = tokio::time::Instant::now();
+        let ticked = now >= tick_due;
+        if ticked {
+            tick_due = now + tick;
         }
+        let pending = state.wake.take();
+        let changed = if pending.full || now >= full_due {
+            full_due = now + FULL_EVERY;
+            None
+        } else {
+            Some(pending.jobs)
+        };
         // Stopping drops a pass midway: its open transaction rolls back, and the next start
         // redoes the pass from the database (as after a kill).
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = pass(&state, rebuilds) => if let Err(e) = r {
+            r = pass(&state, changed, ticked) => if let Err(e) = r {
                 tracing::error!(error = %format!("{e:#}"), "scheduler pass failed; retrying");
             },
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = state.wake.notified() => {}
+            _ = state.wake.wait() => {}
             _ = tokio::time::sleep(tick) => {}
         }
     }
 }
 
-/// One pass: leases, timeouts, every unfinished build, and, when `rebuilds`, the trusted
-/// rebuilds (tie-breaks, spot checks).
-async fn pass(state: &State, rebuilds: bool) -> anyhow::Result<()> {
+/// One pass: every unfinished build, or with `changed` just those jobs (every build after all
+/// when a lease expired); leases and timeouts on a full pass and when `ticked`, and then the
+/// trusted rebuilds (tie-breaks, spot checks).
+async fn pass(
+    state: &State,
+    changed: Option<BTreeMap<String, BTreeSet<String>>>,
+    ticked: bool,
+) -> anyhow::Result<()> {
     let now = now_unix();
+    let mut online = Online::new(state, now);
+    let expired = (changed.is_none() || ticked) && expire(state, now).await?;
+    match changed {
+        Some(changed) if !expired => {
+            for (build_id, jobs) in changed {
+                if let Err(e) = evaluate_jobs(state, &build_id, &jobs, &mut online).await {
+                    tracing::error!(build = %build_id, error = %format!("{e:#}"), "cannot evaluate build");
+                }
+            }
+        }
+        _ => evaluate_builds(state, &mut online).await?,
+    }
+    if !ticked {
+        return Ok(());
+    }
+    // Trusted rebuilds after the quorum: tie-breaks operators asked for, then spot checks.
+    // Their failures are logged, never in the way of scheduling. They come after the builds,
+    // so their reads and commits never delay a new job's offer.
+    if let Err(e) = crate::rebuild::pass(state).await {
+        tracing::error!(error = %format!("{e:#}"), "trusted rebuilds could not be moved along");
+    }
+    if let Err(e) = crate::spot::pass(state).await {
+        tracing::error!(error = %format!("{e:#}"), "spot checks could not be moved along");
+    }
+    Ok(())
+}
+
+/// Ends assignments whose lease expired or that ran past their deadline; returns whether it
+/// ended any.
+async fn expire(state: &State, now: i64) -> anyhow::Result<bool> {
     let turn = state.write_gate.enter().await;
     let lost = sqlx::query(
         "UPDATE assignments SET state = 'lost', detail = 'the worker stopped heartbeating; lease expired', finished_at = $1 \
@@ -126,24 +252,41 @@ async fn pass(state: &State, rebuilds: bool) -> anyhow::Result<()> {
             "assignments given up after the job's timeout"
         );
     }
-    evaluate_builds(state, now).await?;
-    if !rebuilds {
-        return Ok(());
+    Ok(lost.rows_affected() + overdue.rows_affected() > 0)
+}
+
+/// The workers online during a pass, read once and only if some job needs a new offer (a pass
+/// that only records verdicts never reads them).
+struct Online {
+    seen_since: i64,
+    rows: Option<Vec<WorkerRow>>,
+}
+
+impl Online {
+    fn new(state: &State, now: i64) -> Online {
+        Online {
+            seen_since: now - state.lease_secs as i64,
+            rows: None,
+        }
     }
-    // Trusted rebuilds after the quorum: tie-breaks operators asked for, then spot checks.
-    // Their failures are logged, never in the way of scheduling. They come after the builds,
-    // so their reads and commits never delay a new job's offer.
-    if let Err(e) = crate::rebuild::pass(state).await {
-        tracing::error!(error = %format!("{e:#}"), "trusted rebuilds could not be moved along");
+
+    async fn rows(&mut self, conn: &mut sqlx::AnyConnection) -> anyhow::Result<&[WorkerRow]> {
+        if self.rows.is_none() {
+            let rows = sqlx::query("SELECT * FROM workers WHERE last_seen >= $1")
+                .bind(self.seen_since)
+                .fetch_all(&mut *conn)
+                .await?
+                .iter()
+                .map(db::worker_from_row)
+                .collect();
+            self.rows = Some(rows);
+        }
+        Ok(self.rows.as_deref().unwrap_or_default())
     }
-    if let Err(e) = crate::spot::pass(state).await {
-        tracing::error!(error = %format!("{e:#}"), "spot checks could not be moved along");
-    }
-    Ok(())
 }
 
 /// Moves every unfinished build along: cancels what was asked to be, evaluates the rest.
-async fn evaluate_builds(state: &State, now: i64) -> anyhow::Result<()> {
+async fn evaluate_builds(state: &State, online: &mut Online) -> anyhow::Result<()> {
     let builds: Vec<(String, String)> = sqlx::query(
         "SELECT id, state FROM builds WHERE state IN ('running', 'cancelling') ORDER BY created_at",
     )
@@ -152,20 +295,10 @@ async fn evaluate_builds(state: &State, now: i64) -> anyhow::Result<()> {
     .iter()
     .map(|r| (r.get("id"), r.get("state")))
     .collect();
-    if builds.is_empty() {
-        return Ok(());
-    }
-    let online: Vec<WorkerRow> = sqlx::query("SELECT * FROM workers WHERE last_seen >= $1")
-        .bind(now - state.lease_secs as i64)
-        .fetch_all(&state.pool)
-        .await?
-        .iter()
-        .map(db::worker_from_row)
-        .collect();
     for (id, build_state) in builds {
         if build_state == "cancelling" {
             cancel_build(state, &id).await?;
-        } else if let Err(e) = evaluate_build(state, &id, &online).await {
+        } else if let Err(e) = evaluate_build(state, &id, online).await {
             tracing::error!(build = %id, error = %format!("{e:#}"), "cannot evaluate build");
         }
     }
@@ -213,32 +346,130 @@ struct JobUpdate {
     round: i64,
 }
 
-async fn evaluate_build(state: &State, build_id: &str, online: &[WorkerRow]) -> anyhow::Result<()> {
+async fn evaluate_build(state: &State, build_id: &str, online: &mut Online) -> anyhow::Result<()> {
     // A pass costs what the build's unfinished jobs cost: specs come parsed from the cache, and
     // finished jobs' assignments are not read.
     let specs = specs_of(state, build_id).await?;
     let jobs = db::jobs_with_specs(&state.pool, build_id, &specs).await?;
     let assignments = db::open_assignments(&state.pool, build_id).await?;
-    let mut by_job: HashMap<(&str, i64), Vec<&AssignmentRow>> = HashMap::new();
-    for a in &assignments {
-        by_job.entry((&a.job, a.round)).or_default().push(a);
-    }
-    let workers: BTreeMap<String, WorkerRow> = sqlx::query(
-        "SELECT * FROM workers WHERE id IN (SELECT worker_id FROM assignments WHERE build_id = $1)",
-    )
-    .bind(build_id)
-    .fetch_all(&state.pool)
-    .await?
-    .iter()
-    .map(|r| {
-        let w = db::worker_from_row(r);
-        (w.id.clone(), w)
-    })
-    .collect();
+    let workers = workers_of(state, &assignments).await?;
     let mut states: BTreeMap<String, String> = jobs
         .iter()
         .map(|j| (j.name.clone(), j.state.clone()))
         .collect();
+    decide_jobs(
+        state,
+        build_id,
+        &jobs,
+        &assignments,
+        &workers,
+        &mut states,
+        online,
+    )
+    .await?;
+    if states.values().all(|s| is_final(s)) {
+        finish_build(state, build_id, &states).await?;
+    }
+    Ok(())
+}
+
+/// Weighs only `changed` jobs of a build (and reads only them, the jobs they need, and their
+/// current rounds' assignments), with the rule a full pass applies. When one of them changes
+/// state and another job needs it, or it was the build's last unfinished job, the whole build
+/// is weighed at once, as a full pass would.
+async fn evaluate_jobs(
+    state: &State,
+    build_id: &str,
+    changed: &BTreeSet<String>,
+    online: &mut Online,
+) -> anyhow::Result<()> {
+    // A cancelling build is a full pass's to cancel; a finished one has nothing left to weigh.
+    let build_state: Option<String> = sqlx::query_scalar("SELECT state FROM builds WHERE id = $1")
+        .bind(build_id)
+        .fetch_optional(&state.pool)
+        .await?;
+    if build_state.as_deref() != Some("running") {
+        return Ok(());
+    }
+    let specs = specs_of(state, build_id).await?;
+    let mut names: BTreeSet<&str> = BTreeSet::new();
+    for name in changed {
+        if let Some(spec) = specs.get(name) {
+            names.insert(name);
+            names.extend(spec.needs.iter().map(String::as_str));
+        }
+    }
+    let names: Vec<&str> = names.into_iter().collect();
+    let rows = db::jobs_named(&state.pool, build_id, &names, &specs).await?;
+    let mut states: BTreeMap<String, String> = rows
+        .iter()
+        .map(|j| (j.name.clone(), j.state.clone()))
+        .collect();
+    let jobs: Vec<JobRow> = rows
+        .into_iter()
+        .filter(|j| changed.contains(&j.name) && !is_final(&j.state))
+        .collect();
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let unfinished: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
+    let assignments = db::open_assignments_of(&state.pool, build_id, &unfinished).await?;
+    let workers = workers_of(state, &assignments).await?;
+    let moved = decide_jobs(
+        state,
+        build_id,
+        &jobs,
+        &assignments,
+        &workers,
+        &mut states,
+        online,
+    )
+    .await?;
+    if moved.is_empty() {
+        return Ok(());
+    }
+    let needed = specs
+        .values()
+        .any(|s| s.needs.iter().any(|n| moved.contains(n)));
+    let last = moved.iter().any(|n| is_final(&states[n]))
+        && !db::any_unfinished(&state.pool, build_id).await?;
+    if needed || last {
+        evaluate_build(state, build_id, online).await?;
+    }
+    Ok(())
+}
+
+/// The workers of `assignments`, by id.
+async fn workers_of(
+    state: &State,
+    assignments: &[AssignmentRow],
+) -> anyhow::Result<BTreeMap<String, WorkerRow>> {
+    let ids: BTreeSet<&str> = assignments.iter().map(|a| a.worker_id.as_str()).collect();
+    let ids: Vec<&str> = ids.into_iter().collect();
+    Ok(db::workers_named(&state.pool, &ids)
+        .await?
+        .into_iter()
+        .map(|w| (w.id.clone(), w))
+        .collect())
+}
+
+/// Decides `jobs` of one build from their current rounds' `assignments`, writes what changed
+/// and the new offers in one transaction, and wakes the workers offered work once it is
+/// committed. `states` holds the states of the jobs they need and is updated as jobs are
+/// decided. Returns the jobs whose state changed.
+async fn decide_jobs(
+    state: &State,
+    build_id: &str,
+    jobs: &[JobRow],
+    assignments: &[AssignmentRow],
+    workers: &BTreeMap<String, WorkerRow>,
+    states: &mut BTreeMap<String, String>,
+    online: &mut Online,
+) -> anyhow::Result<Vec<String>> {
+    let mut by_job: HashMap<(&str, i64), Vec<&AssignmentRow>> = HashMap::new();
+    for a in assignments {
+        by_job.entry((&a.job, a.round)).or_default().push(a);
+    }
     // One transaction per build and pass: one commit for all its job updates and offers, and
     // workers are woken only once their offers are committed.
     let turn = state.write_gate.enter().await;
@@ -249,7 +480,8 @@ async fn evaluate_build(state: &State, build_id: &str, online: &[WorkerRow]) -> 
         offers: Vec::new(),
         job_updates: Vec::new(),
     };
-    for job in &jobs {
+    let mut moved = Vec::new();
+    for job in jobs {
         if is_final(&job.state) {
             continue;
         }
@@ -257,8 +489,7 @@ async fn evaluate_build(state: &State, build_id: &str, online: &[WorkerRow]) -> 
         let mine: &[&AssignmentRow] = by_job
             .get(&(job.name.as_str(), job.round))
             .map_or(&[], Vec::as_slice);
-        let update =
-            decide_job(&mut writes, build_id, job, mine, &workers, &states, online).await?;
+        let update = decide_job(&mut writes, build_id, job, mine, workers, states, online).await?;
         let new_state = update.state;
         if update.state != job.state
             || update.detail != job.detail
@@ -268,6 +499,7 @@ async fn evaluate_build(state: &State, build_id: &str, online: &[WorkerRow]) -> 
         {
             if update.state != job.state {
                 tracing::info!(build = %build_id, job = %job.name, state = update.state, detail = %update.detail, "job state");
+                moved.push(job.name.clone());
             }
             // The explainer (diff/) compares the groups' files in the background.
             if update.state == "disputed" && job.state != "disputed" {
@@ -284,10 +516,7 @@ async fn evaluate_build(state: &State, build_id: &str, online: &[WorkerRow]) -> 
     for worker in writes.offered {
         state.worker_notify(&worker).notify_one();
     }
-    if states.values().all(|s| is_final(s)) {
-        finish_build(state, build_id, &states).await?;
-    }
-    Ok(())
+    Ok(moved)
 }
 
 /// The writes of one build's pass, and the workers to wake once they are committed.
@@ -389,7 +618,7 @@ async fn decide_job(
     mine: &[&AssignmentRow],
     workers: &BTreeMap<String, WorkerRow>,
     states: &BTreeMap<String, String>,
-    online: &[WorkerRow],
+    online: &mut Online,
 ) -> anyhow::Result<JobUpdate> {
     let spec = &job.spec;
     let round = job.round;
@@ -580,6 +809,8 @@ async fn decide_job(
             .collect();
         let used_owners: HashSet<&str> = counted.iter().map(|w| w.owner.as_str()).collect();
         let eligible: Vec<&WorkerRow> = online
+            .rows(&mut writes.tx)
+            .await?
             .iter()
             .filter(|w| {
                 !used_workers.contains(w.id.as_str()) && !used_owners.contains(w.owner.as_str())
@@ -803,6 +1034,8 @@ async fn gather_evidence(state: &State, build_id: &str, now: i64) -> anyhow::Res
     let jobs = db::jobs(&state.pool, build_id).await?;
     let assignments = db::assignments_of_build(&state.pool, build_id).await?;
     let purposes = crate::rebuild::purposes(&state.pool, build_id).await?;
+    // Every worker once, not once per result: a build of a thousand jobs has a thousand.
+    let workers = workers_of(state, &assignments).await?;
     let mut out = Vec::new();
     for j in jobs {
         let (mut results, mut rebuilds) = (Vec::new(), Vec::new());
@@ -816,9 +1049,7 @@ async fn gather_evidence(state: &State, build_id: &str, now: i64) -> anyhow::Res
                 Some(AssignmentPurpose::TieBreak) => &mut rebuilds,
                 Some(_) => continue,
             };
-            let w = db::worker(&state.pool, &a.worker_id)
-                .await?
-                .context("worker vanished")?;
+            let w = workers.get(&a.worker_id).context("worker vanished")?;
             let key = auth::public_key(&w.public_key).context("stored worker key is invalid")?;
             into.push(ResultEvidence {
                 assignment: a.id.clone(),

@@ -50,6 +50,6 @@ pub async fn approve(
         )));
     }
     tracing::info!(build = %id, %job, "job approved");
-    state.wake.notify_one();
+    state.wake.all();
     Ok(StatusCode::NO_CONTENT)
 }

@@ -82,7 +82,7 @@ pub async fn submit(
     }
     tx.commit().await.map_err(ApiError::internal)?;
     tracing::info!(build = %id, repository = %req.repository, %commit, jobs = pipeline.jobs.len(), "build created");
-    state.wake.notify_one();
+    state.wake.all();
     Ok((
         StatusCode::CREATED,
         Json(BuildCreated {
@@ -219,7 +219,7 @@ pub async fn cancel(
         .execute(&state.pool)
         .await
         .map_err(ApiError::internal)?;
-    state.wake.notify_one();
+    state.wake.all();
     Ok(StatusCode::ACCEPTED)
 }
 

@@ -64,6 +64,6 @@ pub async fn rebuild(
         )));
     }
     tracing::info!(build = %id, %job, "trusted rebuild requested");
-    state.wake.notify_one();
+    state.wake.all();
     Ok(StatusCode::ACCEPTED)
 }

@@ -294,7 +294,7 @@ pub async fn refuse(
         .map_err(ApiError::internal)?;
     drop(turn);
     tracing::warn!(assignment = %a.id, worker = %w.id, %reason, state = new_state, "worker refused assignment");
-    state.wake.notify_one();
+    state.wake.job(&a.build_id, &a.job);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -349,8 +349,48 @@ pub async fn result(
     Path(id): Path<String>,
     SignedWorker { worker: w, body }: SignedWorker,
 ) -> Result<StatusCode, ApiError> {
+    // The usual case in one statement: a valid report of a running assignment, which the
+    // report names, recorded on the condition that the row is this worker's, of that build
+    // and job, and running. Anything else takes the path below, which reads the assignment
+    // first and says precisely what is wrong.
+    if let Ok((signed, report)) = check_report(&w, &body)
+        && report.assignment == id
+        && record_report(&state, &w, &signed, &report).await?
+    {
+        state.wake.job(&report.build_id, &report.job);
+        return Ok(StatusCode::NO_CONTENT);
+    }
     let a = own_assignment(&state, &w, &id).await?;
-    let signed: SignedReport = parse(&body)?;
+    let (signed, report) = check_report(&w, &body)?;
+    if report.assignment != a.id || report.build_id != a.build_id || report.job != a.job {
+        return Err(ApiError::bad_request(
+            "report names another assignment, build, job or worker",
+        ));
+    }
+    if a.state == "reported" {
+        // A retry after a lost response: the same report again is fine, another one is not.
+        return if a.report.as_deref() == Some(signed.report.as_str()) {
+            Ok(StatusCode::NO_CONTENT)
+        } else {
+            Err(ApiError::conflict(
+                "this assignment already has a different report",
+            ))
+        };
+    }
+    if !record_report(&state, &w, &signed, &report).await? {
+        return Err(ApiError::conflict(format!(
+            "assignment {} is {}; its result is no longer wanted",
+            a.id, a.state
+        )));
+    }
+    state.wake.job(&a.build_id, &a.job);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Checks a report's signature with the worker's key, that it names this worker, and its
+/// manifest; no database read.
+fn check_report(w: &WorkerRow, body: &[u8]) -> Result<(SignedReport, ResultReport), ApiError> {
+    let signed: SignedReport = parse(body)?;
     let key = auth::public_key(&w.public_key)
         .ok_or_else(|| ApiError::internal("stored worker key is invalid"))?;
     let sig = B64
@@ -366,11 +406,7 @@ pub async fn result(
         })?;
     let report: ResultReport = serde_json::from_str(&signed.report)
         .map_err(|e| ApiError::bad_request(format!("report: {e}")))?;
-    if report.assignment != a.id
-        || report.build_id != a.build_id
-        || report.job != a.job
-        || report.worker != w.id
-    {
+    if report.worker != w.id {
         return Err(ApiError::bad_request(
             "report names another assignment, build, job or worker",
         ));
@@ -389,16 +425,17 @@ pub async fn result(
             ));
         }
     }
-    if a.state == "reported" {
-        // A retry after a lost response: the same report again is fine, another one is not.
-        return if a.report.as_deref() == Some(signed.report.as_str()) {
-            Ok(StatusCode::NO_CONTENT)
-        } else {
-            Err(ApiError::conflict(
-                "this assignment already has a different report",
-            ))
-        };
-    }
+    Ok((signed, report))
+}
+
+/// Records a checked report on the assignment it names, if that is `w`'s, of the build and
+/// job the report names, and running; returns whether it was.
+async fn record_report(
+    state: &State,
+    w: &WorkerRow,
+    signed: &SignedReport,
+    report: &ResultReport,
+) -> Result<bool, ApiError> {
     let outcome = serde_json::to_string(&report.result.outcome()).map_err(ApiError::internal)?;
     let detail = match &report.result {
         ReportedResult::Success { .. } => None,
@@ -409,7 +446,7 @@ pub async fn result(
     let done = sqlx::query(
         "UPDATE assignments SET state = 'reported', report = $1, signature = $2, outcome = $3, detail = $4, finished_at = $5, \
          wall_ms = $6, cpu_ms = $7, peak_rss_kib = $8, bytes_uploaded = $9 \
-         WHERE id = $10 AND state = 'running'",
+         WHERE id = $10 AND worker_id = $11 AND build_id = $12 AND job = $13 AND state = 'running'",
     )
     .bind(&signed.report)
     .bind(&signed.signature)
@@ -420,18 +457,17 @@ pub async fn result(
     .bind(usage(report.usage.cpu_ms))
     .bind(usage(report.usage.peak_rss_kib))
     .bind(usage(report.usage.bytes_uploaded))
-    .bind(&a.id)
+    .bind(&report.assignment)
+    .bind(&w.id)
+    .bind(&report.build_id)
+    .bind(&report.job)
     .execute(&state.pool)
     .await
     .map_err(ApiError::internal)?;
     drop(turn);
     if done.rows_affected() == 0 {
-        return Err(ApiError::conflict(format!(
-            "assignment {} is {}; its result is no longer wanted",
-            a.id, a.state
-        )));
+        return Ok(false);
     }
-    tracing::info!(assignment = %a.id, worker = %w.id, outcome = %outcome, "result reported");
-    state.wake.notify_one();
-    Ok(StatusCode::NO_CONTENT)
+    tracing::info!(assignment = %report.assignment, worker = %w.id, outcome = %outcome, "result reported");
+    Ok(true)
 }

@@ -50,6 +50,7 @@ async fn bounded(case: impl std::future::Future<Output = ()>) {
 // After the macro and `bounded`, which the modules' cases use.
 mod disputes;
 mod logs;
+mod passes;
 mod policy;
 mod publisher;
 mod signer_keys;
