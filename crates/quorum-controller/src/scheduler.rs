@@ -222,9 +222,21 @@ async fn pass(
 /// ended any.
 async fn expire(state: &State, now: i64) -> anyhow::Result<bool> {
     let turn = state.write_gate.enter().await;
+    // An offer nobody took is withdrawn as if declined: the worker never had the job, so it
+    // neither costs an attempt nor rules the worker (or its owner) out of the job. Counted as
+    // lost, a few offers that expired on a busy machine left a job with too few owners for
+    // its quorum, for good.
+    let withdrawn = sqlx::query(
+        "UPDATE assignments SET state = 'declined', detail = 'not taken before the offer expired', finished_at = $1 \
+         WHERE state = 'offered' AND lease_expires < $2",
+    )
+    .bind(now)
+    .bind(now)
+    .execute(&state.pool)
+    .await?;
     let lost = sqlx::query(
         "UPDATE assignments SET state = 'lost', detail = 'the worker stopped heartbeating; lease expired', finished_at = $1 \
-         WHERE state IN ('offered', 'running') AND lease_expires < $2",
+         WHERE state = 'running' AND lease_expires < $2",
     )
     .bind(now)
     .bind(now)
@@ -252,7 +264,7 @@ async fn expire(state: &State, now: i64) -> anyhow::Result<bool> {
             "assignments given up after the job's timeout"
         );
     }
-    Ok(lost.rows_affected() + overdue.rows_affected() > 0)
+    Ok(withdrawn.rows_affected() + lost.rows_affected() + overdue.rows_affected() > 0)
 }
 
 /// The workers online during a pass, read once and only if some job needs a new offer (a pass

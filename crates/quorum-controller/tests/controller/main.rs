@@ -39,6 +39,7 @@ on_both_backends!(
     a_manual_job_waits_for_approval_after_its_matrix_needs,
     a_job_gives_up_after_its_policy_attempts,
     an_assignment_past_the_job_timeout_is_given_up,
+    an_offer_not_taken_in_time_is_withdrawn_and_offered_again,
 );
 
 async fn bounded(case: impl std::future::Future<Output = ()>) {
@@ -437,7 +438,7 @@ async fn a_build_of_many_jobs_runs_each_exactly_once(backend: Backend) {
     for job in &done.jobs {
         assert_eq!(job.state, JobState::Verified, "{job:#?}");
         // An offer left waiting past its lease behind a worker's other offers is withdrawn
-        // (`lost`) and offered again; it never ran (each job was taken once, above).
+        // (`declined`) and offered again; it never ran (each job was taken once, above).
         let results = job.assignments.iter().filter(|a| a.state == "reported");
         assert_eq!(results.count(), 1, "{job:#?}");
         let script = format!("echo {}", job.name.trim_start_matches('j'));
@@ -588,5 +589,57 @@ async fn an_assignment_past_the_job_timeout_is_given_up(backend: Backend) {
         .unwrap();
     assert_eq!(mine.state, "lost");
     assert_eq!(mine.detail.as_deref(), Some("ran past the job's timeout"));
+    stack.stop().await;
+}
+
+/// A worker too busy to poll before its offer expires never had the job: the offer is
+/// withdrawn as declined, costs no attempt, and the worker may get the job again. With only two
+/// owners for a quorum of two, ruling it out would leave the job waiting for good.
+async fn an_offer_not_taken_in_time_is_withdrawn_and_offered_again(backend: Backend) {
+    let stack = Stack::start(backend, 2).await;
+    let a = stack.worker("a1", "alice", false).await;
+    let b = stack.worker("b1", "bob", false).await;
+    // Both seen just now, so both are offered the job when it is submitted.
+    assert!(a.poll(0).await.is_none() && b.poll(0).await.is_none());
+    let build = stack.submit(ONE_JOB).await;
+    let tb = b.take().await;
+    b.succeed(&tb, b"same", Usage::default()).await;
+    let withdrawn = stack
+        .wait_build(&build, "the offer to a1 expiring", |s| {
+            s.jobs[0]
+                .assignments
+                .iter()
+                .any(|x| x.worker == "a1" && x.state == "declined")
+        })
+        .await;
+    let expired = withdrawn.jobs[0]
+        .assignments
+        .iter()
+        .find(|x| x.worker == "a1")
+        .unwrap();
+    assert_eq!(
+        expired.detail.as_deref(),
+        Some("not taken before the offer expired")
+    );
+    // a1 comes back: bounded well under `take`'s minute, since a worker ruled out would wait
+    // for ever.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let ta = loop {
+        if let Some(ta) = a.poll(1000).await {
+            break ta;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a1 was not offered the job again: {:#?}",
+            stack.user().status(&build).await.unwrap()
+        );
+    };
+    assert_eq!(ta.build_id, build);
+    a.succeed(&ta, b"same", Usage::default()).await;
+    let done = stack
+        .wait_build(&build, "verification", |s| s.state.is_final())
+        .await;
+    assert_eq!(done.state, BuildState::Verified, "{done:#?}");
+    assert_eq!(done.jobs[0].assignments.len(), 3, "{done:#?}");
     stack.stop().await;
 }
