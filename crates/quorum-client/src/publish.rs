@@ -1167,18 +1167,7 @@ impl Publisher {
         self.progress.sending(files.len() + read.len(), total);
         // Claimed across requests, so a blob two of them carry goes once.
         let claimed = Arc::new(Mutex::new(HashSet::new()));
-        let mut digests: Vec<Digest> = read.iter().map(|h| h.entry.digest).collect();
-        digests.sort();
-        digests.dedup();
-        let mut lacking = HashSet::new();
-        for chunk in digests.chunks(MISSING_BATCH) {
-            let lacks = self
-                .store
-                .missing(&self.token, chunk.to_vec())
-                .await
-                .map_err(PublishError::Missing)?;
-            lacking.extend(lacks);
-        }
+        let mut lacking = self.lacking(read).await?;
         claimed
             .lock()
             .expect("claimed lock")
@@ -1241,19 +1230,26 @@ impl Publisher {
     /// Stops at the first failure, naming its file (or its batch); what was sent before stays,
     /// so calling again sends only the rest.
     pub async fn upload(&self, files: &[Hashed]) -> Result<Sent, PublishError> {
+        let missing = self.lacking(files).await?;
+        self.send(files, missing).await
+    }
+
+    /// Which of `files`' blobs the store lacks, asked in as few `missing` calls as the batch
+    /// bound allows.
+    async fn lacking(&self, files: &[Hashed]) -> Result<HashSet<Digest>, PublishError> {
         let mut digests: Vec<Digest> = files.iter().map(|h| h.entry.digest).collect();
         digests.sort();
         digests.dedup();
-        let mut missing = HashSet::new();
+        let mut lacking = HashSet::new();
         for chunk in digests.chunks(MISSING_BATCH) {
             let lacks = self
                 .store
                 .missing(&self.token, chunk.to_vec())
                 .await
                 .map_err(PublishError::Missing)?;
-            missing.extend(lacks);
+            lacking.extend(lacks);
         }
-        self.send(files, missing).await
+        Ok(lacking)
     }
 
     /// Sends the blobs of `files` whose digests are in `missing`, one per digest, from the first
