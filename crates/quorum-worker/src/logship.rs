@@ -63,8 +63,21 @@ pub(crate) async fn ship(
     client: Arc<WorkerClient>,
     assignment: String,
     secrets: Redactor,
+    rx: mpsc::Receiver<Vec<u8>>,
+    shutdown: CancellationToken,
+) -> u64 {
+    ship_every(client, assignment, secrets, rx, shutdown, FLUSH_EVERY).await
+}
+
+/// [`ship`], sending what is pending every `flush_every` while output goes on, and at once when
+/// it has ended: the job's result is reported only after its log is delivered.
+async fn ship_every(
+    client: Arc<WorkerClient>,
+    assignment: String,
+    secrets: Redactor,
     mut rx: mpsc::Receiver<Vec<u8>>,
     shutdown: CancellationToken,
+    flush_every: Duration,
 ) -> u64 {
     let mut offset = 0u64;
     // Redacted, ready to send.
@@ -75,8 +88,8 @@ pub(crate) async fn ship(
     let mut closed_at: Option<Instant> = None;
     let mut inflight: Option<(usize, LogCall)> = None;
     let mut retry_at = Instant::now();
-    let mut backoff = Backoff::new(FLUSH_EVERY, Duration::from_secs(5));
-    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    let mut backoff = Backoff::new(flush_every, Duration::from_secs(5));
+    let mut tick = tokio::time::interval(flush_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if inflight.is_none() {
@@ -137,7 +150,15 @@ pub(crate) async fn ship(
                     }
                 }
             }
-            _ = tick.tick(), if inflight.is_none() && !pending.is_empty() => {
+            _ = async {
+                if closed_at.is_some() {
+                    // The output has ended: the rest goes now (or when a retry is due), not at
+                    // the next tick, since the job's report waits for it.
+                    tokio::time::sleep_until(retry_at).await
+                } else {
+                    tick.tick().await;
+                }
+            }, if inflight.is_none() && !pending.is_empty() => {
                 if Instant::now() >= retry_at {
                     let n = pending.len().min(MAX_BATCH);
                     let body = pending[..n].to_vec();
@@ -180,6 +201,48 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
         (format!("http://{addr}/"), received)
+    }
+
+    /// Output that arrives between flushes and is the job's last goes out as soon as the
+    /// output ends, not at the next flush (here an hour away).
+    #[tokio::test]
+    async fn the_last_output_is_sent_when_the_output_ends() {
+        let (url, received) = controller().await;
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let client = Arc::new(WorkerClient::new(&url, "w1", key));
+        let (tx, rx) = mpsc::channel(8);
+        let shipper = tokio::spawn(ship_every(
+            client,
+            "as-1".into(),
+            Redactor::new(Vec::<String>::new(), false),
+            rx,
+            CancellationToken::new(),
+            Duration::from_secs(3600),
+        ));
+        // An interval's first tick is immediate: the first line goes out at once.
+        tx.send(b"first\n".to_vec()).await.unwrap();
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while received.lock().unwrap().is_empty() {
+            assert!(
+                std::time::Instant::now() < until,
+                "the first line never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tx.send(b"last\n".to_vec()).await.unwrap();
+        drop(tx);
+        let sent = tokio::time::timeout(Duration::from_secs(10), shipper)
+            .await
+            .expect("the rest went out when the output ended, without waiting for a flush")
+            .unwrap();
+        assert_eq!(sent, 11);
+        let log: Vec<u8> = received
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|(_, chunk)| chunk.clone())
+            .collect();
+        assert_eq!(log, b"first\nlast\n");
     }
 
     #[tokio::test]
