@@ -871,6 +871,10 @@ async fn decide_job(
     if detail.is_empty() {
         detail = format!("{reported} of {} results in", spec.policy.quorum);
     }
+    // A later round says so for as long as it lasts, not only while its offers are made.
+    if round > 0 {
+        detail.push_str(&format!(" (retry {round} of {})", spec.retries));
+    }
     Ok(JobUpdate {
         state: state_name,
         detail,
