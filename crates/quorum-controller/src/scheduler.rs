@@ -83,14 +83,34 @@ pub(crate) struct Wake {
 #[derive(Default)]
 struct Pending {
     full: bool,
+    /// New builds, weighed whole.
+    builds: BTreeSet<String>,
     /// Jobs whose assignments changed, by build.
     jobs: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Pending {
+    /// Whether the pass should not wait for more wake-ups: anything but reported jobs.
+    fn urgent(&self) -> bool {
+        self.full || !self.builds.is_empty()
+    }
 }
 
 impl Wake {
     /// Asks for a pass over every unfinished build.
     pub fn all(&self) {
         self.pending.lock().expect("scheduler wake").full = true;
+        self.notify.notify_one();
+    }
+
+    /// Asks for a pass over one new build, at once: its first offers go out without the
+    /// reads of a full pass (leases, every other build) in front of them.
+    pub fn build(&self, build: &str) {
+        self.pending
+            .lock()
+            .expect("scheduler wake")
+            .builds
+            .insert(build.to_string());
         self.notify.notify_one();
     }
 
@@ -110,17 +130,17 @@ impl Wake {
         self.notify.notify_one();
     }
 
-    fn full_requested(&self) -> bool {
-        self.pending.lock().expect("scheduler wake").full
+    fn urgent(&self) -> bool {
+        self.pending.lock().expect("scheduler wake").urgent()
     }
 
     /// Waits for the next wake-up; when it is for jobs only, gathers the wake-ups of
-    /// [`GATHER`] more (or until a full pass is asked for), so that reports arriving together
+    /// [`GATHER`] more (or until a full pass or a new build is asked for), so that reports arriving together
     /// are weighed in one pass and one transaction.
     async fn wait(&self) {
         self.notify.notified().await;
         let until = tokio::time::Instant::now() + GATHER;
-        while !self.full_requested() {
+        while !self.urgent() {
             if tokio::time::timeout_at(until, self.notify.notified())
                 .await
                 .is_err()
@@ -164,7 +184,7 @@ pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
             full_due = now + FULL_EVERY;
             None
         } else {
-            Some(pending.jobs)
+            Some((pending.builds, pending.jobs))
         };
         // Stopping drops a pass midway: its open transaction rolls back, and the next start
         // redoes the pass from the database (as after a kill).
@@ -182,20 +202,28 @@ pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
     }
 }
 
-/// One pass: every unfinished build, or with `changed` just those jobs (every build after all
-/// when a lease expired); leases and timeouts on a full pass and when `ticked`, and then the
-/// trusted rebuilds (tie-breaks, spot checks).
+/// One pass: every unfinished build, or with `changed` just those new builds and jobs (every
+/// build after all when a lease expired); leases and timeouts on a full pass and when
+/// `ticked`, and then the trusted rebuilds (tie-breaks, spot checks).
 async fn pass(
     state: &State,
-    changed: Option<BTreeMap<String, BTreeSet<String>>>,
+    changed: Option<(BTreeSet<String>, BTreeMap<String, BTreeSet<String>>)>,
     ticked: bool,
 ) -> anyhow::Result<()> {
     let now = now_unix();
     let mut online = Online::new(state, now);
     let expired = (changed.is_none() || ticked) && expire(state, now).await?;
     match changed {
-        Some(changed) if !expired => {
+        Some((builds, changed)) if !expired => {
+            for build_id in &builds {
+                if let Err(e) = evaluate_build(state, build_id, &mut online).await {
+                    tracing::error!(build = %build_id, error = %format!("{e:#}"), "cannot evaluate build");
+                }
+            }
             for (build_id, jobs) in changed {
+                if builds.contains(&build_id) {
+                    continue;
+                }
                 if let Err(e) = evaluate_jobs(state, &build_id, &jobs, &mut online).await {
                     tracing::error!(build = %build_id, error = %format!("{e:#}"), "cannot evaluate build");
                 }
