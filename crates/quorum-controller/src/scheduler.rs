@@ -184,7 +184,7 @@ pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
             full_due = now + FULL_EVERY;
             None
         } else {
-            Some((pending.builds, pending.jobs))
+            Some(pending)
         };
         // Stopping drops a pass midway: its open transaction rolls back, and the next start
         // redoes the pass from the database (as after a kill).
@@ -207,20 +207,20 @@ pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
 /// `ticked`, and then the trusted rebuilds (tie-breaks, spot checks).
 async fn pass(
     state: &State,
-    changed: Option<(BTreeSet<String>, BTreeMap<String, BTreeSet<String>>)>,
+    changed: Option<Pending>,
     ticked: bool,
 ) -> anyhow::Result<()> {
     let now = now_unix();
     let mut online = Online::new(state, now);
     let expired = (changed.is_none() || ticked) && expire(state, now).await?;
     match changed {
-        Some((builds, changed)) if !expired => {
+        Some(Pending { builds, jobs, .. }) if !expired => {
             for build_id in &builds {
                 if let Err(e) = evaluate_build(state, build_id, &mut online).await {
                     tracing::error!(build = %build_id, error = %format!("{e:#}"), "cannot evaluate build");
                 }
             }
-            for (build_id, jobs) in changed {
+            for (build_id, jobs) in jobs {
                 if builds.contains(&build_id) {
                     continue;
                 }
