@@ -9,6 +9,8 @@ use quorum_api::v1::worker_auth::{
     HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WORKER, MAX_SKEW_SECS, message,
 };
 use quorum_service::ApiError;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use crate::State;
 use crate::db::{self, WorkerRow};
@@ -20,10 +22,11 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
         .ok_or_else(|| ApiError::unauthorized(format!("missing header {name}")))
 }
 
-/// A worker's request whose signature checked out: who sent it, and the body it signed.
-/// Extracting it reads the body (within the router's body limit) and runs [`worker`].
+/// A worker's request whose signature checked out: who sent it, its key, and the body it
+/// signed. Extracting it reads the body (within the router's body limit) and runs [`worker`].
 pub struct SignedWorker {
     pub worker: WorkerRow,
+    pub key: VerifyingKey,
     pub body: axum::body::Bytes,
 }
 
@@ -41,8 +44,8 @@ impl axum::extract::FromRequest<std::sync::Arc<State>> for SignedWorker {
         )
         .await
         .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-        let worker = worker(state, &parts.method, &parts.uri, &parts.headers, &body).await?;
-        Ok(SignedWorker { worker, body })
+        let (worker, key) = worker(state, &parts.method, &parts.uri, &parts.headers, &body).await?;
+        Ok(SignedWorker { worker, key, body })
     }
 }
 
@@ -53,7 +56,7 @@ async fn worker(
     uri: &Uri,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<WorkerRow, ApiError> {
+) -> Result<(WorkerRow, VerifyingKey), ApiError> {
     let id = header(headers, HEADER_WORKER)?;
     let ts: i64 = header(headers, HEADER_TIMESTAMP)?
         .parse()
@@ -73,18 +76,23 @@ async fn worker(
             ApiError::unauthorized("request signature is not a base64 Ed25519 signature")
         })?;
     let unknown = || ApiError::unauthorized("unknown worker or bad signature");
-    let w = db::worker(&state.pool, id).await?.ok_or_else(unknown)?;
-    let key = parsed_key(&w.public_key).ok_or_else(unknown)?;
+    let known = state
+        .workers
+        .get(&state.pool, id)
+        .await?
+        .ok_or_else(unknown)?;
+    let key = known.key;
     let path = uri
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or(uri.path());
     key.verify(&message(method.as_str(), path, ts, body), &sig)
         .map_err(|_| unknown())?;
-    let was_offline = w.last_seen < now - state.lease_secs as i64;
+    let last_seen = known.last_seen.load(Ordering::Relaxed);
+    let was_offline = last_seen < now - state.lease_secs as i64;
     // Seconds are the resolution of `last_seen`: a busy worker's many requests in one second
     // need one write, not one each.
-    if w.last_seen < now {
+    if last_seen < now {
         let _turn = state.write_gate.enter().await;
         sqlx::query("UPDATE workers SET last_seen = $1 WHERE id = $2 AND last_seen < $1")
             .bind(now)
@@ -92,36 +100,68 @@ async fn worker(
             .execute(&state.pool)
             .await
             .map_err(ApiError::internal)?;
+        known.last_seen.fetch_max(now, Ordering::Relaxed);
     }
     if was_offline {
         // A worker coming (back) online may be what a waiting job needs.
         state.wake.all();
     }
-    Ok(w)
+    let mut row = known.row.clone();
+    row.last_seen = known.last_seen.load(Ordering::Relaxed);
+    Ok((row, key))
 }
 
-/// Parsed enrolled keys, by their stored base64 form: parsing decompresses a curve point on
-/// every request otherwise. Only the parsing is remembered: which key a worker has (and whether
-/// it still exists) is read from its row on every request, so a worker removed or given a new
-/// key is never checked against a remembered key. Emptied when full.
-static PARSED_KEYS: std::sync::LazyLock<
-    std::sync::Mutex<std::collections::HashMap<String, VerifyingKey>>,
-> = std::sync::LazyLock::new(Default::default);
+/// An enrolled worker as its row says, with its key parsed (a curve point decompressed).
+pub(crate) struct Known {
+    row: WorkerRow,
+    key: VerifyingKey,
+    /// The latest `last_seen` this process read or wrote for the worker.
+    last_seen: AtomicI64,
+}
 
-/// Most keys [`PARSED_KEYS`] holds: a few MiB, more than the idle-worker benchmark's 10,000.
-const PARSED_KEYS_MAX: usize = 65_536;
+/// The enrolled workers this controller has authenticated, by id, so that a worker's request
+/// costs no read of its row. Sound because a worker's row never changes after enrollment but
+/// for `last_seen` (no route edits or removes a worker; a re-enrollment must present the same
+/// key): whatever would change one must also drop it here. Unknown ids are never remembered,
+/// so guessing names cannot fill it; emptied when full.
+#[derive(Default)]
+pub(crate) struct Workers {
+    known: std::sync::Mutex<std::collections::HashMap<String, Arc<Known>>>,
+}
 
-fn parsed_key(b64: &str) -> Option<VerifyingKey> {
-    if let Some(key) = PARSED_KEYS.lock().expect("parsed keys").get(b64) {
-        return Some(*key);
+/// Most workers [`Workers`] holds: a few MiB, more than the idle-worker benchmark's 10,000.
+const WORKERS_MAX: usize = 65_536;
+
+impl Workers {
+    async fn get(&self, pool: &db::Pool, id: &str) -> Result<Option<Arc<Known>>, ApiError> {
+        if let Some(known) = self.known.lock().expect("known workers").get(id) {
+            return Ok(Some(known.clone()));
+        }
+        let Some(row) = db::worker(pool, id).await? else {
+            return Ok(None);
+        };
+        let Some(key) = public_key(&row.public_key) else {
+            return Ok(None);
+        };
+        let known = Arc::new(Known {
+            last_seen: AtomicI64::new(row.last_seen),
+            row,
+            key,
+        });
+        let mut all = self.known.lock().expect("known workers");
+        if all.len() >= WORKERS_MAX {
+            all.clear();
+        }
+        all.insert(id.to_string(), known.clone());
+        Ok(Some(known))
     }
-    let key = public_key(b64)?;
-    let mut keys = PARSED_KEYS.lock().expect("parsed keys");
-    if keys.len() >= PARSED_KEYS_MAX {
-        keys.clear();
+
+    /// Notes a `last_seen` written for the worker outside [`worker`] (a long poll's beat).
+    pub fn seen(&self, id: &str, now: i64) {
+        if let Some(known) = self.known.lock().expect("known workers").get(id) {
+            known.last_seen.fetch_max(now, Ordering::Relaxed);
+        }
     }
-    keys.insert(b64.to_string(), key);
-    Some(key)
 }
 
 pub fn public_key(b64: &str) -> Option<VerifyingKey> {

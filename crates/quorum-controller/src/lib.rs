@@ -165,6 +165,8 @@ pub(crate) struct State {
     pub specs: std::sync::Mutex<HashMap<String, Arc<scheduler::BuildSpecs>>>,
     /// Wakes the scheduler, for a full pass or for the jobs named (`scheduler::Wake`).
     pub wake: scheduler::Wake,
+    /// The enrolled workers authenticated so far (`auth::Workers`).
+    pub workers: auth::Workers,
     /// Wakes a worker's pending long poll when the scheduler offers it work.
     pub worker_wake: std::sync::Mutex<HashMap<String, Arc<Notify>>>,
 }
@@ -245,6 +247,7 @@ pub async fn run(
         failpoints: config.data_dir.join("failpoints"),
         write_gate,
         specs: std::sync::Mutex::default(),
+        workers: auth::Workers::default(),
         wake: scheduler::Wake::default(),
         worker_wake: std::sync::Mutex::default(),
     });

@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use ed25519_dalek::{Signature, Verifier as _};
+use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
 use quorum_api::v1::controller::{
     Assignment, EnrollRequest, EnrollResponse, HeartbeatResponse, PollRequest, RefuseRequest,
     ReportedResult, ResultReport, SignedReport,
@@ -130,7 +130,7 @@ pub async fn enroll(
 /// `POST /api/v1/workers/poll`, worker: long poll for the next assignment offered to it.
 pub async fn poll(
     AxState(state): AxState<Arc<State>>,
-    SignedWorker { worker: w, body }: SignedWorker,
+    SignedWorker { worker: w, body, .. }: SignedWorker,
 ) -> Result<Response, ApiError> {
     let req: PollRequest = parse(&body)?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_ms.min(30_000));
@@ -156,12 +156,14 @@ pub async fn poll(
                 return Ok(StatusCode::NO_CONTENT.into_response());
             }
             let _turn = state.write_gate.enter().await;
+            let now = now_unix();
             sqlx::query("UPDATE workers SET last_seen = $1 WHERE id = $2")
-                .bind(now_unix())
+                .bind(now)
                 .bind(&w.id)
                 .execute(&state.pool)
                 .await
                 .map_err(ApiError::internal)?;
+            state.workers.seen(&w.id, now);
         }
     }
 }
@@ -275,7 +277,7 @@ async fn own_assignment(state: &State, w: &WorkerRow, id: &str) -> Result<Assign
 pub async fn refuse(
     AxState(state): AxState<Arc<State>>,
     Path(id): Path<String>,
-    SignedWorker { worker: w, body }: SignedWorker,
+    SignedWorker { worker: w, body, .. }: SignedWorker,
 ) -> Result<StatusCode, ApiError> {
     let req: RefuseRequest = parse(&body)?;
     let a = own_assignment(&state, &w, &id).await?;
@@ -333,7 +335,7 @@ pub async fn log(
     AxState(state): AxState<Arc<State>>,
     Path(id): Path<String>,
     Query(q): Query<Offset>,
-    SignedWorker { worker: w, body }: SignedWorker,
+    SignedWorker { worker: w, body, .. }: SignedWorker,
 ) -> Result<StatusCode, ApiError> {
     let a = own_assignment(&state, &w, &id).await?;
     if body.is_empty() {
@@ -347,13 +349,17 @@ pub async fn log(
 pub async fn result(
     AxState(state): AxState<Arc<State>>,
     Path(id): Path<String>,
-    SignedWorker { worker: w, body }: SignedWorker,
+    SignedWorker {
+        worker: w,
+        key,
+        body,
+    }: SignedWorker,
 ) -> Result<StatusCode, ApiError> {
     // The usual case in one statement: a valid report of a running assignment, which the
     // report names, recorded on the condition that the row is this worker's, of that build
     // and job, and running. Anything else takes the path below, which reads the assignment
     // first and says precisely what is wrong.
-    if let Ok((signed, report)) = check_report(&w, &body)
+    if let Ok((signed, report)) = check_report(&w, &key, &body)
         && report.assignment == id
         && record_report(&state, &w, &signed, &report).await?
     {
@@ -361,7 +367,7 @@ pub async fn result(
         return Ok(StatusCode::NO_CONTENT);
     }
     let a = own_assignment(&state, &w, &id).await?;
-    let (signed, report) = check_report(&w, &body)?;
+    let (signed, report) = check_report(&w, &key, &body)?;
     if report.assignment != a.id || report.build_id != a.build_id || report.job != a.job {
         return Err(ApiError::bad_request(
             "report names another assignment, build, job or worker",
@@ -389,10 +395,12 @@ pub async fn result(
 
 /// Checks a report's signature with the worker's key, that it names this worker, and its
 /// manifest; no database read.
-fn check_report(w: &WorkerRow, body: &[u8]) -> Result<(SignedReport, ResultReport), ApiError> {
+fn check_report(
+    w: &WorkerRow,
+    key: &VerifyingKey,
+    body: &[u8],
+) -> Result<(SignedReport, ResultReport), ApiError> {
     let signed: SignedReport = parse(body)?;
-    let key = auth::public_key(&w.public_key)
-        .ok_or_else(|| ApiError::internal("stored worker key is invalid"))?;
     let sig = B64
         .decode(&signed.signature)
         .ok()

@@ -40,6 +40,7 @@ on_both_backends!(
     a_job_gives_up_after_its_policy_attempts,
     an_assignment_past_the_job_timeout_is_given_up,
     an_offer_not_taken_in_time_is_withdrawn_and_offered_again,
+    a_known_worker_name_with_another_key_is_refused,
 );
 
 async fn bounded(case: impl std::future::Future<Output = ()>) {
@@ -641,5 +642,83 @@ async fn an_offer_not_taken_in_time_is_withdrawn_and_offered_again(backend: Back
         .await;
     assert_eq!(done.state, BuildState::Verified, "{done:#?}");
     assert_eq!(done.jobs[0].assignments.len(), 3, "{done:#?}");
+    stack.stop().await;
+}
+
+/// The controller remembers the workers it has authenticated; that must never let a request
+/// through on a worker's name alone. An impostor holding another key is refused on every route
+/// (before and after the real worker's own requests), its report is not recorded, and an
+/// unknown name is refused the same way.
+async fn a_known_worker_name_with_another_key_is_refused(backend: Backend) {
+    let stack = Stack::start(backend, 30).await;
+    let a = stack.worker("a1", "alice", false).await;
+    let impostor = SimWorker {
+        name: "a1".into(),
+        client: quorum_client::controller::WorkerClient::new(
+            &stack.controller_url,
+            "a1",
+            ed25519_dalek::SigningKey::from_bytes(&[7; 32]),
+        ),
+    };
+    let refused = |what: &str, r: Result<(), quorum_client::ClientError>| {
+        let e = r.expect_err(what);
+        assert_eq!(e.status(), Some(401), "{what}: {e}");
+        assert!(
+            e.to_string().contains("unknown worker or bad signature"),
+            "{what}: {e}"
+        );
+    };
+    let poll = quorum_api::v1::controller::PollRequest {
+        wait_ms: 0,
+        capacity: 1,
+    };
+    refused(
+        "an impostor's poll before the worker was ever seen",
+        impostor.client.poll(&poll).await.map(drop),
+    );
+    let build = stack
+        .submit("policy: {quorum: 1}\njobs:\n  build:\n    script: [\"true\"]\n")
+        .await;
+    let ta = a.take().await;
+    refused(
+        "an impostor's poll after the worker's own",
+        impostor.client.poll(&poll).await.map(drop),
+    );
+    refused(
+        "an impostor's heartbeat",
+        impostor.client.heartbeat(&ta.id).await.map(drop),
+    );
+    let forged = impostor.report(&ta, success(b"backdoored"), Usage::default());
+    refused(
+        "an impostor's report",
+        impostor
+            .client
+            .result(&ta.id, &impostor.client.sign_report(&forged))
+            .await,
+    );
+    let ghost = quorum_client::controller::WorkerClient::new(
+        &stack.controller_url,
+        "ghost",
+        ed25519_dalek::SigningKey::from_bytes(&[8; 32]),
+    );
+    refused(
+        "an unknown worker's poll",
+        ghost.poll(&poll).await.map(drop),
+    );
+
+    // The real worker's report is the one that counts.
+    a.succeed(&ta, b"good", Usage::default()).await;
+    let done = stack
+        .wait_build(&build, "verification", |s| s.state.is_final())
+        .await;
+    assert_eq!(done.state, BuildState::Verified, "{done:#?}");
+    let ReportedResult::Success {
+        manifest_digest: good,
+        ..
+    } = success(b"good")
+    else {
+        unreachable!("success() is a success")
+    };
+    assert_eq!(done.jobs[0].manifest, Some(good), "{done:#?}");
     stack.stop().await;
 }
