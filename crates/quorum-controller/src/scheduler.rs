@@ -205,11 +205,7 @@ pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
 /// One pass: every unfinished build, or with `changed` just those new builds and jobs (every
 /// build after all when a lease expired); leases and timeouts on a full pass and when
 /// `ticked`, and then the trusted rebuilds (tie-breaks, spot checks).
-async fn pass(
-    state: &State,
-    changed: Option<Pending>,
-    ticked: bool,
-) -> anyhow::Result<()> {
+async fn pass(state: &State, changed: Option<Pending>, ticked: bool) -> anyhow::Result<()> {
     let now = now_unix();
     let mut online = Online::new(state, now);
     let expired = (changed.is_none() || ticked) && expire(state, now).await?;
@@ -1075,17 +1071,31 @@ async fn gather_evidence(state: &State, build_id: &str, now: i64) -> anyhow::Res
     let b = db::build(&state.pool, build_id)
         .await?
         .context("build vanished")?;
-    let jobs = db::jobs(&state.pool, build_id).await?;
+    // The specs as stored, parsed once for the build's passes (they never change).
+    let specs = specs_of(state, build_id).await?;
+    let jobs = db::jobs_with_specs(&state.pool, build_id, &specs).await?;
     let assignments = db::assignments_of_build(&state.pool, build_id).await?;
     let purposes = crate::rebuild::purposes(&state.pool, build_id).await?;
     // Every worker once, not once per result: a build of a thousand jobs has a thousand.
     let workers = workers_of(state, &assignments).await?;
+    let mut keys = HashMap::new();
+    for (id, w) in &workers {
+        let key = auth::public_key(&w.public_key)
+            .with_context(|| format!("stored key of worker {id} is invalid"))?;
+        keys.insert(id.as_str(), key);
+    }
+    // The reported results by job and round, so that a large build is not read once per job.
+    let mut reported: HashMap<(&str, i64), Vec<&AssignmentRow>> = HashMap::new();
+    for a in assignments.iter().filter(|a| a.state == "reported") {
+        reported.entry((&a.job, a.round)).or_default().push(a);
+    }
     let mut out = Vec::new();
     for j in jobs {
         let (mut results, mut rebuilds) = (Vec::new(), Vec::new());
-        for a in assignments
-            .iter()
-            .filter(|a| a.job == j.name && a.round == j.round && a.state == "reported")
+        for a in reported
+            .get(&(j.name.as_str(), j.round))
+            .into_iter()
+            .flatten()
         {
             // Tie-breaks are evidence of their own; spot checks come after signing, never in it.
             let into = match purposes.get(&a.id) {
@@ -1094,7 +1104,7 @@ async fn gather_evidence(state: &State, build_id: &str, now: i64) -> anyhow::Res
                 Some(_) => continue,
             };
             let w = workers.get(&a.worker_id).context("worker vanished")?;
-            let key = auth::public_key(&w.public_key).context("stored worker key is invalid")?;
+            let key = keys[a.worker_id.as_str()];
             into.push(ResultEvidence {
                 assignment: a.id.clone(),
                 worker: w.id.clone(),

@@ -151,10 +151,7 @@ impl Signer {
         if evidence.jobs.is_empty() {
             return Err(SignError::Empty);
         }
-        let mut jobs = Vec::new();
-        for job in &evidence.jobs {
-            jobs.push(check_job(&evidence.build_id, job)?);
-        }
+        let jobs = check_jobs(&evidence.build_id, &evidence.jobs)?;
         let facts = BuildFacts {
             controller: evidence.controller.clone(),
             build_id: evidence.build_id.clone(),
@@ -176,6 +173,38 @@ impl Signer {
             summary,
         })
     }
+}
+
+/// Fewest jobs per thread when a build's evidence is checked on several cores: below that,
+/// starting a thread costs more than the checks it takes over.
+const JOBS_PER_THREAD: usize = 64;
+
+/// Checks every job's evidence, in order; a large build's on every core, since each result's
+/// check is a signature verification and a parse, independent of the others.
+fn check_jobs(build_id: &str, jobs: &[JobEvidence]) -> Result<Vec<JobFacts>, SignError> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(jobs.len() / JOBS_PER_THREAD)
+        .max(1);
+    if threads == 1 {
+        return jobs.iter().map(|j| check_job(build_id, j)).collect();
+    }
+    let chunk = jobs.len().div_ceil(threads);
+    let checked: Vec<Result<Vec<JobFacts>, SignError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(|j| check_job(build_id, j)).collect()))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a checking thread does not panic"))
+            .collect()
+    });
+    let mut facts = Vec::with_capacity(jobs.len());
+    for part in checked {
+        facts.extend(part?);
+    }
+    Ok(facts)
 }
 
 fn check_job(build_id: &str, job: &JobEvidence) -> Result<JobFacts, SignError> {
@@ -299,6 +328,16 @@ mod tests {
     use quorum_core::{Digest, Manifest, ManifestEntry};
 
     fn report(worker: &SigningKey, id: &str, assignment: &str, content: &[u8]) -> ResultEvidence {
+        report_for(worker, id, assignment, "build", content)
+    }
+
+    fn report_for(
+        worker: &SigningKey,
+        id: &str,
+        assignment: &str,
+        job: &str,
+        content: &[u8],
+    ) -> ResultEvidence {
         let manifest = Manifest::new(vec![ManifestEntry {
             path: "out/a".into(),
             mode: 0o644,
@@ -309,7 +348,7 @@ mod tests {
         let rep = ResultReport {
             assignment: assignment.into(),
             build_id: "b1".into(),
-            job: "build".into(),
+            job: job.into(),
             worker: id.into(),
             result: ReportedResult::Success {
                 manifest_digest: manifest.digest(),
@@ -463,6 +502,58 @@ mod tests {
             s.sign_build(&e),
             Err(SignError::ReportMismatch { .. })
         ));
+    }
+
+    /// A build large enough to be checked on several threads: its jobs come out in order, and
+    /// one forged report in any part of it refuses the whole build, naming the job.
+    #[test]
+    fn a_large_build_is_checked_whole_and_in_order() {
+        let (w1, w2) = (
+            SigningKey::from_bytes(&[1; 32]),
+            SigningKey::from_bytes(&[2; 32]),
+        );
+        let jobs = 4 * JOBS_PER_THREAD + 3;
+        let mut e = evidence(vec![]);
+        e.jobs = (0..jobs)
+            .map(|i| {
+                let (name, out) = (format!("j{i}"), format!("{i}"));
+                JobEvidence {
+                    results: vec![
+                        report_for(&w1, "w1", &format!("a{i}"), &name, out.as_bytes()),
+                        report_for(&w2, "w2", &format!("b{i}"), &name, out.as_bytes()),
+                    ],
+                    rebuilds: vec![],
+                    name,
+                    policy: Policy {
+                        quorum: 2,
+                        trusted: 0,
+                    },
+                }
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let s = signer(dir.path());
+        let signed = s.sign_build(&e).unwrap();
+        let summary = attest::verify_envelope(&signed.summary, &s.public_key()).unwrap();
+        let named: Vec<String> = summary["predicate"]["policy"]["annotations"]["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["job"].as_str().unwrap().to_string())
+            .collect();
+        let expected: Vec<String> = (0..jobs).map(|i| format!("j{i}")).collect();
+        assert_eq!(named, expected);
+
+        for forged_at in [0, jobs / 2, jobs - 1] {
+            let mut bad = e.clone();
+            bad.jobs[forged_at].results[1].worker_key = w1.verifying_key();
+            match s.sign_build(&bad) {
+                Err(SignError::BadReportSignature { job, .. }) => {
+                    assert_eq!(job, format!("j{forged_at}"))
+                }
+                other => panic!("a forged report in job {forged_at} was not refused: {other:?}"),
+            }
+        }
     }
 
     #[test]
