@@ -194,6 +194,7 @@ async fn throughput(stack: &Stack, workers: usize, jobs: usize) {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        let all_reported = started.elapsed();
         let status = stack
             .wait_build(&build, "the throughput build", |s| s.state.is_final())
             .await;
@@ -204,10 +205,11 @@ async fn throughput(stack: &Stack, workers: usize, jobs: usize) {
         );
         println!(
             "throughput: {jobs} no-op jobs through {workers} workers in {:.2} s ({:.0} jobs/s; \
-             submission {}, build {:?})",
+             submission {}, last report to final state {}, build {:?})",
             elapsed.as_secs_f64(),
             jobs as f64 / elapsed.as_secs_f64(),
             ms(submitted),
+            ms(elapsed - all_reported),
             status.state
         );
         build
@@ -287,6 +289,14 @@ async fn main() {
     let raw: Vec<String> = std::env::args().collect();
     if raw.get(1).map(String::as_str) == Some("--idle-child") {
         return idle_child(&raw[2], &raw[3]).await;
+    }
+    // The roles' logs on stderr when asked for (`QUORUM_BENCH_LOG=quorum_controller=info`):
+    // where a phase's time went, from their timestamps.
+    if let Ok(filter) = std::env::var("QUORUM_BENCH_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
     }
     let a = args();
     println!("backend: {:?}", a.backend);
