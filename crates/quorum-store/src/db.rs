@@ -427,7 +427,7 @@ pub async fn tenant_manifest_body(
 /// transaction, so the check and the write see the same state, and garbage collection cannot
 /// remove a checked blob before the manifest's references to it are written. With `relative`,
 /// only the changed entries' blobs are checked (the base, recorded in the same transaction's
-/// view, keeps its blobs linked), and the build's references are copied from the base's.
+/// view, keeps its blobs linked), and the build's references are made relative to the base's.
 /// `manifest` is `None` only for a base recorded again unchanged: its body is stored already,
 /// and not even parsed.
 pub async fn record_manifest(
@@ -455,7 +455,7 @@ pub async fn record_manifest(
             Recorded::Conflict(existing)
         });
     }
-    // Where the base is recorded: its references are copied from there.
+    // Where the base is recorded: the new manifest's references are made relative to it.
     let base_build = match &relative {
         Some(r) => {
             let build: Option<String> = sqlx::query_scalar(
@@ -546,7 +546,7 @@ pub async fn record_manifest(
     .await?;
     if known.is_none() {
         if let (Some(r), Some(base_build)) = (&relative, &base_build) {
-            copy_references(&mut tx, slot, &digest_text, r, base_build).await?;
+            refer_to_base(&mut tx, slot, &digest_text, manifest, r, base_build).await?;
         } else if let Some(manifest) = manifest {
             let digests: Vec<Digest> = manifest.entries.iter().map(|e| e.digest).collect();
             add_references(&mut tx, slot, &digest_text, &digests).await?;
@@ -583,44 +583,115 @@ async fn add_references(
     Ok(())
 }
 
-/// The build's references from manifest `manifest`, made from the base's in one statement: the
-/// base's, less those it no longer names, plus the changed entries'.
-async fn copy_references(
+/// The build's references from manifest `manifest`, relative to its base's (see the
+/// `manifest_bases` migration): a link to the base, or to the manifest the base itself is
+/// relative to, plus the blobs this one adds and the base's it no longer names, so recording one
+/// changed file writes a few rows rather than a copy of every reference. When the differences
+/// from that root have grown past a quarter of the manifest's entries, the manifest gets its
+/// own full set instead and becomes a root for later ones. `manifest` is `None` for the base
+/// recorded again unchanged.
+async fn refer_to_base(
     tx: &mut Tx,
     slot: &Slot,
-    manifest: &str,
+    digest: &str,
+    manifest: Option<&Manifest>,
     relative: &Relative<'_>,
     base_build: &str,
 ) -> Result<(), sqlx::Error> {
+    let base = relative.base.to_string();
+    let root = sqlx::query(
+        "SELECT base_build, base FROM manifest_bases WHERE tenant = $1 AND build = $2 AND manifest = $3",
+    )
+    .bind(&slot.tenant)
+    .bind(base_build)
+    .bind(&base)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let changed: HashSet<Digest> = relative.changed.iter().map(|e| e.digest).collect();
+    let dropped: HashSet<Digest> = relative.dropped.iter().copied().collect();
+    let (root_build, root, added, excluded) = match root {
+        // The base is a root: the differences are this manifest's own.
+        None => (base_build.to_string(), base, changed, dropped),
+        // The base is relative to a root: its differences and this one's, composed.
+        Some(row) => {
+            let (base_added, base_excluded) = differences(tx, slot, base_build, &base).await?;
+            let added: HashSet<Digest> = base_added
+                .into_iter()
+                .filter(|d| !dropped.contains(d))
+                .chain(changed)
+                .collect();
+            let excluded = base_excluded
+                .into_iter()
+                .chain(dropped)
+                .filter(|d| !added.contains(d))
+                .collect();
+            (row.try_get(0)?, row.try_get(1)?, added, excluded)
+        }
+    };
+    if let Some(manifest) = manifest
+        && (added.len() + excluded.len()) * 4 > manifest.entries.len()
+    {
+        let digests: Vec<Digest> = manifest.entries.iter().map(|e| e.digest).collect();
+        return add_references(tx, slot, digest, &digests).await;
+    }
     sqlx::query(
-        "INSERT INTO build_blobs (tenant, build, digest, manifest) \
-         SELECT tenant, $2, digest, $3 FROM build_blobs \
-         WHERE tenant = $1 AND build = $4 AND manifest = $5 ON CONFLICT DO NOTHING",
+        "INSERT INTO manifest_bases (tenant, build, manifest, base_build, base) \
+         VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(&slot.tenant)
     .bind(&slot.build)
-    .bind(manifest)
-    .bind(base_build)
-    .bind(relative.base.to_string())
+    .bind(digest)
+    .bind(&root_build)
+    .bind(&root)
     .execute(&mut **tx)
     .await?;
-    for chunk in unique(relative.dropped).chunks(CHUNK) {
+    let added: Vec<Digest> = added.into_iter().collect();
+    add_references(tx, slot, digest, &added).await?;
+    let excluded: Vec<Digest> = excluded.into_iter().collect();
+    for chunk in unique(&excluded).chunks(INSERT_CHUNK) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|i| format!("($1, $2, $3, ${})", i + 4))
+            .collect();
         let sql = format!(
-            "DELETE FROM build_blobs WHERE tenant = $1 AND build = $2 AND manifest = $3 \
-             AND digest IN ({})",
-            placeholders(4, chunk.len())
+            "INSERT INTO base_exclusions (tenant, build, manifest, digest) VALUES {}",
+            rows.join(", ")
         );
         let mut query = sqlx::query(&sql)
             .bind(&slot.tenant)
             .bind(&slot.build)
-            .bind(manifest);
+            .bind(digest);
         for d in chunk {
             query = query.bind(d);
         }
         query.execute(&mut **tx).await?;
     }
-    let changed: Vec<Digest> = relative.changed.iter().map(|e| e.digest).collect();
-    add_references(tx, slot, manifest, &changed).await
+    Ok(())
+}
+
+/// What a relative manifest recorded in `build` adds to its root (its own `build_blobs` rows)
+/// and takes from it (its `base_exclusions`).
+async fn differences(
+    tx: &mut Tx,
+    slot: &Slot,
+    build: &str,
+    manifest: &str,
+) -> Result<(HashSet<Digest>, HashSet<Digest>), sqlx::Error> {
+    let mut sets = [HashSet::new(), HashSet::new()];
+    for (set, table) in sets.iter_mut().zip(["build_blobs", "base_exclusions"]) {
+        let rows: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT digest FROM {table} WHERE tenant = $1 AND build = $2 AND manifest = $3"
+        ))
+        .bind(&slot.tenant)
+        .bind(build)
+        .bind(manifest)
+        .fetch_all(&mut **tx)
+        .await?;
+        for d in rows {
+            set.insert(parse_digest(&d)?);
+        }
+    }
+    let [added, excluded] = sets;
+    Ok((added, excluded))
 }
 
 /// The canonical body of a manifest recorded in `build` of `tenant`.
@@ -661,7 +732,10 @@ pub async fn job_manifests(
     .await
 }
 
-/// Whether a manifest recorded in `build` of `tenant` names the blob.
+/// Whether a manifest recorded in `build` of `tenant` names the blob: by a reference of its
+/// own, or through its base (a reference of the base that it does not exclude). A reference
+/// counts only while its manifest is recorded in the build: a base's references outlive it while
+/// later manifests refer to them.
 pub async fn build_names_blob(
     db: &Db,
     tenant: &str,
@@ -669,7 +743,14 @@ pub async fn build_names_blob(
     digest: Digest,
 ) -> Result<bool, sqlx::Error> {
     let hit: Option<i64> = sqlx::query_scalar(
-        "SELECT 1 FROM build_blobs WHERE tenant = $1 AND build = $2 AND digest = $3 LIMIT 1",
+        "SELECT 1 WHERE EXISTS (SELECT 1 FROM build_blobs bb JOIN manifests m \
+         ON m.tenant = bb.tenant AND m.build = bb.build AND m.digest = bb.manifest \
+         WHERE bb.tenant = $1 AND bb.build = $2 AND bb.digest = $3) \
+         OR EXISTS (SELECT 1 FROM manifest_bases mb JOIN build_blobs bb \
+         ON bb.tenant = mb.tenant AND bb.build = mb.base_build AND bb.manifest = mb.base \
+         WHERE mb.tenant = $1 AND mb.build = $2 AND bb.digest = $3 \
+         AND NOT EXISTS (SELECT 1 FROM base_exclusions x WHERE x.tenant = mb.tenant \
+         AND x.build = mb.build AND x.manifest = mb.manifest AND x.digest = $3))",
     )
     .bind(tenant)
     .bind(build)
@@ -747,10 +828,28 @@ pub async fn expire(
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        // A relative manifest's link to its base, and its exclusions, go with it; a base's
+        // references stay while a recorded manifest still refers to them.
+        sqlx::query(
+            "DELETE FROM manifest_bases WHERE NOT EXISTS (SELECT 1 FROM manifests m \
+             WHERE m.tenant = manifest_bases.tenant AND m.build = manifest_bases.build \
+             AND m.digest = manifest_bases.manifest)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM base_exclusions WHERE NOT EXISTS (SELECT 1 FROM manifest_bases mb \
+             WHERE mb.tenant = base_exclusions.tenant AND mb.build = base_exclusions.build \
+             AND mb.manifest = base_exclusions.manifest)",
+        )
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "DELETE FROM build_blobs WHERE NOT EXISTS (SELECT 1 FROM manifests m \
              WHERE m.tenant = build_blobs.tenant AND m.build = build_blobs.build \
-             AND m.digest = build_blobs.manifest)",
+             AND m.digest = build_blobs.manifest) \
+             AND NOT EXISTS (SELECT 1 FROM manifest_bases mb WHERE mb.tenant = build_blobs.tenant \
+             AND mb.base_build = build_blobs.build AND mb.base = build_blobs.manifest)",
         )
         .execute(&mut *tx)
         .await?;

@@ -4,7 +4,10 @@
 //! Bytes are deleted inside a serialized write transaction that first re-checks that nothing
 //! references them, and uploads place bytes inside the same kind of transaction (`ingest.rs`):
 //! a manifest being recorded, or an upload finishing, either commits before the check and keeps
-//! the blob, or after the deletion and then finds it gone (and stores it again).
+//! the blob, or after the deletion and then finds it gone (and stores it again). A manifest
+//! recorded relative to another names most of its blobs through that root's references
+//! (`manifest_bases`); expiring a root keeps its references while any recorded manifest links to
+//! it, so what they name through it is never garbage.
 
 use quorum_core::Digest;
 

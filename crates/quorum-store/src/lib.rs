@@ -194,6 +194,8 @@ struct Store {
     audience: String,
     max_blob_bytes: u64,
     quota: QuotaConfig,
+    /// The manifest recorded last, parsed (`api::post_manifest`).
+    last_recorded: api::LastRecorded,
 }
 
 /// The metadata database and the blob backend of `config`. Only the serving process (`serving`)
@@ -263,6 +265,7 @@ pub async fn run(
         audience: config.audience,
         max_blob_bytes: config.max_blob_bytes,
         quota: config.quota,
+        last_recorded: Default::default(),
     });
     let collector = config.gc.interval_secs.map(|secs| {
         let store = store.clone();

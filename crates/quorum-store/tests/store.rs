@@ -2896,6 +2896,280 @@ async fn relative_manifests_reach_no_further_than_the_tenant_and_its_base(backen
     w.stop().await;
 }
 
+/// Files `stable-0` .. `stable-{n-1}` of distinct contents, plus `x` with `x`'s content.
+fn tree(tag: &str, n: usize, x: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|i| (format!("stable-{i:02}"), format!("{tag} {i}").into_bytes()))
+        .collect();
+    files.push(("x".into(), x.to_vec()));
+    files
+}
+
+fn borrowed(files: &[(String, Vec<u8>)]) -> Vec<(&str, &[u8])> {
+    files
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.as_slice()))
+        .collect()
+}
+
+/// A relative manifest names most of its blobs through its base's references, not its own: the
+/// base may expire (retention) while later manifests still refer to it. Its references, and so
+/// its blobs, stay exactly as long as a recorded manifest needs them; it no longer counts as a
+/// manifest of its own build or as a base, and what the later manifests excluded is not
+/// readable through them.
+async fn a_relative_manifest_keeps_what_it_names_through_an_expired_base(backend: Backend) {
+    let w = World::start_with(backend, |c| c.gc.provisional_secs = 0).await;
+    bounded(async {
+        // 24 entries: one change (one blob in, one out) stays well under the quarter of the
+        // entries past which the store gives a manifest references of its own.
+        let root_files = tree("dinah", 23, b"x, first");
+        let root = publish(&w, DINAH, "b-1", &borrowed(&root_files)).await;
+        // Past the retention of 2 s below for the base only.
+        tokio::time::sleep(Duration::from_millis(3100)).await;
+
+        // b-2: `x` changed, relative to the base; b-3: `stable-00` changed and `stable-22`
+        // removed, relative to b-2's (so relative to the base through it).
+        let (x2, s0): (&[u8], &[u8]) = (b"x, second", b"stable 0, rebuilt");
+        let t2 = w.upload_token(DINAH, "b-2", "a-1").await;
+        w.client
+            .put_blob(&t2, &Digest::of(x2), x2.to_vec())
+            .await
+            .unwrap();
+        let mut files2 = root_files.clone();
+        files2.last_mut().unwrap().1 = x2.to_vec();
+        let m2 = manifest(&borrowed(&files2));
+        assert_eq!(
+            w.client
+                .record_manifest(&t2, &relative(root, &[("x", x2)], &[]))
+                .await
+                .unwrap(),
+            ManifestAnswer::Recorded {
+                digest: m2.digest()
+            }
+        );
+        let t3 = w.upload_token(DINAH, "b-3", "a-1").await;
+        w.client
+            .put_blob(&t3, &Digest::of(s0), s0.to_vec())
+            .await
+            .unwrap();
+        let mut files3 = files2.clone();
+        files3[0].1 = s0.to_vec();
+        files3.retain(|(p, _)| p != "stable-22");
+        let m3 = manifest(&borrowed(&files3));
+        assert_eq!(
+            w.client
+                .record_manifest(
+                    &t3,
+                    &relative(m2.digest(), &[("stable-00", s0)], &["stable-22"])
+                )
+                .await
+                .unwrap(),
+            ManifestAnswer::Recorded {
+                digest: m3.digest()
+            }
+        );
+
+        let mut config = w.config.clone();
+        config.gc.retention_secs = Some(2);
+        let c = quorum_store::collect_garbage(&config).await.unwrap();
+        assert_eq!((c.manifests, c.blobs), (1, 0), "only the base expired");
+
+        // The base is gone from its build and as a base; its blobs are not.
+        let read1 = w.read_token(DINAH, "b-1").await;
+        assert_eq!(
+            status(w.client.get_manifest(&read1, "b-1", &root).await).0,
+            404
+        );
+        assert_eq!(
+            status(
+                w.client
+                    .get_blob(&read1, "b-1", &Digest::of(&root_files[5].1))
+                    .await
+            )
+            .0,
+            404
+        );
+        let t4 = w.upload_token(DINAH, "b-4", "a-1").await;
+        let (code, message) = status(
+            w.client
+                .record_manifest(&t4, &relative(root, &[], &[]))
+                .await,
+        );
+        assert_eq!(code, 404, "{message}");
+        // Each later build reads exactly what its manifest names.
+        for (build, files, gone) in [
+            ("b-2", &files2, vec![&root_files[23].1]),
+            (
+                "b-3",
+                &files3,
+                vec![&root_files[23].1, &root_files[0].1, &root_files[22].1],
+            ),
+        ] {
+            let read = w.read_token(DINAH, build).await;
+            for (path, bytes) in files.iter() {
+                let got = w
+                    .client
+                    .get_blob(&read, build, &Digest::of(bytes))
+                    .await
+                    .unwrap_or_else(|e| panic!("{build}: {path}: {e}"));
+                assert_eq!(&got[..], &bytes[..]);
+            }
+            for bytes in gone {
+                assert_eq!(
+                    status(w.client.get_blob(&read, build, &Digest::of(bytes)).await).0,
+                    404,
+                    "{build} reads a blob its manifest does not name"
+                );
+            }
+        }
+        // A manifest relative to one that is itself relative to the expired base works too.
+        assert_eq!(
+            w.client
+                .record_manifest(&t4, &relative(m3.digest(), &[], &[]))
+                .await
+                .unwrap(),
+            ManifestAnswer::Recorded {
+                digest: m3.digest()
+            }
+        );
+        let read4 = w.read_token(DINAH, "b-4").await;
+        let got = w
+            .client
+            .get_blob(&read4, "b-4", &Digest::of(&files3[7].1))
+            .await
+            .unwrap();
+        assert_eq!(&got[..], &files3[7].1[..]);
+
+        // Once every manifest expired, every blob goes, and the tenant stores nothing.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        config.gc.retention_secs = Some(0);
+        let c = quorum_store::collect_garbage(&config).await.unwrap();
+        assert_eq!(c.manifests, 3);
+        assert_eq!(w.blobs().await, Vec::<Vec<u8>>::new());
+        assert_eq!(usage_of(&w, "dinah").await.stored_bytes, 0);
+        // Nor is the manifest the store recorded last a base once it expired.
+        let t5 = w.upload_token(DINAH, "b-5", "a-1").await;
+        let change = relative(m3.digest(), &[("x", b"x, third")], &[]);
+        let (code, message) = status(w.client.record_manifest(&t5, &change).await);
+        assert_eq!(code, 404, "{message}");
+    })
+    .await;
+    w.stop().await;
+}
+
+/// Garbage collection in a loop with a 2 s retention while two tenants record manifests
+/// relative to their previous one (one file changed each time): bases keep expiring while
+/// manifests that name blobs through them are recorded and read. Right after the store accepts
+/// a manifest every blob it names must be readable, whether it is named through a base or not.
+async fn gc_racing_relative_manifests_never_loses_a_blob_named_through_a_base(backend: Backend) {
+    const ROUNDS: usize = 8;
+    // Uploads stay 2 s unreferenced before they are garbage: long enough for a manifest sent
+    // in full to have its ten blobs uploaded one by one before it is proposed again.
+    let w = World::start_with(backend, |c| c.gc.provisional_secs = 2).await;
+    bounded(async {
+        let pool: Vec<Vec<u8>> = (0..12u8).map(|i| vec![i; 1000 + i as usize]).collect();
+        let stop = CancellationToken::new();
+        let gc = {
+            let mut config = w.config.clone();
+            config.gc.retention_secs = Some(2);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut passes, mut manifests) = (0u32, 0u64);
+                while !stop.is_cancelled() && passes < 5000 {
+                    manifests += quorum_store::collect_garbage(&config)
+                        .await
+                        .unwrap_or_else(|e| panic!("gc: {e:#}"))
+                        .manifests;
+                    passes += 1;
+                }
+                (passes, manifests)
+            })
+        };
+        let uploader = |who: usize| {
+            let (w, pool) = (&w, &pool);
+            async move {
+                // Tokens first (minting is slow in debug builds), so the rounds come quickly.
+                let read = w.read_token(who, "race").await;
+                let uploads = futures::future::join_all((0..ROUNDS).map(|i| async move {
+                    w.upload_token(who, "race", &format!("a-{who}-{i}")).await
+                }))
+                .await;
+                let (mut recorded, mut relative_ones, mut base) = (0u32, 0u32, None);
+                for (i, upload) in uploads.iter().enumerate() {
+                    // Long enough over the rounds for bases to expire under later manifests.
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    let files = tree(&format!("tenant {who}"), 9, &pool[(i + who) % 12]);
+                    let files = borrowed(&files);
+                    let m = manifest(&files);
+                    let mut proposal = match base {
+                        Some(b) => relative(b, &files[9..], &[]),
+                        None => full(&m),
+                    };
+                    let mut attempts = 0;
+                    let mut answers = Vec::new();
+                    loop {
+                        attempts += 1;
+                        assert!(
+                            attempts <= 20,
+                            "manifest {i} of {who} never went through: {answers:?}"
+                        );
+                        let answer = w.client.record_manifest(upload, &proposal).await;
+                        answers.push(format!("{:?} {answer:?}", proposal.base));
+                        match answer {
+                            Ok(ManifestAnswer::Recorded { digest }) => {
+                                assert_eq!(digest, m.digest());
+                                relative_ones += u32::from(proposal.base.is_some());
+                                break;
+                            }
+                            Ok(ManifestAnswer::Missing { digests }) => {
+                                for d in digests {
+                                    let bytes =
+                                        files.iter().find(|(_, b)| Digest::of(b) == d).unwrap().1;
+                                    w.client.put_blob(upload, &d, bytes.to_vec()).await.unwrap();
+                                }
+                            }
+                            // The base expired meanwhile: send the manifest in full.
+                            Err(e) if e.status() == Some(404) && proposal.base.is_some() => {
+                                proposal = full(&m);
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    for (path, bytes) in &files {
+                        match w.client.get_blob(&read, "race", &Digest::of(bytes)).await {
+                            Ok(got) => assert_eq!(&got[..], *bytes),
+                            Err(e) if e.status() == Some(404) => {
+                                let gone = w.client.get_manifest(&read, "race", &m.digest()).await;
+                                assert_eq!(
+                                    gone.err().and_then(|e| e.status()),
+                                    Some(404),
+                                    "the blob of `{path}` is gone under a live manifest"
+                                );
+                            }
+                            Err(e) => panic!("`{path}` of a live manifest is unreadable: {e}"),
+                        }
+                    }
+                    base = Some(m.digest());
+                    recorded += 1;
+                }
+                (recorded, relative_ones)
+            }
+        };
+        let ((a, ra), (b, rb)) = tokio::join!(uploader(DINAH), uploader(ELIZA));
+        stop.cancel();
+        let (passes, expired) = gc.await.unwrap();
+        assert!(a > 5 && b > 5, "the uploaders made progress ({a}, {b})");
+        assert!(
+            ra > 2 && rb > 2,
+            "relative manifests were recorded ({ra}, {rb})"
+        );
+        assert!(passes > 10, "GC ran throughout ({passes} passes)");
+        assert!(expired > 2, "bases expired during the race ({expired})");
+    })
+    .await;
+    w.stop().await;
+}
+
 on_every_backend!(
     round_trip_missing_upload_manifest_read,
     digest_mismatch_is_refused_and_leaves_no_file,
@@ -2928,4 +3202,6 @@ on_every_backend!(
     a_batch_over_a_limit_stores_nothing_of_it,
     a_manifest_sent_first_asks_for_its_blobs_and_a_relative_one_records_the_changes,
     relative_manifests_reach_no_further_than_the_tenant_and_its_base,
+    a_relative_manifest_keeps_what_it_names_through_an_expired_base,
+    gc_racing_relative_manifests_never_loses_a_blob_named_through_a_base,
 );

@@ -13,6 +13,8 @@ mod revoke;
 mod statement;
 mod usage;
 
+pub(crate) use post_manifest::LastRecorded;
+
 use std::sync::Arc;
 
 use axum::Router;
