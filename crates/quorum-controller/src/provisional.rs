@@ -25,6 +25,12 @@ pub enum Needs<'a> {
     Discarded(String),
 }
 
+/// How the detail of a job discarded for having run on `need`'s provisional results begins:
+/// what finds it again when a trusted rebuild settles `need` after all (`rebuild.rs`).
+pub fn discarded_on(need: &str) -> String {
+    format!("discarded: it ran on provisional results of `{need}`")
+}
+
 /// Checks `spec`'s needs against the states of this pass. `mine` are the job's assignments of
 /// its current round; `is_final` is the scheduler's notion of a final job state.
 pub fn check_needs<'a>(
@@ -41,9 +47,7 @@ pub fn check_needs<'a>(
         match states.get(need).map(String::as_str) {
             Some("verified") => {}
             Some(s) if is_final(s) && started => {
-                return Needs::Discarded(format!(
-                    "discarded: it ran on provisional results of `{need}`, which ended {s}"
-                ));
+                return Needs::Discarded(format!("{}, which ended {s}", discarded_on(need)));
             }
             Some(s) if is_final(s) => {
                 return Needs::Skipped(format!("needs `{need}`, which is {s}"));

@@ -426,6 +426,16 @@ async fn decide(state: &State, r: &Request) -> anyhow::Result<()> {
                 .bind(&r.build_id)
                 .execute(&mut *tx)
                 .await?;
+            // A job that ran on this job's provisional results, and was discarded when they
+            // were disputed, runs again in a new round: its old results were made on inputs
+            // that may not be the verified ones.
+            let discarded = crate::provisional::discarded_on(&r.job);
+            sqlx::query("UPDATE jobs SET state = 'queued', round = round + 1, detail = 'queued again: a trusted rebuild settled a dispute over its provisional inputs' \
+                         WHERE build_id = $1 AND state = 'failed' AND substr(detail, 1, length($2)) = $2")
+                .bind(&r.build_id)
+                .bind(&discarded)
+                .execute(&mut *tx)
+                .await?;
         }
         sqlx::query("UPDATE builds SET state = 'running', finished_at = NULL WHERE id = $1 AND state IN ('disputed', 'failed')")
             .bind(&r.build_id)

@@ -896,7 +896,7 @@ async fn decide_job(
         detail = format!("{reported} of {} results in", spec.policy.quorum);
     }
     // A later round says so for as long as it lasts, not only while its offers are made.
-    if round > 0 {
+    if round > 0 && round <= i64::from(spec.retries) {
         detail.push_str(&format!(" (retry {round} of {})", spec.retries));
     }
     Ok(JobUpdate {

@@ -130,7 +130,9 @@ pub async fn enroll(
 /// `POST /api/v1/workers/poll`, worker: long poll for the next assignment offered to it.
 pub async fn poll(
     AxState(state): AxState<Arc<State>>,
-    SignedWorker { worker: w, body, .. }: SignedWorker,
+    SignedWorker {
+        worker: w, body, ..
+    }: SignedWorker,
 ) -> Result<Response, ApiError> {
     let req: PollRequest = parse(&body)?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_ms.min(30_000));
@@ -277,7 +279,9 @@ async fn own_assignment(state: &State, w: &WorkerRow, id: &str) -> Result<Assign
 pub async fn refuse(
     AxState(state): AxState<Arc<State>>,
     Path(id): Path<String>,
-    SignedWorker { worker: w, body, .. }: SignedWorker,
+    SignedWorker {
+        worker: w, body, ..
+    }: SignedWorker,
 ) -> Result<StatusCode, ApiError> {
     let req: RefuseRequest = parse(&body)?;
     let a = own_assignment(&state, &w, &id).await?;
@@ -335,7 +339,9 @@ pub async fn log(
     AxState(state): AxState<Arc<State>>,
     Path(id): Path<String>,
     Query(q): Query<Offset>,
-    SignedWorker { worker: w, body, .. }: SignedWorker,
+    SignedWorker {
+        worker: w, body, ..
+    }: SignedWorker,
 ) -> Result<StatusCode, ApiError> {
     let a = own_assignment(&state, &w, &id).await?;
     if body.is_empty() {

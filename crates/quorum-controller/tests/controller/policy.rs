@@ -426,5 +426,30 @@ async fn results_on_provisional_inputs_are_promoted_or_discarded_with_them(backe
         test.detail
     );
     assert!(!done.signed);
+
+    // A trusted rebuild settles the dispute on alice's side: the discarded test runs again,
+    // in a new round, and the build goes on to be verified and signed.
+    let trent = stack
+        .labelled_worker("t1", "trent", true, &[("role", "build")])
+        .await;
+    stack.user().rebuild_trusted(&build, "build").await.unwrap();
+    let tt = trent.take().await;
+    assert_eq!(tt.job, "build");
+    trent.succeed(&tt, b"x", Usage::default()).await;
+    let again = carol.take().await;
+    assert_eq!(
+        (again.build_id.as_str(), again.job.as_str()),
+        (&*build, "test")
+    );
+    assert_ne!(again.id, tc.id, "the discarded result is not reused");
+    carol.succeed(&again, b"ok", Usage::default()).await;
+    let settled = stack
+        .wait_build(&build, "verification after the rebuild", |s| {
+            s.state.is_final()
+        })
+        .await;
+    assert_eq!(settled.state, BuildState::Verified, "{settled:#?}");
+    assert_eq!(job(&settled, "test").state, JobState::Verified);
+    assert!(settled.signed, "{settled:#?}");
     stack.stop().await;
 }
