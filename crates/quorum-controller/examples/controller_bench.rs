@@ -201,7 +201,10 @@ async fn throughput(stack: &Stack, workers: usize, jobs: usize) {
         let user = stack.user();
         let deadline = Instant::now() + Duration::from_secs(60);
         while user.statement(&build).await.is_err() {
-            assert!(Instant::now() < deadline, "the build is signed within a minute");
+            assert!(
+                Instant::now() < deadline,
+                "the build is signed within a minute"
+            );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let elapsed = started.elapsed();
