@@ -149,7 +149,7 @@ impl WriteGate {
     }
 }
 
-fn is_sqlite(pool: &Pool) -> bool {
+pub fn is_sqlite(pool: &Pool) -> bool {
     pool.connect_options().database_url.scheme() == "sqlite"
 }
 

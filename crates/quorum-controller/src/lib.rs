@@ -9,6 +9,7 @@
 mod api;
 mod auth;
 mod background;
+mod commits;
 mod db;
 mod diff;
 mod failpoint;
@@ -158,7 +159,9 @@ pub(crate) struct State {
     #[cfg(debug_assertions)]
     pub failpoints: PathBuf,
     /// One writer at a time on SQLite (`db::WriteGate`).
-    pub write_gate: db::WriteGate,
+    pub write_gate: Arc<db::WriteGate>,
+    /// Claims and reports, committed together on SQLite (`commits.rs`).
+    pub commits: commits::Commits,
     /// The parsed job specs of each running build, by build id: specs never change, so the
     /// scheduler parses them once per build instead of once per pass. Only a cache: a
     /// restarted controller reads them again.
@@ -223,7 +226,8 @@ pub async fn run(
     logs::check_redact_list(&config.project.redact)?;
     let pool = db::open(&config.data_dir, config.database_url().as_deref()).await?;
     let signer = Signer::load_or_create(&config.data_dir.join("signer.key"))?;
-    let write_gate = db::WriteGate::new(&pool);
+    let write_gate = Arc::new(db::WriteGate::new(&pool));
+    let commits = commits::Commits::start(&pool, write_gate.clone());
     let state = Arc::new(State {
         pool,
         name,
@@ -246,6 +250,7 @@ pub async fn run(
         #[cfg(debug_assertions)]
         failpoints: config.data_dir.join("failpoints"),
         write_gate,
+        commits,
         specs: std::sync::Mutex::default(),
         workers: auth::Workers::default(),
         wake: scheduler::Wake::default(),

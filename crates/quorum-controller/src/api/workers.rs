@@ -23,6 +23,7 @@ use sqlx::Row as _;
 
 use crate::State;
 use crate::auth::{self, SignedWorker};
+use crate::commits::{Arg, Write};
 use crate::db::{self, AssignmentRow, WorkerRow};
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -219,23 +220,27 @@ async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, 
             })?;
         let (job_token, upload_token) = (tokens.job.access_token, tokens.upload.access_token);
         let tenant = token_claim(&access, "tenant").unwrap_or_default();
-        let turn = state.write_gate.enter().await;
-        let claimed = sqlx::query(
-            "UPDATE assignments SET state = 'running', lease_expires = $1, upload_jti = $2, tenant = $3, deadline = $4, \
-             log_secrets = $6 WHERE id = $5 AND state = 'offered'",
-        )
-        .bind(now_unix() + state.lease_secs as i64)
-        .bind(token_claim(&upload_token, "jti"))
-        .bind(&tenant)
-        .bind(now_unix() + (spec.timeout_secs + state.lease_secs) as i64)
-        .bind(&row.id)
-        // The tokens are redacted from the assignment's log (`logs.rs`).
-        .bind(serde_json::to_string(&[&job_token, &upload_token]).map_err(ApiError::internal)?)
-        .execute(&state.pool)
-        .await
-        .map_err(ApiError::internal)?;
-        drop(turn);
-        if claimed.rows_affected() == 0 {
+        let claim = Write {
+            sql: "UPDATE assignments SET state = 'running', lease_expires = $1, upload_jti = $2, tenant = $3, deadline = $4, \
+                  log_secrets = $6 WHERE id = $5 AND state = 'offered'",
+            args: vec![
+                Arg::Int(now_unix() + state.lease_secs as i64),
+                Arg::OptText(token_claim(&upload_token, "jti")),
+                Arg::Text(tenant.clone()),
+                Arg::Int(now_unix() + (spec.timeout_secs + state.lease_secs) as i64),
+                Arg::Text(row.id.clone()),
+                // The tokens are redacted from the assignment's log (`logs.rs`).
+                Arg::Text(
+                    serde_json::to_string(&[&job_token, &upload_token])
+                        .map_err(ApiError::internal)?,
+                ),
+            ],
+        };
+        let claimed = state
+            .commits
+            .execute(&state.pool, &state.write_gate, claim)
+            .await?;
+        if claimed == 0 {
             continue; // withdrawn or taken by a concurrent poll
         }
         tracing::info!(assignment = %row.id, build = %row.build_id, job = %row.job, worker = %w.id, "assignment taken");
@@ -455,31 +460,32 @@ async fn record_report(
         ReportedResult::Success { .. } => None,
         ReportedResult::Failed { reason } => Some(reason.chars().take(2000).collect::<String>()),
     };
-    let usage = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    let turn = state.write_gate.enter().await;
-    let done = sqlx::query(
-        "UPDATE assignments SET state = 'reported', report = $1, signature = $2, outcome = $3, detail = $4, finished_at = $5, \
-         wall_ms = $6, cpu_ms = $7, peak_rss_kib = $8, bytes_uploaded = $9 \
-         WHERE id = $10 AND worker_id = $11 AND build_id = $12 AND job = $13 AND state = 'running'",
-    )
-    .bind(&signed.report)
-    .bind(&signed.signature)
-    .bind(&outcome)
-    .bind(detail)
-    .bind(now_unix())
-    .bind(usage(report.usage.wall_ms))
-    .bind(usage(report.usage.cpu_ms))
-    .bind(usage(report.usage.peak_rss_kib))
-    .bind(usage(report.usage.bytes_uploaded))
-    .bind(&report.assignment)
-    .bind(&w.id)
-    .bind(&report.build_id)
-    .bind(&report.job)
-    .execute(&state.pool)
-    .await
-    .map_err(ApiError::internal)?;
-    drop(turn);
-    if done.rows_affected() == 0 {
+    let usage = |v: u64| Arg::Int(i64::try_from(v).unwrap_or(i64::MAX));
+    let write = Write {
+        sql: "UPDATE assignments SET state = 'reported', report = $1, signature = $2, outcome = $3, detail = $4, finished_at = $5, \
+              wall_ms = $6, cpu_ms = $7, peak_rss_kib = $8, bytes_uploaded = $9 \
+              WHERE id = $10 AND worker_id = $11 AND build_id = $12 AND job = $13 AND state = 'running'",
+        args: vec![
+            Arg::Text(signed.report.clone()),
+            Arg::Text(signed.signature.clone()),
+            Arg::Text(outcome.clone()),
+            Arg::OptText(detail),
+            Arg::Int(now_unix()),
+            usage(report.usage.wall_ms),
+            usage(report.usage.cpu_ms),
+            usage(report.usage.peak_rss_kib),
+            usage(report.usage.bytes_uploaded),
+            Arg::Text(report.assignment.clone()),
+            Arg::Text(w.id.clone()),
+            Arg::Text(report.build_id.clone()),
+            Arg::Text(report.job.clone()),
+        ],
+    };
+    let done = state
+        .commits
+        .execute(&state.pool, &state.write_gate, write)
+        .await?;
+    if done == 0 {
         return Ok(false);
     }
     tracing::info!(assignment = %report.assignment, worker = %w.id, outcome = %outcome, "result reported");
