@@ -7,6 +7,8 @@
 //! so one bad write never fails another's. On PostgreSQL (row locks, no shared cache to drop,
 //! and a transaction costs two more round trips) writes go straight to the pool.
 
+use std::sync::Arc;
+
 use quorum_service::ApiError;
 use tokio::sync::{mpsc, oneshot};
 
@@ -35,30 +37,31 @@ struct Queued {
 
 /// Where handlers hand their writes (`State::commits`).
 pub(crate) struct Commits {
+    pool: Pool,
+    gate: Arc<WriteGate>,
     queue: Option<mpsc::UnboundedSender<Queued>>,
 }
 
 impl Commits {
     /// Starts the committer for `pool` when it is SQLite; it ends when this is dropped.
-    pub fn start(pool: &Pool, gate: std::sync::Arc<WriteGate>) -> Commits {
-        if !crate::db::is_sqlite(pool) {
-            return Commits { queue: None };
+    pub fn start(pool: &Pool, gate: Arc<WriteGate>) -> Commits {
+        let queue = crate::db::is_sqlite(pool).then(|| {
+            let (queue, rx) = mpsc::unbounded_channel();
+            tokio::spawn(committer(pool.clone(), gate.clone(), rx));
+            queue
+        });
+        Commits {
+            pool: pool.clone(),
+            gate,
+            queue,
         }
-        let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(committer(pool.clone(), gate, rx));
-        Commits { queue: Some(queue) }
     }
 
     /// Runs `write` (in a shared transaction on SQLite) and returns the rows it changed.
-    pub async fn execute(
-        &self,
-        pool: &Pool,
-        gate: &WriteGate,
-        write: Write,
-    ) -> Result<u64, ApiError> {
+    pub async fn execute(&self, write: Write) -> Result<u64, ApiError> {
         let Some(queue) = &self.queue else {
-            let _turn = gate.enter().await;
-            return one(pool, &write).await.map_err(ApiError::internal);
+            let _turn = self.gate.enter().await;
+            return one(&self.pool, &write).await.map_err(ApiError::internal);
         };
         let (done, answer) = oneshot::channel();
         queue
@@ -71,11 +74,7 @@ impl Commits {
     }
 }
 
-async fn committer(
-    pool: Pool,
-    gate: std::sync::Arc<WriteGate>,
-    mut rx: mpsc::UnboundedReceiver<Queued>,
-) {
+async fn committer(pool: Pool, gate: Arc<WriteGate>, mut rx: mpsc::UnboundedReceiver<Queued>) {
     while let Some(first) = rx.recv().await {
         let turn = gate.enter().await;
         // What arrived while this one waited for the gate goes along with it.
@@ -137,7 +136,6 @@ async fn together(pool: &Pool, batch: &[Queued]) -> Result<Vec<Result<u64, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     async fn pool(dir: &std::path::Path) -> (Pool, Arc<WriteGate>) {
         let pool = crate::db::open(dir, None).await.unwrap();
@@ -173,13 +171,10 @@ mod tests {
         assert!(commits.queue.is_some(), "SQLite writes are grouped");
         let tasks: Vec<_> = (0..80)
             .map(|i| {
-                let (commits, pool, gate) = (commits.clone(), pool.clone(), gate.clone());
+                let commits = commits.clone();
                 tokio::spawn(async move {
                     let id = format!("r{}", i % 40);
-                    (
-                        id.clone(),
-                        commits.execute(&pool, &gate, bump(&id)).await.unwrap(),
-                    )
+                    (id.clone(), commits.execute(bump(&id)).await.unwrap())
                 })
             })
             .collect();
@@ -208,7 +203,7 @@ mod tests {
         let turn = gate.enter().await;
         let mut tasks = Vec::new();
         for i in 0..10 {
-            let (commits, pool, gate) = (commits.clone(), pool.clone(), gate.clone());
+            let commits = commits.clone();
             let write = if i == 5 {
                 Write {
                     sql: "UPDATE t SET missing_column = 1 WHERE id = $1",
@@ -217,9 +212,7 @@ mod tests {
             } else {
                 bump(&format!("r{i}"))
             };
-            tasks.push(tokio::spawn(async move {
-                commits.execute(&pool, &gate, write).await
-            }));
+            tasks.push(tokio::spawn(async move { commits.execute(write).await }));
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         drop(turn);

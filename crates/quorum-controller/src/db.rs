@@ -410,8 +410,22 @@ pub async fn open_assignments(pool: &Pool, build_id: &str) -> anyhow::Result<Vec
 /// Most values bound in one `IN (...)` list: far below the parameter limits of both databases.
 const IN_CHUNK: usize = 500;
 
+/// `count` rows of a multi-row `VALUES`, joined: row `i` is `row(first + i * width)`, the
+/// number of its first placeholder, for rows of `width` placeholders each.
+pub fn value_rows(
+    count: usize,
+    first: usize,
+    width: usize,
+    row: impl Fn(usize) -> String,
+) -> String {
+    (0..count)
+        .map(|i| row(first + i * width))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `$first, $first + 1, ...`: `n` placeholders for an `IN (...)` list.
-fn placeholders(first: usize, n: usize) -> String {
+pub fn placeholders(first: usize, n: usize) -> String {
     (first..first + n)
         .map(|i| format!("${i}"))
         .collect::<Vec<_>>()

@@ -587,19 +587,14 @@ impl Writes<'_> {
         let now = now_unix();
         let lease = now + self.state.lease_secs as i64;
         for chunk in self.offers.chunks(FLUSH_ROWS) {
-            let rows = (0..chunk.len())
-                .map(|i| {
-                    let p = 4 * i + 4;
-                    format!(
-                        "(${}, $1, ${}, ${}, 'offered', $2, $3, ${})",
-                        p,
-                        p + 1,
-                        p + 2,
-                        p + 3
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
+            let rows = db::value_rows(chunk.len(), 4, 4, |p| {
+                format!(
+                    "(${p}, $1, ${}, ${}, 'offered', $2, $3, ${})",
+                    p + 1,
+                    p + 2,
+                    p + 3
+                )
+            });
             let sql = format!(
                 "INSERT INTO assignments (id, build_id, job, worker_id, state, created_at, lease_expires, round) VALUES {rows}"
             );
@@ -610,21 +605,9 @@ impl Writes<'_> {
             q.execute(&mut *self.tx).await?;
         }
         for chunk in self.job_updates.chunks(FLUSH_ROWS) {
-            let rows = (0..chunk.len())
-                .map(|i| {
-                    let p = 6 * i + 2;
-                    format!(
-                        "(${}, ${}, ${}, ${}, ${}, ${})",
-                        p,
-                        p + 1,
-                        p + 2,
-                        p + 3,
-                        p + 4,
-                        p + 5
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
+            let rows = db::value_rows(chunk.len(), 2, 6, |p| {
+                format!("({})", db::placeholders(p, 6))
+            });
             // VALUES columns are named column1, column2, ... in both SQLite and PostgreSQL.
             let sql = format!(
                 "UPDATE jobs SET state = v.column2, detail = v.column3, manifest = v.column4, \

@@ -74,17 +74,9 @@ pub async fn submit(
     // thousand (on PostgreSQL each is one over the network).
     const ROWS: usize = 200;
     for (chunk_no, chunk) in pipeline.jobs.chunks(ROWS).enumerate() {
-        let values = (0..chunk.len())
-            .map(|i| {
-                format!(
-                    "($1, ${}, ${}, ${}, 'queued')",
-                    3 * i + 2,
-                    3 * i + 3,
-                    3 * i + 4
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
+        let values = crate::db::value_rows(chunk.len(), 2, 3, |p| {
+            format!("($1, ${p}, ${}, ${}, 'queued')", p + 1, p + 2)
+        });
         let sql =
             format!("INSERT INTO jobs (build_id, name, position, spec, state) VALUES {values}");
         let mut q = sqlx::query(&sql).bind(&id);

@@ -236,10 +236,7 @@ async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, 
                 ),
             ],
         };
-        let claimed = state
-            .commits
-            .execute(&state.pool, &state.write_gate, claim)
-            .await?;
+        let claimed = state.commits.execute(claim).await?;
         if claimed == 0 {
             continue; // withdrawn or taken by a concurrent poll
         }
@@ -481,10 +478,7 @@ async fn record_report(
             Arg::Text(report.job.clone()),
         ],
     };
-    let done = state
-        .commits
-        .execute(&state.pool, &state.write_gate, write)
-        .await?;
+    let done = state.commits.execute(write).await?;
     if done == 0 {
         return Ok(false);
     }
