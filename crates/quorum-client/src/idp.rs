@@ -2,7 +2,8 @@
 
 use quorum_api::v1::idp::{
     GRANT_CLIENT_CREDENTIALS, GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS, TOKEN_TYPE_JOB_AND_UPLOAD,
-    TakeUpRequest, TakeUpTokens, TokenConstraints, TokenRequest, TokenResponse,
+    TakeUp, TakeUpRequest, TakeUpTokens, TakeUpsRequest, TakeUpsResponse, TokenConstraints,
+    TokenRequest, TokenResponse,
 };
 
 use crate::{ClientError, send_json};
@@ -153,5 +154,27 @@ impl IdpClient {
             },
         )
         .await
+    }
+
+    /// Many take-ups' job and upload tokens in one request (`POST /take-ups`), their upload
+    /// tokens all for `upload_audience` (the store); in the order of `take_ups`, all of them or,
+    /// when one is refused, none.
+    pub async fn exchange_take_ups(
+        &self,
+        access_token: &str,
+        upload_audience: &str,
+        take_ups: Vec<TakeUp>,
+    ) -> Result<Vec<TakeUpTokens>, ClientError> {
+        let req = self
+            .http
+            .post(format!("{}/take-ups", self.base))
+            .basic_auth(&self.client_id, Some(&self.client_secret))
+            .json(&TakeUpsRequest {
+                subject_token: access_token.to_string(),
+                upload_audience: upload_audience.to_string(),
+                take_ups,
+            });
+        let answer: TakeUpsResponse = send_json(req).await?;
+        Ok(answer.tokens)
     }
 }

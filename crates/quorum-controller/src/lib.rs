@@ -6,6 +6,7 @@
 //! assignments; request handlers only move assignments along (taken, refused, reported) and wake
 //! it. That keeps every decision in one place and makes it safe to re-run after a restart.
 
+mod ahead;
 mod api;
 mod auth;
 mod background;
@@ -170,6 +171,8 @@ pub(crate) struct State {
     pub wake: scheduler::Wake,
     /// The enrolled workers authenticated so far (`auth::Workers`).
     pub workers: auth::Workers,
+    /// Take-up tokens minted before the offers are taken (`ahead.rs`).
+    pub ahead: ahead::Ahead,
     /// Wakes a worker's pending long poll when the scheduler offers it work.
     pub worker_wake: std::sync::Mutex<HashMap<String, Arc<Notify>>>,
 }
@@ -255,6 +258,7 @@ pub async fn run(
         workers: auth::Workers::default(),
         wake: scheduler::Wake::default(),
         worker_wake: std::sync::Mutex::default(),
+        ahead: ahead::Ahead::default(),
     });
     scheduler::resume_after_restart(&state).await?;
     tracing::info!(%addr, controller = %state.name, signer_key = %state.signer.key_id(), "controller listening");
@@ -262,6 +266,7 @@ pub async fn run(
     let revoker = tokio::spawn(revoker::run(state.clone(), shutdown.clone()));
     let publisher = tokio::spawn(publisher::run(state.clone(), shutdown.clone()));
     let explainer = tokio::spawn(diff::run(state.clone(), shutdown.clone()));
+    let minter = tokio::spawn(ahead::run(state.clone(), shutdown.clone()));
     let result =
         quorum_service::serve(listener, api::router(state.clone()), shutdown.clone()).await;
     shutdown.cancel();
@@ -269,6 +274,7 @@ pub async fn run(
     let _ = revoker.await;
     let _ = publisher.await;
     let _ = explainer.await;
+    let _ = minter.await;
     result
 }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use quorum_api::v1::controller::{AssignmentPurpose, ReportedResult, ResultReport};
+use quorum_api::v1::idp::TakeUp;
 use quorum_core::pipeline::JobSpec;
 use quorum_core::verdict::{
     JobVerdict, Outcome, ResultView, job_verdict, provisional_manifest, retry_after_failure,
@@ -552,7 +553,27 @@ async fn decide_jobs(
     for worker in writes.offered {
         state.worker_notify(&worker).notify_one();
     }
+    mint_ahead(state, build_id, &writes.offers);
     Ok(moved)
+}
+
+/// Has the tokens of each worker's new offers but its first minted ahead (`ahead.rs`): the
+/// worker takes its first at once, and the others one after another while it works.
+fn mint_ahead(state: &State, build_id: &str, offers: &[NewOffer]) {
+    let mut first = HashSet::new();
+    state.ahead.queue(
+        offers
+            .iter()
+            .filter(|o| !first.insert(o.worker.as_str()))
+            .map(|o| TakeUp {
+                audience: format!("worker:{}", o.worker),
+                build: build_id.to_string(),
+                job: o.job.clone(),
+                assignment: o.id.clone(),
+                lifetime_secs: crate::ahead::lifetime_secs(o.timeout_secs, state.lease_secs),
+                upload_constraints: state.upload_limits.clone(),
+            }),
+    );
 }
 
 /// The writes of one build's pass, and the workers to wake once they are committed.
@@ -566,12 +587,13 @@ struct Writes<'a> {
     job_updates: Vec<(String, JobUpdate)>,
 }
 
-/// An assignment the pass creates: (id, job, worker, round).
+/// An assignment the pass creates: (id, job, worker, round), and its job's timeout.
 struct NewOffer {
     id: String,
     job: String,
     worker: String,
     round: i64,
+    timeout_secs: u64,
 }
 
 /// Rows per multi-row statement in `flush`: well under the bound-parameter limits of both
@@ -939,6 +961,7 @@ fn offer(writes: &mut Writes<'_>, build_id: &str, spec: &JobSpec, round: i64, w:
         job: spec.name.clone(),
         worker: w.id.clone(),
         round,
+        timeout_secs: spec.timeout_secs,
     });
     writes.offered.push(w.id.clone());
 }
@@ -1006,8 +1029,12 @@ async fn finish_build(
         tracing::info!(build = %build_id, state = final_state, "build finished");
         return Ok(());
     }
+    let started = std::time::Instant::now();
     let evidence = gather_evidence(state, build_id, now).await?;
-    match state.signer.sign_build(&evidence) {
+    let gathered = started.elapsed();
+    let signing = state.signer.sign_build(&evidence);
+    let signed_in = started.elapsed() - gathered;
+    match signing {
         Ok(signed) => {
             // The statements and the verdict land together or not at all, and only once.
             let turn = state.write_gate.enter().await;
@@ -1029,7 +1056,13 @@ async fn finish_build(
             tx.commit().await?;
             drop(turn);
             forget_specs(state, build_id);
-            tracing::info!(build = %build_id, "build verified and signed");
+            tracing::info!(
+                build = %build_id,
+                evidence_ms = gathered.as_millis() as u64,
+                signing_ms = signed_in.as_millis() as u64,
+                total_ms = started.elapsed().as_millis() as u64,
+                "build verified and signed"
+            );
         }
         Err(e) => {
             tracing::error!(build = %build_id, error = %e, "the signer refused the evidence");

@@ -11,6 +11,7 @@ mod clients;
 mod db;
 mod discovery;
 mod keys;
+mod take_ups;
 mod token;
 
 use std::path::PathBuf;
@@ -153,6 +154,7 @@ pub async fn run(
         )
         .route("/jwks", get(discovery::jwks))
         .route("/token", post(token::token))
+        .route("/take-ups", post(take_ups::take_ups))
         .with_state(idp);
     let served = quorum_service::serve(listener, router, shutdown).await;
     db.close().await;

@@ -41,8 +41,16 @@ impl OAuthFailure {
         }
     }
 
-    fn invalid_request(description: impl Into<String>) -> OAuthFailure {
+    pub(crate) fn invalid_request(description: impl Into<String>) -> OAuthFailure {
         OAuthFailure::new("invalid_request", description)
+    }
+
+    /// The same failure, its description led by `what` (which part of a request it is about).
+    pub(crate) fn about(self, what: &str) -> OAuthFailure {
+        OAuthFailure {
+            description: format!("{what}: {}", self.description),
+            ..self
+        }
     }
 
     fn server_error() -> OAuthFailure {
@@ -87,38 +95,7 @@ pub async fn token(
     headers: HeaderMap,
     form: Result<RawForm, RawFormRejection>,
 ) -> Result<Response, OAuthFailure> {
-    let (id, secret) = basic_credentials(&headers).ok_or_else(OAuthFailure::invalid_client)?;
-    // Config-file clients first (an id cannot be in both: checked at start and by the CLI),
-    // then the database, read now so the admin CLI's last change counts.
-    let candidate = match idp.clients.get(&id) {
-        Some(found) => Some(found),
-        None => idp.db.find_enabled(&id).await.map_err(|e| {
-            tracing::error!(error = %e, "cannot read the client database");
-            OAuthFailure::server_error()
-        })?,
-    };
-    let client = match idp.verified.hit(&candidate, &secret) {
-        Some(client) => Some(client),
-        None => {
-            let stored = candidate.as_ref().map(|(_, hash)| hash.clone());
-            let checked_secret = secret.clone();
-            let client =
-                tokio::task::spawn_blocking(move || clients::verify(candidate, &checked_secret))
-                    .await
-                    .map_err(|e| {
-                        tracing::error!(error = %e, "client authentication task failed");
-                        OAuthFailure::server_error()
-                    })?;
-            if let (Some(_), Some(stored)) = (&client, stored) {
-                idp.verified.remember(&stored, &secret);
-            }
-            client
-        }
-    };
-    let Some(client) = client else {
-        tracing::warn!(client = %id, "client authentication failed");
-        return Err(OAuthFailure::invalid_client());
-    };
+    let client = authenticate(&idp, &headers).await?;
     let RawForm(form) = form.map_err(|e| {
         OAuthFailure::invalid_request(format!("unreadable token request: {}", e.body_text()))
     })?;
@@ -154,6 +131,42 @@ pub async fn token(
 enum Issued {
     One(TokenResponse),
     TakeUp(TakeUpTokens),
+}
+
+/// The client that `headers` authenticate with HTTP Basic, or `invalid_client`.
+pub(crate) async fn authenticate(idp: &Idp, headers: &HeaderMap) -> Result<Client, OAuthFailure> {
+    let (id, secret) = basic_credentials(headers).ok_or_else(OAuthFailure::invalid_client)?;
+    // Config-file clients first (an id cannot be in both: checked at start and by the CLI),
+    // then the database, read now so the admin CLI's last change counts.
+    let candidate = match idp.clients.get(&id) {
+        Some(found) => Some(found),
+        None => idp.db.find_enabled(&id).await.map_err(|e| {
+            tracing::error!(error = %e, "cannot read the client database");
+            OAuthFailure::server_error()
+        })?,
+    };
+    let client = match idp.verified.hit(&candidate, &secret) {
+        Some(client) => Some(client),
+        None => {
+            let stored = candidate.as_ref().map(|(_, hash)| hash.clone());
+            let checked_secret = secret.clone();
+            let client =
+                tokio::task::spawn_blocking(move || clients::verify(candidate, &checked_secret))
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "client authentication task failed");
+                        OAuthFailure::server_error()
+                    })?;
+            if let (Some(_), Some(stored)) = (&client, stored) {
+                idp.verified.remember(&stored, &secret);
+            }
+            client
+        }
+    };
+    client.ok_or_else(|| {
+        tracing::warn!(client = %id, "client authentication failed");
+        OAuthFailure::invalid_client()
+    })
 }
 
 fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
@@ -229,6 +242,19 @@ async fn exchange_take_up(
     constraints: &TokenConstraints,
     take_up: &TakeUpRequest,
 ) -> Result<TakeUpTokens, OAuthFailure> {
+    let (job, upload) = take_up_claims(idp, client, req, constraints, take_up)?;
+    let key = idp.signing_key().await?;
+    Ok(mint_take_up(client, &key, job, upload))
+}
+
+/// The claims of a take-up's job and upload tokens, checked.
+pub(crate) fn take_up_claims(
+    idp: &Idp,
+    client: &Client,
+    req: &TokenRequest,
+    constraints: &TokenConstraints,
+    take_up: &TakeUpRequest,
+) -> Result<(Claims, Claims), OAuthFailure> {
     let audience = required(&req.audience, "audience")?;
     let upload_audience = required(&take_up.upload_audience, "upload_audience")?;
     required(&req.job, "job")?;
@@ -237,16 +263,29 @@ async fn exchange_take_up(
     let (upload_scope, _) = scope(idp, client, req, constraints)?;
     let job = idp.claims(client, audience, lifetime, Some(job_scope));
     let upload = idp.claims(client, upload_audience, lifetime, Some(upload_scope));
-    let key = idp.signing_key().await?;
-    Ok(TakeUpTokens {
-        job: mint(client, &key, TYP_JOB, TOKEN_TYPE_JOB, job),
-        upload: mint(client, &key, TYP_UPLOAD, TOKEN_TYPE_UPLOAD, upload),
-    })
+    Ok((job, upload))
+}
+
+/// Signs a take-up's two tokens.
+pub(crate) fn mint_take_up(
+    client: &Client,
+    key: &quorum_token::IssuerKey,
+    job: Claims,
+    upload: Claims,
+) -> TakeUpTokens {
+    TakeUpTokens {
+        job: mint(client, key, TYP_JOB, TOKEN_TYPE_JOB, job),
+        upload: mint(client, key, TYP_UPLOAD, TOKEN_TYPE_UPLOAD, upload),
+    }
 }
 
 /// Checks that the exchange's subject token is this client's own, unexpired access token from
 /// this IdP.
-async fn check_subject(idp: &Idp, client: &Client, req: &TokenRequest) -> Result<(), OAuthFailure> {
+pub(crate) async fn check_subject(
+    idp: &Idp,
+    client: &Client,
+    req: &TokenRequest,
+) -> Result<(), OAuthFailure> {
     let subject = req
         .subject_token
         .as_deref()
@@ -402,7 +441,7 @@ fn optional(value: &Option<String>, name: &str) -> Result<Option<String>, OAuthF
 
 impl Idp {
     /// The active key, read after the claims are built (see `keys.rs` for why the order matters).
-    async fn signing_key(&self) -> Result<quorum_token::IssuerKey, OAuthFailure> {
+    pub(crate) async fn signing_key(&self) -> Result<quorum_token::IssuerKey, OAuthFailure> {
         self.keys.active().await.map_err(|e| {
             tracing::error!(error = %e, "cannot read the active signing key");
             OAuthFailure::server_error()

@@ -5,9 +5,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use quorum_api::v1::idp::{
-    Discovery, GRANT_CLIENT_CREDENTIALS, GRANT_TOKEN_EXCHANGE, OAuthError, TOKEN_TYPE_ACCESS,
-    TOKEN_TYPE_JOB, TOKEN_TYPE_JOB_AND_UPLOAD, TOKEN_TYPE_READ, TOKEN_TYPE_UPLOAD,
-    TokenConstraints,
+    Discovery, GRANT_CLIENT_CREDENTIALS, GRANT_TOKEN_EXCHANGE, MAX_TAKE_UPS, OAuthError,
+    TOKEN_TYPE_ACCESS, TOKEN_TYPE_JOB, TOKEN_TYPE_JOB_AND_UPLOAD, TOKEN_TYPE_READ,
+    TOKEN_TYPE_UPLOAD, TakeUp, TokenConstraints,
 };
 use quorum_client::idp::{IdpClient, TakeUpFor, TokenFor};
 use quorum_client::trust::{TrustedIssuer, TrustedIssuers};
@@ -887,6 +887,189 @@ async fn take_up_exchange_refuses_what_the_single_exchanges_refuse() {
             post_form(&idp, "ctl-dinah", "wrong", &take_up_form(&access, &[])).await;
         assert_eq!(status, 401);
         assert_eq!(oauth_error(body).error, "invalid_client");
+    })
+    .await;
+    idp.stop().await;
+}
+
+fn take_up(worker: &str, assignment: &str) -> TakeUp {
+    TakeUp {
+        audience: format!("worker:{worker}"),
+        build: "b-42".into(),
+        job: format!("job-{assignment}"),
+        assignment: assignment.into(),
+        lifetime_secs: 600,
+        upload_constraints: TokenConstraints {
+            max_files: Some(5),
+            ..Default::default()
+        },
+    }
+}
+
+/// Posts a raw `POST /take-ups` body, answered with its status and JSON.
+async fn post_take_ups(idp: &Idp, n: usize, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let (id, _, secret) = CLIENTS[n];
+    let resp = reqwest::Client::new()
+        .post(format!("{}/take-ups", idp.url))
+        .basic_auth(id, Some(secret))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn take_ups_give_each_take_up_its_own_tokens_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = start(dir.path(), 3600).await;
+    bounded(async {
+        let trust = TrustedIssuers::new(vec![TrustedIssuer::any_tenant(idp.url.clone())]);
+        let dinah = client(&idp, 0);
+        let access = dinah.access_token().await.unwrap().access_token;
+        let asked: Vec<TakeUp> = (0..40)
+            .map(|i| take_up(&format!("w{}", i % 3), &format!("a-{i}")))
+            .collect();
+        let tokens = dinah
+            .exchange_take_ups(&access, "store:bettina", asked.clone())
+            .await
+            .unwrap();
+        assert_eq!(tokens.len(), asked.len());
+        let mut jtis = std::collections::BTreeSet::new();
+        for (t, tokens) in asked.iter().zip(&tokens) {
+            let job = trust
+                .verify(&tokens.job.access_token, TYP_JOB, &t.audience, 3600)
+                .await
+                .unwrap();
+            let upload = trust
+                .verify(
+                    &tokens.upload.access_token,
+                    TYP_UPLOAD,
+                    "store:bettina",
+                    3600,
+                )
+                .await
+                .unwrap();
+            for (c, max_files) in [(&job, None), (&upload, Some(5))] {
+                let scope = c.scope.as_ref().unwrap();
+                assert_eq!(
+                    (
+                        scope.build.as_str(),
+                        scope.job.as_deref(),
+                        scope.assignment.as_deref()
+                    ),
+                    ("b-42", Some(t.job.as_str()), Some(t.assignment.as_str()))
+                );
+                // Constraints bind the upload token only, as in a single take-up.
+                assert_eq!(scope.max_files, max_files);
+                assert_eq!((c.tenant.as_str(), c.exp - c.iat), ("dinah", 600));
+                assert!(jtis.insert(c.jti.clone()), "every token has its own jti");
+            }
+            // A job token is for its own worker only.
+            let other = if t.audience == "worker:w0" {
+                "worker:w1"
+            } else {
+                "worker:w0"
+            };
+            assert!(
+                trust
+                    .verify(&tokens.job.access_token, TYP_JOB, other, 3600)
+                    .await
+                    .is_err()
+            );
+        }
+    })
+    .await;
+    idp.stop().await;
+}
+
+#[tokio::test]
+async fn take_ups_refuse_the_whole_request_naming_the_bad_take_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = start(dir.path(), 3600).await;
+    bounded(async {
+        let dinah = client(&idp, 0);
+        let access = dinah.access_token().await.unwrap().access_token;
+        let elizas = client(&idp, 1).access_token().await.unwrap().access_token;
+        let good: Vec<serde_json::Value> = (0..3)
+            .map(|i| serde_json::to_value(take_up("w", &format!("a-{i}"))).unwrap())
+            .collect();
+        let body = |subject: &str, take_ups: Vec<serde_json::Value>| {
+            serde_json::json!({
+                "subject_token": subject,
+                "upload_audience": "store:bettina",
+                "take_ups": take_ups,
+            })
+        };
+        let with = |i: usize, field: &str, value: serde_json::Value| {
+            let mut take_ups = good.clone();
+            take_ups[i][field] = value;
+            take_ups
+        };
+        let too_many: Vec<serde_json::Value> = (0..=MAX_TAKE_UPS)
+            .map(|i| serde_json::to_value(take_up("w", &format!("a-{i}"))).unwrap())
+            .collect();
+        // (body, OAuth error, what its description names)
+        let cases = vec![
+            (
+                body(&access, with(2, "assignment", "".into())),
+                "invalid_request",
+                "take_ups[2]: assignment is required",
+            ),
+            (
+                body(&access, with(1, "lifetime_secs", 0.into())),
+                "invalid_request",
+                "take_ups[1]: lifetime_secs must be positive",
+            ),
+            (
+                body(&access, with(0, "audience", "".into())),
+                "invalid_request",
+                "take_ups[0]: audience is required",
+            ),
+            (
+                body(&access, vec![]),
+                "invalid_request",
+                "take_ups holds 0 take-ups",
+            ),
+            (
+                body(&access, too_many),
+                "invalid_request",
+                "take_ups holds 257 take-ups",
+            ),
+            (
+                body(&elizas, good.clone()),
+                "invalid_grant",
+                "issued to another client",
+            ),
+            (
+                serde_json::json!({"subject_token": access, "take_ups": good.clone()}),
+                "invalid_request",
+                "upload_audience",
+            ),
+        ];
+        for (body, error, needle) in cases {
+            let (status, answer) = post_take_ups(&idp, 0, &body).await;
+            assert_eq!(status, 400, "{needle}: {answer}");
+            assert!(
+                answer.get("tokens").is_none(),
+                "nothing is issued: {answer}"
+            );
+            let err = oauth_error(answer);
+            assert_eq!(err.error, error, "{err:?}");
+            assert!(err.error_description.contains(needle), "{needle}: {err:?}");
+        }
+        // Another client cannot use dinah's access token, and a wrong secret reads nothing.
+        let (status, _) = post_take_ups(&idp, 1, &body(&access, good.clone())).await;
+        assert_eq!(status, 400);
+        let resp = reqwest::Client::new()
+            .post(format!("{}/take-ups", idp.url))
+            .basic_auth("ctl-dinah", Some("wrong"))
+            .json(&body(&access, good.clone()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 401);
     })
     .await;
     idp.stop().await;

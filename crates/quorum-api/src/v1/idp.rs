@@ -106,3 +106,41 @@ pub struct TakeUpTokens {
     pub job: TokenResponse,
     pub upload: TokenResponse,
 }
+
+/// `POST /take-ups`, JSON, client authenticated with HTTP Basic: many take-ups' job and upload
+/// tokens in one request. A controller asks for them ahead, for the offers a worker will take
+/// one after another, so that taking an offer costs no round trip to the IdP. Each take-up is
+/// checked exactly as a [`TOKEN_TYPE_JOB_AND_UPLOAD`] exchange would be; one bad take-up
+/// refuses the whole request, naming it by its index.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TakeUpsRequest {
+    /// The client's own access token, as `subject_token` of an exchange.
+    pub subject_token: String,
+    /// The upload tokens' audience (the store), the same for every take-up.
+    pub upload_audience: String,
+    /// At most [`MAX_TAKE_UPS`].
+    pub take_ups: Vec<TakeUp>,
+}
+
+/// Most take-ups in one [`TakeUpsRequest`].
+pub const MAX_TAKE_UPS: usize = 256;
+
+/// One take-up of a [`TakeUpsRequest`]: the fields of its exchange.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TakeUp {
+    /// The job token's audience: `worker:<name>`.
+    pub audience: String,
+    pub build: String,
+    pub job: String,
+    pub assignment: String,
+    pub lifetime_secs: i64,
+    /// Limits on the upload token, enforced by the store.
+    #[serde(default)]
+    pub upload_constraints: TokenConstraints,
+}
+
+/// The answer to a [`TakeUpsRequest`]: each take-up's tokens, in the order asked.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TakeUpsResponse {
+    pub tokens: Vec<TakeUpTokens>,
+}

@@ -1,6 +1,7 @@
 //! `GET /metrics`, unauthenticated: Prometheus text exposition of what the controller's
 //! database holds (builds, jobs and assignments by state; workers enrolled and online). Read
-//! from the database at each scrape, so the figures survive restarts and never drift from it.
+//! from the database at each scrape, so the figures survive restarts and never drift from it;
+//! only the take-up token counter is the process's own.
 //! Only counts are exposed: no repository, build id or worker name leaves through here.
 
 use std::fmt::Write as _;
@@ -64,6 +65,26 @@ pub async fn metrics(AxState(state): AxState<Arc<State>>) -> Result<impl IntoRes
     let _ = writeln!(
         out,
         "# HELP quorum_statements_signed Signed provenance statements.\n# TYPE quorum_statements_signed gauge\nquorum_statements_signed {signed}"
+    );
+    // Counted by this process since it started, unlike the figures above.
+    let _ = writeln!(
+        out,
+        "# HELP quorum_take_up_tokens_total Offers taken, by where their tokens came from: minted ahead or asked for at take-up.\n# TYPE quorum_take_up_tokens_total counter"
+    );
+    for (minted, n) in [
+        ("ahead", &state.ahead.served_ahead),
+        ("at_take_up", &state.ahead.served_at_take_up),
+    ] {
+        let _ = writeln!(
+            out,
+            "quorum_take_up_tokens_total{{minted=\"{minted}\"}} {}",
+            n.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP quorum_take_up_tokens_waiting Offers whose tokens were minted ahead and wait to be taken.\n# TYPE quorum_take_up_tokens_waiting gauge\nquorum_take_up_tokens_waiting {}",
+        state.ahead.waiting()
     );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
 }

@@ -193,33 +193,40 @@ async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, 
                 None => continue,
             },
         };
-        let lifetime = (spec.timeout_secs + 4 * state.lease_secs + 300) as i64;
-        let access = state
-            .access_token()
-            .await
-            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")))?;
-        // Both tokens in one exchange: one IdP round trip per take-up.
-        let what = TakeUpFor {
-            worker_audience: format!("worker:{}", w.id),
-            upload_audience: state.store_audience.clone(),
-            build: row.build_id.clone(),
-            job: row.job.clone(),
-            assignment: row.id.clone(),
-            lifetime_secs: lifetime,
-            upload_constraints: state.upload_limits.clone(),
+        let worker_audience = format!("worker:{}", w.id);
+        let lease = Duration::from_secs(state.lease_secs);
+        let minted = state.ahead.take(&row.id, &worker_audience, lease);
+        state.ahead.served(minted.is_some());
+        let tokens = match minted {
+            Some(tokens) => tokens,
+            None => {
+                let access = state.access_token().await.map_err(|e| {
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"))
+                })?;
+                // Both tokens in one exchange: one IdP round trip per take-up.
+                let what = TakeUpFor {
+                    worker_audience,
+                    upload_audience: state.store_audience.clone(),
+                    build: row.build_id.clone(),
+                    job: row.job.clone(),
+                    assignment: row.id.clone(),
+                    lifetime_secs: crate::ahead::lifetime_secs(spec.timeout_secs, state.lease_secs),
+                    upload_constraints: state.upload_limits.clone(),
+                };
+                state
+                    .idp
+                    .exchange_take_up(&access, &what)
+                    .await
+                    .map_err(|e| {
+                        ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("cannot get the job and upload tokens from the IdP: {e}"),
+                        )
+                    })?
+            }
         };
-        let tokens = state
-            .idp
-            .exchange_take_up(&access, &what)
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("cannot get the job and upload tokens from the IdP: {e}"),
-                )
-            })?;
         let (job_token, upload_token) = (tokens.job.access_token, tokens.upload.access_token);
-        let tenant = token_claim(&access, "tenant").unwrap_or_default();
+        let tenant = token_claim(&upload_token, "tenant").unwrap_or_default();
         let claim = Write {
             sql: "UPDATE assignments SET state = 'running', lease_expires = $1, upload_jti = $2, tenant = $3, deadline = $4, \
                   log_secrets = $6 WHERE id = $5 AND state = 'offered'",
@@ -262,8 +269,8 @@ async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, 
     Ok(None)
 }
 
-/// A claim of a token the controller's own IdP just issued to it (the tenant of its access
-/// token, the `jti` of an upload token). Read for bookkeeping only, never to decide trust.
+/// A claim of a token the controller's own IdP issued to it (the tenant and `jti` of an upload
+/// token). Read for bookkeeping only, never to decide trust.
 fn token_claim(token: &str, claim: &str) -> Option<String> {
     let claims = quorum_token::peek(token).ok()?.claims;
     claims.get(claim)?.as_str().map(str::to_string)

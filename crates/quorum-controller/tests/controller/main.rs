@@ -41,6 +41,7 @@ on_both_backends!(
     an_assignment_past_the_job_timeout_is_given_up,
     an_offer_not_taken_in_time_is_withdrawn_and_offered_again,
     a_known_worker_name_with_another_key_is_refused,
+    tokens_minted_ahead_go_to_the_worker_and_assignment_they_name,
 );
 
 async fn bounded(case: impl std::future::Future<Output = ()>) {
@@ -720,5 +721,109 @@ async fn a_known_worker_name_with_another_key_is_refused(backend: Backend) {
         unreachable!("success() is a success")
     };
     assert_eq!(done.jobs[0].manifest, Some(good), "{done:#?}");
+    stack.stop().await;
+}
+
+/// A metric of the controller's `/metrics`, by its full name with labels.
+async fn metric(stack: &Stack, name: &str) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", stack.controller_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+}
+
+/// A worker offered several jobs in one pass gets the tokens of all but the first minted
+/// ahead, in one request to the IdP. Each one it takes carries tokens for exactly that worker
+/// and assignment, which the store accepts; a second worker's offers never carry the first's.
+async fn tokens_minted_ahead_go_to_the_worker_and_assignment_they_name(backend: Backend) {
+    const JOBS: usize = 6;
+    let stack = Stack::start(backend, 30).await;
+    let w = stack.worker("w1", "owner-1", false).await;
+    let mut pipeline = String::from("policy: {quorum: 1}\njobs:\n");
+    for j in 0..JOBS {
+        pipeline.push_str(&format!("  j{j}:\n    script: [\"echo {j}\"]\n"));
+    }
+    let build = stack.submit(&pipeline).await;
+    let first = w.take().await;
+    // The other five offers' tokens are minted while the first job runs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while metric(&stack, "quorum_take_up_tokens_waiting").await < (JOBS - 1) as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the other offers' tokens are minted ahead"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut taken = vec![first];
+    for _ in 1..JOBS {
+        taken.push(w.take().await);
+    }
+    let claims = |token: &str| quorum_token::peek(token).unwrap().claims;
+    for a in &taken {
+        let job = claims(&a.job_token);
+        let upload = claims(&a.upload_token);
+        assert_eq!(job["aud"], "worker:w1");
+        for c in [&job, &upload] {
+            assert_eq!(c["scope"]["assignment"], a.id.as_str(), "{c:?}");
+            assert_eq!(c["scope"]["job"], a.job.as_str(), "{c:?}");
+            assert_eq!(c["scope"]["build"], build.as_str(), "{c:?}");
+        }
+        // The store takes the upload token for this assignment's output.
+        w.upload(a, a.script[0].as_bytes()).await;
+        w.succeed(a, a.script[0].as_bytes(), Usage::default()).await;
+    }
+    let mut jobs: Vec<&str> = taken.iter().map(|a| a.job.as_str()).collect();
+    jobs.sort();
+    jobs.dedup();
+    assert_eq!(jobs.len(), JOBS, "each job taken once");
+    assert_eq!(
+        (
+            metric(&stack, "quorum_take_up_tokens_total{minted=\"ahead\"}").await,
+            metric(&stack, "quorum_take_up_tokens_total{minted=\"at_take_up\"}").await,
+            metric(&stack, "quorum_take_up_tokens_waiting").await,
+        ),
+        ((JOBS - 1) as u64, 1, 0)
+    );
+    let done = stack
+        .wait_build(&build, "verification", |s| s.state.is_final())
+        .await;
+    assert_eq!(done.state, BuildState::Verified);
+
+    // Two workers now: each gets offers of its own, and every token it is handed names it.
+    let w2 = stack.worker("w2", "owner-2", false).await;
+    assert!(w2.poll(50).await.is_none(), "nothing to offer yet; now w2 is online");
+    let build = stack.submit(&pipeline.replace("echo", "printf")).await;
+    let mut by_worker: BTreeMap<String, usize> = BTreeMap::new();
+    let mut done_jobs = 0;
+    while done_jobs < JOBS {
+        for worker in [&w, &w2] {
+            let Some(a) = worker.poll(100).await else {
+                continue;
+            };
+            assert_eq!(
+                claims(&a.job_token)["aud"],
+                format!("worker:{}", worker.name)
+            );
+            assert_eq!(
+                claims(&a.upload_token)["scope"]["assignment"],
+                a.id.as_str()
+            );
+            worker
+                .succeed(&a, a.script[0].as_bytes(), Usage::default())
+                .await;
+            *by_worker.entry(worker.name.clone()).or_default() += 1;
+            done_jobs += 1;
+        }
+    }
+    assert_eq!(by_worker.len(), 2, "both workers ran jobs: {by_worker:?}");
+    let done = stack
+        .wait_build(&build, "verification", |s| s.state.is_final())
+        .await;
+    assert_eq!(done.state, BuildState::Verified);
     stack.stop().await;
 }
