@@ -796,7 +796,10 @@ async fn tokens_minted_ahead_go_to_the_worker_and_assignment_they_name(backend: 
 
     // Two workers now: each gets offers of its own, and every token it is handed names it.
     let w2 = stack.worker("w2", "owner-2", false).await;
-    assert!(w2.poll(50).await.is_none(), "nothing to offer yet; now w2 is online");
+    assert!(
+        w2.poll(50).await.is_none(),
+        "nothing to offer yet; now w2 is online"
+    );
     let build = stack.submit(&pipeline.replace("echo", "printf")).await;
     let mut by_worker: BTreeMap<String, usize> = BTreeMap::new();
     let mut done_jobs = 0;
