@@ -235,6 +235,11 @@ pub struct AssignmentRow {
     pub round: i64,
 }
 
+/// The columns [`assignment_from_row`] reads, prefixed `a.`: the scheduler's and signer's reads
+/// name them instead of `a.*`, which also carried each assignment's tokens and usage.
+const ASSIGNMENT_COLUMNS: &str = "a.id, a.build_id, a.job, a.worker_id, a.state, a.detail, \
+     a.report, a.signature, a.outcome, a.round";
+
 pub fn assignment_from_row(r: &AnyRow) -> AssignmentRow {
     AssignmentRow {
         id: r.get("id"),
@@ -263,6 +268,7 @@ pub struct BuildRow {
     pub id: String,
     pub repository: String,
     pub commit_id: String,
+    pub source_date_epoch: i64,
     pub state: String,
     pub created_at: i64,
     pub finished_at: Option<i64>,
@@ -273,6 +279,7 @@ pub fn build_from_row(r: &AnyRow) -> BuildRow {
         id: r.get("id"),
         repository: r.get("repository"),
         commit_id: r.get("commit_id"),
+        source_date_epoch: r.get("source_date_epoch"),
         state: r.get("state"),
         created_at: r.get("created_at"),
         finished_at: r.get("finished_at"),
@@ -343,6 +350,18 @@ fn job_with_spec(r: &AnyRow, spec: Arc<JobSpec>) -> anyhow::Result<JobRow> {
     })
 }
 
+/// A build's reported results, the signer's evidence, in the order of [`assignments_of_build`].
+pub async fn reported_of_build(pool: &Pool, build_id: &str) -> anyhow::Result<Vec<AssignmentRow>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {ASSIGNMENT_COLUMNS} FROM assignments a WHERE a.build_id = $1 \
+         AND a.state = 'reported' ORDER BY a.created_at, a.id"
+    ))
+    .bind(build_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.iter().map(assignment_from_row).collect())
+}
+
 pub async fn assignments_of_build(
     pool: &Pool,
     build_id: &str,
@@ -395,12 +414,12 @@ pub async fn jobs_with_specs(
 /// The assignments a scheduler pass weighs: those of each unfinished job's current round. A
 /// finished job's assignments (all of them, once a build has run long) are not read again.
 pub async fn open_assignments(pool: &Pool, build_id: &str) -> anyhow::Result<Vec<AssignmentRow>> {
-    let rows = sqlx::query(
-        "SELECT a.* FROM assignments a JOIN jobs j ON j.build_id = a.build_id AND j.name = a.job \
-         AND j.round = a.round WHERE a.build_id = $1 \
+    let rows = sqlx::query(&format!(
+        "SELECT {ASSIGNMENT_COLUMNS} FROM assignments a JOIN jobs j ON j.build_id = a.build_id \
+         AND j.name = a.job AND j.round = a.round WHERE a.build_id = $1 \
          AND j.state NOT IN ('verified', 'disputed', 'failed', 'skipped', 'cancelled') \
-         ORDER BY a.created_at, a.id",
-    )
+         ORDER BY a.created_at, a.id"
+    ))
     .bind(build_id)
     .fetch_all(pool)
     .await?;
@@ -471,8 +490,8 @@ pub async fn open_assignments_of(
     let mut out = Vec::new();
     for chunk in names.chunks(IN_CHUNK) {
         let sql = format!(
-            "SELECT a.* FROM assignments a JOIN jobs j ON j.build_id = a.build_id AND j.name = a.job \
-             AND j.round = a.round WHERE a.build_id = $1 AND a.job IN ({}) \
+            "SELECT {ASSIGNMENT_COLUMNS} FROM assignments a JOIN jobs j ON j.build_id = a.build_id \
+             AND j.name = a.job AND j.round = a.round WHERE a.build_id = $1 AND a.job IN ({}) \
              ORDER BY a.created_at, a.id",
             placeholders(2, chunk.len())
         );

@@ -15,6 +15,7 @@ mod db;
 mod diff;
 mod failpoint;
 mod logs;
+mod offers;
 mod provisional;
 mod publisher;
 mod rebuild;
@@ -171,6 +172,8 @@ pub(crate) struct State {
     pub wake: scheduler::Wake,
     /// The enrolled workers authenticated so far (`auth::Workers`).
     pub workers: auth::Workers,
+    /// The offers made to each worker, and running builds' sources (`offers.rs`).
+    pub offers: offers::Offers,
     /// Take-up tokens minted before the offers are taken (`ahead.rs`).
     pub ahead: ahead::Ahead,
     /// Wakes a worker's pending long poll when the scheduler offers it work.
@@ -258,6 +261,7 @@ pub async fn run(
         workers: auth::Workers::default(),
         wake: scheduler::Wake::default(),
         worker_wake: std::sync::Mutex::default(),
+        offers: offers::Offers::default(),
         ahead: ahead::Ahead::default(),
     });
     scheduler::resume_after_restart(&state).await?;

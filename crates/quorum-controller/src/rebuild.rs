@@ -298,6 +298,9 @@ async fn step(state: &State, r: &Request) -> anyhow::Result<()> {
         .await?;
     tx.commit().await?;
     drop(turn);
+    state
+        .offers
+        .made(&r.build_id, [(id.as_str(), r.job.as_str(), w.id.as_str())]);
     state.worker_notify(&w.id).notify_one();
     Ok(())
 }

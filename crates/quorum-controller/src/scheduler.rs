@@ -64,9 +64,10 @@ pub(crate) fn cached_spec(state: &State, build_id: &str, job: &str) -> Option<Ar
     specs.get(build_id)?.get(job).cloned()
 }
 
-/// Drops a finished build's specs from the cache.
+/// Drops a finished build's specs and source from the caches.
 fn forget_specs(state: &State, build_id: &str) {
     state.specs.lock().expect("spec cache").remove(build_id);
+    state.offers.forget_build(build_id);
 }
 
 /// What wakes the scheduler, and how much of a pass that asks for. A report or a refusal names
@@ -226,7 +227,11 @@ async fn pass(state: &State, changed: Option<Pending>, ticked: bool) -> anyhow::
                 }
             }
         }
-        _ => evaluate_builds(state, &mut online).await?,
+        _ => {
+            // Offers older than a lease are withdrawn; so are their places in memory.
+            state.offers.prune(Duration::from_secs(state.lease_secs));
+            evaluate_builds(state, &mut online).await?
+        }
     }
     if !ticked {
         return Ok(());
@@ -550,6 +555,13 @@ async fn decide_jobs(
     writes.flush(build_id).await?;
     writes.tx.commit().await?;
     drop(turn);
+    state.offers.made(
+        build_id,
+        writes
+            .offers
+            .iter()
+            .map(|o| (o.id.as_str(), o.job.as_str(), o.worker.as_str())),
+    );
     for worker in writes.offered {
         state.worker_notify(&worker).notify_one();
     }
@@ -1090,7 +1102,7 @@ async fn gather_evidence(state: &State, build_id: &str, now: i64) -> anyhow::Res
     // The specs as stored, parsed once for the build's passes (they never change).
     let specs = specs_of(state, build_id).await?;
     let jobs = db::jobs_with_specs(&state.pool, build_id, &specs).await?;
-    let assignments = db::assignments_of_build(&state.pool, build_id).await?;
+    let assignments = db::reported_of_build(&state.pool, build_id).await?;
     let purposes = crate::rebuild::purposes(&state.pool, build_id).await?;
     // Every worker once, not once per result: a build of a thousand jobs has a thousand.
     let workers = workers_of(state, &assignments).await?;
@@ -1102,7 +1114,7 @@ async fn gather_evidence(state: &State, build_id: &str, now: i64) -> anyhow::Res
     }
     // The reported results by job and round, so that a large build is not read once per job.
     let mut reported: HashMap<(&str, i64), Vec<&AssignmentRow>> = HashMap::new();
-    for a in assignments.iter().filter(|a| a.state == "reported") {
+    for a in &assignments {
         reported.entry((&a.job, a.round)).or_default().push(a);
     }
     let mut out = Vec::new();

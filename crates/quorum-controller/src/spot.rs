@@ -156,6 +156,9 @@ async fn dispatch(state: &State, build_id: &str, job: &str, detail: &str) -> any
         .await?;
     tx.commit().await?;
     drop(turn);
+    state
+        .offers
+        .made(build_id, [(id.as_str(), job, w.id.as_str())]);
     state.worker_notify(&w.id).notify_one();
     Ok(())
 }

@@ -25,6 +25,7 @@ use crate::State;
 use crate::auth::{self, SignedWorker};
 use crate::commits::{Arg, Write};
 use crate::db::{self, AssignmentRow, WorkerRow};
+use crate::offers::BuildSource;
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("request body: {e}")))
@@ -171,102 +172,155 @@ pub async fn poll(
     }
 }
 
-/// Claims the oldest offer for `w` and fetches its tokens.
+/// Claims the oldest offer for `w` and fetches its tokens: the offers made since this
+/// controller started from memory (`offers.rs`), then any others from the database (made
+/// before a restart).
 async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, ApiError> {
-    // The offers with their builds in one query, and the spec from the scheduler's cache: the
-    // dispatch path makes as few round trips to the database as it can.
+    let lease = Duration::from_secs(state.lease_secs);
+    while let Some(o) = state.offers.next(&w.id, lease) {
+        if let Some(a) = claim_offer(state, w, &o.id, &o.build_id, &o.job, None).await? {
+            return Ok(Some(a));
+        }
+    }
+    // The offers with their builds in one query.
     let offers = sqlx::query(
-        "SELECT a.*, b.repository, b.commit_id, b.source_date_epoch FROM assignments a \
-         JOIN builds b ON b.id = a.build_id WHERE a.worker_id = $1 AND a.state = 'offered' \
-         ORDER BY a.created_at LIMIT 4",
+        "SELECT a.id, a.build_id, a.job, b.repository, b.commit_id, b.source_date_epoch \
+         FROM assignments a JOIN builds b ON b.id = a.build_id \
+         WHERE a.worker_id = $1 AND a.state = 'offered' ORDER BY a.created_at LIMIT 4",
     )
     .bind(&w.id)
     .fetch_all(&state.pool)
     .await
     .map_err(ApiError::internal)?;
     for r in &offers {
-        let row = db::assignment_from_row(r);
-        let spec = match crate::scheduler::cached_spec(state, &row.build_id, &row.job) {
-            Some(spec) => spec,
-            None => match db::job(&state.pool, &row.build_id, &row.job).await? {
-                Some(job) => job.spec,
-                None => continue,
-            },
-        };
-        let worker_audience = format!("worker:{}", w.id);
-        let lease = Duration::from_secs(state.lease_secs);
-        let minted = state.ahead.take(&row.id, &worker_audience, lease);
-        state.ahead.served(minted.is_some());
-        let tokens = match minted {
-            Some(tokens) => tokens,
-            None => {
-                let access = state.access_token().await.map_err(|e| {
-                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"))
-                })?;
-                // Both tokens in one exchange: one IdP round trip per take-up.
-                let what = TakeUpFor {
-                    worker_audience,
-                    upload_audience: state.store_audience.clone(),
-                    build: row.build_id.clone(),
-                    job: row.job.clone(),
-                    assignment: row.id.clone(),
-                    lifetime_secs: crate::ahead::lifetime_secs(spec.timeout_secs, state.lease_secs),
-                    upload_constraints: state.upload_limits.clone(),
-                };
-                state
-                    .idp
-                    .exchange_take_up(&access, &what)
-                    .await
-                    .map_err(|e| {
-                        ApiError::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("cannot get the job and upload tokens from the IdP: {e}"),
-                        )
-                    })?
-            }
-        };
-        let (job_token, upload_token) = (tokens.job.access_token, tokens.upload.access_token);
-        let tenant = token_claim(&upload_token, "tenant").unwrap_or_default();
-        let claim = Write {
-            sql: "UPDATE assignments SET state = 'running', lease_expires = $1, upload_jti = $2, tenant = $3, deadline = $4, \
-                  log_secrets = $6 WHERE id = $5 AND state = 'offered'",
-            args: vec![
-                Arg::Int(now_unix() + state.lease_secs as i64),
-                Arg::OptText(token_claim(&upload_token, "jti")),
-                Arg::Text(tenant.clone()),
-                Arg::Int(now_unix() + (spec.timeout_secs + state.lease_secs) as i64),
-                Arg::Text(row.id.clone()),
-                // The tokens are redacted from the assignment's log (`logs.rs`).
-                Arg::Text(
-                    serde_json::to_string(&[&job_token, &upload_token])
-                        .map_err(ApiError::internal)?,
-                ),
-            ],
-        };
-        let claimed = state.commits.execute(claim).await?;
-        if claimed == 0 {
-            continue; // withdrawn or taken by a concurrent poll
-        }
-        tracing::info!(assignment = %row.id, build = %row.build_id, job = %row.job, worker = %w.id, "assignment taken");
-        return Ok(Some(Assignment {
-            id: row.id.clone(),
-            build_id: row.build_id.clone(),
-            job: row.job.clone(),
-            tenant,
+        let source = BuildSource {
             repository: r.get("repository"),
             commit: r.get("commit_id"),
             source_date_epoch: r.get("source_date_epoch"),
-            script: spec.script.clone(),
-            artifacts: spec.artifacts.clone(),
-            timeout_secs: spec.timeout_secs,
-            inputs: spec.inputs.clone(),
-            job_token,
-            upload_token,
-            store_url: state.store_url.clone(),
-            lease_secs: state.lease_secs,
-        }));
+        };
+        let (id, build_id, job): (String, String, String) =
+            (r.get("id"), r.get("build_id"), r.get("job"));
+        if let Some(a) = claim_offer(state, w, &id, &build_id, &job, Some(source)).await? {
+            return Ok(Some(a));
+        }
     }
     Ok(None)
+}
+
+/// Claims offer `id` (of `job` in `build_id`) for `w` if it is still offered, with its
+/// tokens; `source` is the build's when the caller read it.
+async fn claim_offer(
+    state: &State,
+    w: &WorkerRow,
+    id: &str,
+    build_id: &str,
+    job: &str,
+    source: Option<BuildSource>,
+) -> Result<Option<Assignment>, ApiError> {
+    // The spec from the scheduler's cache, while the build runs.
+    let cached = crate::scheduler::cached_spec(state, build_id, job);
+    let running = cached.is_some();
+    let spec = match cached {
+        Some(spec) => spec,
+        None => match db::job(&state.pool, build_id, job).await? {
+            Some(job) => job.spec,
+            None => return Ok(None),
+        },
+    };
+    let worker_audience = format!("worker:{}", w.id);
+    let lease = Duration::from_secs(state.lease_secs);
+    let minted = state.ahead.take(id, &worker_audience, lease);
+    state.ahead.served(minted.is_some());
+    let tokens = match minted {
+        Some(tokens) => tokens,
+        None => {
+            let access = state
+                .access_token()
+                .await
+                .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")))?;
+            // Both tokens in one exchange: one IdP round trip per take-up.
+            let what = TakeUpFor {
+                worker_audience,
+                upload_audience: state.store_audience.clone(),
+                build: build_id.to_string(),
+                job: job.to_string(),
+                assignment: id.to_string(),
+                lifetime_secs: crate::ahead::lifetime_secs(spec.timeout_secs, state.lease_secs),
+                upload_constraints: state.upload_limits.clone(),
+            };
+            state
+                .idp
+                .exchange_take_up(&access, &what)
+                .await
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("cannot get the job and upload tokens from the IdP: {e}"),
+                    )
+                })?
+        }
+    };
+    let (job_token, upload_token) = (tokens.job.access_token, tokens.upload.access_token);
+    let tenant = token_claim(&upload_token, "tenant").unwrap_or_default();
+    let claim = Write {
+        sql: "UPDATE assignments SET state = 'running', lease_expires = $1, upload_jti = $2, tenant = $3, deadline = $4, \
+              log_secrets = $6 WHERE id = $5 AND state = 'offered'",
+        args: vec![
+            Arg::Int(now_unix() + state.lease_secs as i64),
+            Arg::OptText(token_claim(&upload_token, "jti")),
+            Arg::Text(tenant.clone()),
+            Arg::Int(now_unix() + (spec.timeout_secs + state.lease_secs) as i64),
+            Arg::Text(id.to_string()),
+            // The tokens are redacted from the assignment's log (`logs.rs`).
+            Arg::Text(
+                serde_json::to_string(&[&job_token, &upload_token]).map_err(ApiError::internal)?,
+            ),
+        ],
+    };
+    let claimed = state.commits.execute(claim).await?;
+    if claimed == 0 {
+        return Ok(None); // withdrawn or taken by a concurrent poll
+    }
+    tracing::info!(assignment = %id, build = %build_id, job = %job, worker = %w.id, "assignment taken");
+    let source = match source
+        .map(Arc::new)
+        .or_else(|| state.offers.source(build_id))
+    {
+        Some(source) => source,
+        None => {
+            let b = db::build(&state.pool, build_id)
+                .await?
+                .ok_or_else(|| ApiError::internal(format!("build {build_id} vanished")))?;
+            let source = BuildSource {
+                repository: b.repository,
+                commit: b.commit_id,
+                source_date_epoch: b.source_date_epoch,
+            };
+            // Kept only while the build runs: the scheduler forgets it when the build ends.
+            if running {
+                state.offers.remember_source(build_id, source)
+            } else {
+                Arc::new(source)
+            }
+        }
+    };
+    Ok(Some(Assignment {
+        id: id.to_string(),
+        build_id: build_id.to_string(),
+        job: job.to_string(),
+        tenant,
+        repository: source.repository.clone(),
+        commit: source.commit.clone(),
+        source_date_epoch: source.source_date_epoch,
+        script: spec.script.clone(),
+        artifacts: spec.artifacts.clone(),
+        timeout_secs: spec.timeout_secs,
+        inputs: spec.inputs.clone(),
+        job_token,
+        upload_token,
+        store_url: state.store_url.clone(),
+        lease_secs: state.lease_secs,
+    }))
 }
 
 /// A claim of a token the controller's own IdP issued to it (the tenant and `jti` of an upload
