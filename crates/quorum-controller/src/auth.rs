@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use crate::State;
+use crate::commits::{Arg, Kind, Write};
 use crate::db::{self, WorkerRow};
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
@@ -93,13 +94,7 @@ async fn worker(
     // Seconds are the resolution of `last_seen`: a busy worker's many requests in one second
     // need one write, not one each.
     if last_seen < now {
-        let _turn = state.write_gate.enter().await;
-        sqlx::query("UPDATE workers SET last_seen = $1 WHERE id = $2 AND last_seen < $1")
-            .bind(now)
-            .bind(id)
-            .execute(&state.pool)
-            .await
-            .map_err(ApiError::internal)?;
+        state.commits.execute(seen_at(id, now)).await?;
         known.last_seen.fetch_max(now, Ordering::Relaxed);
     }
     if was_offline {
@@ -109,6 +104,22 @@ async fn worker(
     let mut row = known.row.clone();
     row.last_seen = known.last_seen.load(Ordering::Relaxed);
     Ok((row, key))
+}
+
+/// Moving a worker's `last_seen` forward.
+const SEEN: Kind = Kind {
+    table: "workers",
+    set: "last_seen = v.column2",
+    filter: "workers.last_seen < v.column2",
+};
+
+/// The write that notes worker `id` seen at `now`, grouped with the dispatch path's writes.
+pub(crate) fn seen_at(id: &str, now: i64) -> Write {
+    Write {
+        kind: &SEEN,
+        id: id.to_string(),
+        args: vec![Arg::Int(now)],
+    }
 }
 
 /// An enrolled worker as its row says, with its key parsed (a curve point decompressed).

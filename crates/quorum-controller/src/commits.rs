@@ -1,20 +1,23 @@
-//! Group commit for the dispatch path's writes on SQLite: the claims and reports that arrive
-//! while one transaction is being written go into the next one together. Every commit on
-//! SQLite appends to the WAL and makes the pool's other connections drop their page caches,
-//! so one commit for many workers' writes instead of one each is less work for every reader
-//! too. Each write is still its own statement with its own result (rows changed), answered
-//! only after its transaction commits; if a batch fails, its writes are retried one by one,
-//! so one bad write never fails another's. On PostgreSQL (row locks, no shared cache to drop,
-//! and a transaction costs two more round trips) writes go straight to the pool.
+//! Grouped writes for the dispatch path: the claims and reports that arrive while one group is
+//! being written go into the next together, each kind as one multi-row `UPDATE ... FROM
+//! (VALUES ...) ... RETURNING id`. One statement for many workers' writes instead of one each
+//! saves a round trip to the database per write (on SQLite, to the connection's thread) and a
+//! commit per write, which on SQLite also makes the pool's other connections drop their page
+//! caches. Each write still gets its own answer, whether its row changed (its id is among those
+//! returned), only once its statement is committed; an assignment named twice in one group
+//! waits for the next statement, and if a statement fails, its writes are retried one by one,
+//! so one bad write never fails another's.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use quorum_service::ApiError;
+use sqlx::Row as _;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::db::{Pool, WriteGate};
 
-/// Most writes in one transaction.
+/// Most writes in one group.
 const MOST: usize = 64;
 
 /// One value bound to a write's statement.
@@ -24,47 +27,45 @@ pub(crate) enum Arg {
     Int(i64),
 }
 
-/// One statement and its values, in order.
+/// A kind of write: `UPDATE {table} SET {set} FROM (VALUES ...) AS v WHERE {table}.id =
+/// v.column1 AND {filter}`, where `set` and `filter` name a write's values as `v.column2`,
+/// `v.column3`, ... in the order of its `args`.
+pub(crate) struct Kind {
+    pub table: &'static str,
+    pub set: &'static str,
+    pub filter: &'static str,
+}
+
+/// One row's write: the kind, the row's id and its values.
 pub(crate) struct Write {
-    pub sql: &'static str,
+    pub kind: &'static Kind,
+    pub id: String,
     pub args: Vec<Arg>,
 }
 
 struct Queued {
     write: Write,
-    done: oneshot::Sender<Result<u64, String>>,
+    done: oneshot::Sender<Result<bool, String>>,
 }
 
 /// Where handlers hand their writes (`State::commits`).
 pub(crate) struct Commits {
-    pool: Pool,
-    gate: Arc<WriteGate>,
-    queue: Option<mpsc::UnboundedSender<Queued>>,
+    queue: mpsc::UnboundedSender<Queued>,
 }
 
 impl Commits {
-    /// Starts the committer for `pool` when it is SQLite; it ends when this is dropped.
+    /// Starts the committer for `pool`; it ends when this is dropped.
     pub fn start(pool: &Pool, gate: Arc<WriteGate>) -> Commits {
-        let queue = crate::db::is_sqlite(pool).then(|| {
-            let (queue, rx) = mpsc::unbounded_channel();
-            tokio::spawn(committer(pool.clone(), gate.clone(), rx));
-            queue
-        });
-        Commits {
-            pool: pool.clone(),
-            gate,
-            queue,
-        }
+        let (queue, rx) = mpsc::unbounded_channel();
+        tokio::spawn(committer(pool.clone(), gate, rx));
+        Commits { queue }
     }
 
-    /// Runs `write` (in a shared transaction on SQLite) and returns the rows it changed.
-    pub async fn execute(&self, write: Write) -> Result<u64, ApiError> {
-        let Some(queue) = &self.queue else {
-            let _turn = self.gate.enter().await;
-            return one(&self.pool, &write).await.map_err(ApiError::internal);
-        };
+    /// Runs `write` (in a statement shared with others of its kind) and returns whether its
+    /// row changed.
+    pub async fn execute(&self, write: Write) -> Result<bool, ApiError> {
         let (done, answer) = oneshot::channel();
-        queue
+        self.queue
             .send(Queued { write, done })
             .map_err(|_| ApiError::internal("the controller is stopping"))?;
         answer
@@ -78,59 +79,78 @@ async fn committer(pool: Pool, gate: Arc<WriteGate>, mut rx: mpsc::UnboundedRece
     while let Some(first) = rx.recv().await {
         let turn = gate.enter().await;
         // What arrived while this one waited for the gate goes along with it.
-        let mut batch = vec![first];
-        while batch.len() < MOST {
+        let mut pending = vec![first];
+        while pending.len() < MOST {
             match rx.try_recv() {
-                Ok(q) => batch.push(q),
+                Ok(q) => pending.push(q),
                 Err(_) => break,
             }
         }
-        let results = match together(&pool, &batch).await {
-            Ok(results) => results,
-            Err(e) => {
-                tracing::warn!(error = %e, writes = batch.len(), "a group commit failed; writing one by one");
-                let mut results = Vec::with_capacity(batch.len());
-                for q in &batch {
-                    results.push(one(&pool, &q.write).await.map_err(|e| e.to_string()));
+        while !pending.is_empty() {
+            // One statement per kind, each row at most once in it; the rest go next round.
+            let kind = pending[0].write.kind;
+            let mut ids = HashSet::new();
+            let (now, later): (Vec<Queued>, Vec<Queued>) = pending
+                .into_iter()
+                .partition(|q| std::ptr::eq(q.write.kind, kind) && ids.insert(q.write.id.clone()));
+            pending = later;
+            let writes: Vec<&Write> = now.iter().map(|q| &q.write).collect();
+            let results = match together(&pool, kind, &writes).await {
+                Ok(changed) => writes.iter().map(|w| Ok(changed.contains(&w.id))).collect(),
+                Err(e) => {
+                    if now.len() > 1 {
+                        tracing::warn!(error = %e, writes = now.len(), "a grouped write failed; writing one by one");
+                    }
+                    let mut results = Vec::with_capacity(now.len());
+                    for w in &writes {
+                        let r = together(&pool, kind, &[w]).await;
+                        results.push(
+                            r.map(|changed| changed.contains(&w.id))
+                                .map_err(|e| e.to_string()),
+                        );
+                    }
+                    results
                 }
-                results
+            };
+            for (q, r) in now.into_iter().zip(results) {
+                let _ = q.done.send(r);
             }
-        };
+        }
         drop(turn);
-        for (q, r) in batch.into_iter().zip(results) {
-            let _ = q.done.send(r);
+    }
+}
+
+/// `writes`, all of `kind`, in one statement; the ids of the rows it changed.
+async fn together(
+    pool: &Pool,
+    kind: &Kind,
+    writes: &[&Write],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let width = 1 + writes[0].args.len();
+    let rows = crate::db::value_rows(writes.len(), 1, width, |p| {
+        format!("({})", crate::db::placeholders(p, width))
+    });
+    let Kind { table, set, filter } = kind;
+    let sql = format!(
+        "UPDATE {table} SET {set} FROM (VALUES {rows}) AS v \
+         WHERE {table}.id = v.column1 AND {filter} RETURNING {table}.id"
+    );
+    let mut q = sqlx::query(&sql);
+    for w in writes {
+        q = q.bind(w.id.as_str());
+        for arg in &w.args {
+            q = match arg {
+                Arg::Text(v) => q.bind(v.as_str()),
+                Arg::OptText(v) => q.bind(v.as_deref()),
+                Arg::Int(v) => q.bind(*v),
+            };
         }
     }
-}
-
-fn query(write: &Write) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
-    let mut q = sqlx::query(write.sql);
-    for arg in &write.args {
-        q = match arg {
-            Arg::Text(v) => q.bind(v.as_str()),
-            Arg::OptText(v) => q.bind(v.as_deref()),
-            Arg::Int(v) => q.bind(*v),
-        };
-    }
-    q
-}
-
-async fn one(pool: &Pool, write: &Write) -> Result<u64, sqlx::Error> {
-    Ok(query(write).execute(pool).await?.rows_affected())
-}
-
-/// Every write of `batch` in one transaction; an error in any rolls all back.
-async fn together(pool: &Pool, batch: &[Queued]) -> Result<Vec<Result<u64, String>>, sqlx::Error> {
-    if let [single] = batch {
-        return Ok(vec![Ok(one(pool, &single.write).await?)]);
-    }
-    let mut tx = pool.begin().await?;
-    let mut results = Vec::with_capacity(batch.len());
-    for q in batch {
-        results.push(Ok(query(&q.write).execute(&mut *tx).await?.rows_affected()));
-    }
-    tx.commit().await?;
-    Ok(results)
+    Ok(q.fetch_all(pool)
+        .await?
+        .iter()
+        .map(|r| r.get::<String, _>(0))
+        .collect())
 }
 
 #[cfg(test)]
@@ -154,10 +174,18 @@ mod tests {
         (pool, gate)
     }
 
+    /// Sets a row's `n` from 0 to 1.
+    const BUMP: Kind = Kind {
+        table: "t",
+        set: "n = t.n + 1",
+        filter: "t.n = 0",
+    };
+
     fn bump(id: &str) -> Write {
         Write {
-            sql: "UPDATE t SET n = n + 1 WHERE id = $1 AND n = 0",
-            args: vec![Arg::Text(id.to_string())],
+            kind: &BUMP,
+            id: id.to_string(),
+            args: vec![],
         }
     }
 
@@ -168,7 +196,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (pool, gate) = pool(dir.path()).await;
         let commits = Arc::new(Commits::start(&pool, gate.clone()));
-        assert!(commits.queue.is_some(), "SQLite writes are grouped");
         let tasks: Vec<_> = (0..80)
             .map(|i| {
                 let commits = commits.clone();
@@ -180,8 +207,8 @@ mod tests {
             .collect();
         let mut changed = std::collections::BTreeMap::new();
         for t in tasks {
-            let (id, rows) = t.await.unwrap();
-            *changed.entry(id).or_insert(0) += rows;
+            let (id, done) = t.await.unwrap();
+            *changed.entry(id).or_insert(0) += u32::from(done);
         }
         assert_eq!(changed.len(), 40);
         assert!(changed.values().all(|&n| n == 1), "{changed:?}");
@@ -192,8 +219,15 @@ mod tests {
         assert_eq!(total, 40);
     }
 
-    /// A write that fails fails alone: the writes committed with it in the same batch are
-    /// written one by one instead, and each caller hears its own outcome.
+    /// Sets a row's `n` to the write's value.
+    const SET: Kind = Kind {
+        table: "t",
+        set: "n = v.column2",
+        filter: "1 = 1",
+    };
+
+    /// A write that fails fails alone: the writes grouped with it in one statement are written
+    /// one by one instead, and each caller hears its own outcome.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_failing_write_does_not_fail_the_others() {
         let dir = tempfile::tempdir().unwrap();
@@ -204,13 +238,11 @@ mod tests {
         let mut tasks = Vec::new();
         for i in 0..10 {
             let commits = commits.clone();
-            let write = if i == 5 {
-                Write {
-                    sql: "UPDATE t SET missing_column = 1 WHERE id = $1",
-                    args: vec![Arg::Text("r5".into())],
-                }
-            } else {
-                bump(&format!("r{i}"))
+            // `n` is NOT NULL: the fifth write's NULL fails the statement of all ten.
+            let write = Write {
+                kind: &SET,
+                id: format!("r{i}"),
+                args: vec![Arg::OptText((i != 5).then(|| "1".to_string()))],
             };
             tasks.push(tokio::spawn(async move { commits.execute(write).await }));
         }
@@ -222,7 +254,7 @@ mod tests {
                 let e = r.expect_err("the bad write fails");
                 assert_eq!(e.status, axum::http::StatusCode::INTERNAL_SERVER_ERROR);
             } else {
-                assert_eq!(r.unwrap(), 1, "write {i}");
+                assert!(r.unwrap(), "write {i}");
             }
         }
         let total: i64 = sqlx::query_scalar("SELECT SUM(n) FROM t")

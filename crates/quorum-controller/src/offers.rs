@@ -5,10 +5,11 @@
 //!
 //! Only a cache in front of the `assignments` table, never the truth: taking an offer still
 //! claims its row on the condition that it is `offered` (so a withdrawn or expired offer found
-//! here is skipped), and when a worker's list is empty the database is read as before, which
-//! finds the offers made before a restart.
+//! here is skipped). Every offer is made through here once committed, so only offers made
+//! before a restart are missing: the workers they are for (read at start) look in the database
+//! too, until it has none left for them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,8 @@ pub struct BuildSource {
 #[derive(Default)]
 pub struct Offers {
     waiting: Mutex<HashMap<String, VecDeque<Offered>>>,
+    /// Workers that may have offers made before this controller started.
+    before_start: Mutex<HashSet<String>>,
     sources: Mutex<HashMap<String, Arc<BuildSource>>>,
 }
 
@@ -74,6 +77,21 @@ impl Offers {
             queue.retain(|o| o.at.elapsed() < max_age);
         }
         waiting.retain(|_, queue| !queue.is_empty());
+    }
+
+    /// Notes the workers that have offers made before this controller started.
+    pub fn made_before_start(&self, workers: impl IntoIterator<Item = String>) {
+        self.before_start.lock().expect("offers").extend(workers);
+    }
+
+    /// Whether `worker` may have offers made before this controller started.
+    pub fn maybe_before_start(&self, worker: &str) -> bool {
+        self.before_start.lock().expect("offers").contains(worker)
+    }
+
+    /// Notes that `worker` has no offers made before this controller started any more.
+    pub fn none_before_start(&self, worker: &str) {
+        self.before_start.lock().expect("offers").remove(worker);
     }
 
     /// A build's source, if known here.

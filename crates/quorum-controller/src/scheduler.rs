@@ -37,6 +37,14 @@ pub async fn resume_after_restart(state: &State) -> anyhow::Result<()> {
         .execute(&state.pool)
         .await
         .context("cannot renew leases after restart")?;
+    // Offers made before the restart are in the database only; the workers they are for look
+    // there until they have taken them (`offers.rs`).
+    let workers: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT worker_id FROM assignments WHERE state = 'offered'")
+            .fetch_all(&state.pool)
+            .await
+            .context("cannot read the offers made before the restart")?;
+    state.offers.made_before_start(workers);
     Ok(())
 }
 

@@ -23,7 +23,7 @@ use sqlx::Row as _;
 
 use crate::State;
 use crate::auth::{self, SignedWorker};
-use crate::commits::{Arg, Write};
+use crate::commits::{Arg, Kind, Write};
 use crate::db::{self, AssignmentRow, WorkerRow};
 use crate::offers::BuildSource;
 
@@ -159,22 +159,36 @@ pub async fn poll(
             if tokio::time::Instant::now() >= deadline {
                 return Ok(StatusCode::NO_CONTENT.into_response());
             }
-            let _turn = state.write_gate.enter().await;
             let now = now_unix();
-            sqlx::query("UPDATE workers SET last_seen = $1 WHERE id = $2")
-                .bind(now)
-                .bind(&w.id)
-                .execute(&state.pool)
-                .await
-                .map_err(ApiError::internal)?;
+            state.commits.execute(auth::seen_at(&w.id, now)).await?;
             state.workers.seen(&w.id, now);
         }
     }
 }
 
+/// Taking an offer: `running`, with its lease, upload token's `jti`, tenant, deadline and the
+/// tokens to redact from its log, if it is still offered.
+const CLAIM: Kind = Kind {
+    table: "assignments",
+    set: "state = 'running', lease_expires = v.column2, upload_jti = v.column3, \
+          tenant = v.column4, deadline = v.column5, log_secrets = v.column6",
+    filter: "assignments.state = 'offered'",
+};
+
+/// Recording a report, if the assignment is the reporting worker's, of the build and job the
+/// report names, and running.
+const REPORT: Kind = Kind {
+    table: "assignments",
+    set: "state = 'reported', report = v.column2, signature = v.column3, outcome = v.column4, \
+          detail = v.column5, finished_at = v.column6, wall_ms = v.column7, cpu_ms = v.column8, \
+          peak_rss_kib = v.column9, bytes_uploaded = v.column10",
+    filter: "assignments.worker_id = v.column11 AND assignments.build_id = v.column12 \
+             AND assignments.job = v.column13 AND assignments.state = 'running'",
+};
+
 /// Claims the oldest offer for `w` and fetches its tokens: the offers made since this
-/// controller started from memory (`offers.rs`), then any others from the database (made
-/// before a restart).
+/// controller started from memory (`offers.rs`), then, for a worker that had some when it
+/// started, those made before from the database.
 async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, ApiError> {
     let lease = Duration::from_secs(state.lease_secs);
     while let Some(o) = state.offers.next(&w.id, lease) {
@@ -182,7 +196,10 @@ async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, 
             return Ok(Some(a));
         }
     }
-    // The offers with their builds in one query.
+    if !state.offers.maybe_before_start(&w.id) {
+        return Ok(None);
+    }
+    // Offers made before a restart, with their builds, in one query.
     let offers = sqlx::query(
         "SELECT a.id, a.build_id, a.job, b.repository, b.commit_id, b.source_date_epoch \
          FROM assignments a JOIN builds b ON b.id = a.build_id \
@@ -192,6 +209,9 @@ async fn take_offer(state: &State, w: &WorkerRow) -> Result<Option<Assignment>, 
     .fetch_all(&state.pool)
     .await
     .map_err(ApiError::internal)?;
+    if offers.is_empty() {
+        state.offers.none_before_start(&w.id);
+    }
     for r in &offers {
         let source = BuildSource {
             repository: r.get("repository"),
@@ -261,24 +281,22 @@ async fn claim_offer(
         }
     };
     let (job_token, upload_token) = (tokens.job.access_token, tokens.upload.access_token);
-    let tenant = token_claim(&upload_token, "tenant").unwrap_or_default();
+    let (tenant, upload_jti) = tenant_and_jti(&upload_token);
     let claim = Write {
-        sql: "UPDATE assignments SET state = 'running', lease_expires = $1, upload_jti = $2, tenant = $3, deadline = $4, \
-              log_secrets = $6 WHERE id = $5 AND state = 'offered'",
+        kind: &CLAIM,
+        id: id.to_string(),
         args: vec![
             Arg::Int(now_unix() + state.lease_secs as i64),
-            Arg::OptText(token_claim(&upload_token, "jti")),
+            Arg::OptText(upload_jti),
             Arg::Text(tenant.clone()),
             Arg::Int(now_unix() + (spec.timeout_secs + state.lease_secs) as i64),
-            Arg::Text(id.to_string()),
             // The tokens are redacted from the assignment's log (`logs.rs`).
             Arg::Text(
                 serde_json::to_string(&[&job_token, &upload_token]).map_err(ApiError::internal)?,
             ),
         ],
     };
-    let claimed = state.commits.execute(claim).await?;
-    if claimed == 0 {
+    if !state.commits.execute(claim).await? {
         return Ok(None); // withdrawn or taken by a concurrent poll
     }
     tracing::info!(assignment = %id, build = %build_id, job = %job, worker = %w.id, "assignment taken");
@@ -323,11 +341,14 @@ async fn claim_offer(
     }))
 }
 
-/// A claim of a token the controller's own IdP issued to it (the tenant and `jti` of an upload
-/// token). Read for bookkeeping only, never to decide trust.
-fn token_claim(token: &str, claim: &str) -> Option<String> {
-    let claims = quorum_token::peek(token).ok()?.claims;
-    claims.get(claim)?.as_str().map(str::to_string)
+/// The tenant and `jti` of an upload token the controller's own IdP issued to it. Read for
+/// bookkeeping only, never to decide trust.
+fn tenant_and_jti(token: &str) -> (String, Option<String>) {
+    let Ok(peeked) = quorum_token::peek(token) else {
+        return (String::new(), None);
+    };
+    let claim = |name: &str| peeked.claims.get(name)?.as_str().map(str::to_string);
+    (claim("tenant").unwrap_or_default(), claim("jti"))
 }
 
 /// Loads an assignment that must belong to `w`; another worker's assignment looks absent.
@@ -520,9 +541,8 @@ async fn record_report(
     };
     let usage = |v: u64| Arg::Int(i64::try_from(v).unwrap_or(i64::MAX));
     let write = Write {
-        sql: "UPDATE assignments SET state = 'reported', report = $1, signature = $2, outcome = $3, detail = $4, finished_at = $5, \
-              wall_ms = $6, cpu_ms = $7, peak_rss_kib = $8, bytes_uploaded = $9 \
-              WHERE id = $10 AND worker_id = $11 AND build_id = $12 AND job = $13 AND state = 'running'",
+        kind: &REPORT,
+        id: report.assignment.clone(),
         args: vec![
             Arg::Text(signed.report.clone()),
             Arg::Text(signed.signature.clone()),
@@ -533,14 +553,12 @@ async fn record_report(
             usage(report.usage.cpu_ms),
             usage(report.usage.peak_rss_kib),
             usage(report.usage.bytes_uploaded),
-            Arg::Text(report.assignment.clone()),
             Arg::Text(w.id.clone()),
             Arg::Text(report.build_id.clone()),
             Arg::Text(report.job.clone()),
         ],
     };
-    let done = state.commits.execute(write).await?;
-    if done == 0 {
+    if !state.commits.execute(write).await? {
         return Ok(false);
     }
     tracing::info!(assignment = %report.assignment, worker = %w.id, outcome = %outcome, "result reported");

@@ -42,6 +42,7 @@ on_both_backends!(
     an_offer_not_taken_in_time_is_withdrawn_and_offered_again,
     a_known_worker_name_with_another_key_is_refused,
     tokens_minted_ahead_go_to_the_worker_and_assignment_they_name,
+    an_offer_made_before_a_restart_is_taken_after_it,
 );
 
 async fn bounded(case: impl std::future::Future<Output = ()>) {
@@ -828,5 +829,34 @@ async fn tokens_minted_ahead_go_to_the_worker_and_assignment_they_name(backend: 
         .wait_build(&build, "verification", |s| s.state.is_final())
         .await;
     assert_eq!(done.state, BuildState::Verified);
+    stack.stop().await;
+}
+
+/// Offers live in the database; the controller's memory of them (`offers.rs`) is only a
+/// shortcut. An offer waiting when the controller stops is taken after the restart as it was
+/// made, not withdrawn and made again.
+async fn an_offer_made_before_a_restart_is_taken_after_it(backend: Backend) {
+    let mut stack = Stack::start(backend, 30).await;
+    let w = stack.worker("w1", "owner-1", false).await;
+    let build = stack
+        .submit("policy: {quorum: 1}\njobs:\n  one:\n    script: [\"echo 1\"]\n  two:\n    script: [\"echo 2\"]\n")
+        .await;
+    let first = w.take().await;
+    stack.stop_controller().await;
+    stack.start_controller().await;
+    let second = tokio::time::timeout(Duration::from_secs(10), w.take())
+        .await
+        .expect("the offer made before the restart is taken at once");
+    assert_ne!(first.job, second.job);
+    for a in [&first, &second] {
+        w.succeed(a, a.script[0].as_bytes(), Usage::default()).await;
+    }
+    let done = stack
+        .wait_build(&build, "verification after restart", |s| s.state.is_final())
+        .await;
+    assert_eq!(done.state, BuildState::Verified, "{done:#?}");
+    for job in &done.jobs {
+        assert_eq!(job.assignments.len(), 1, "offered once: {job:#?}");
+    }
     stack.stop().await;
 }
