@@ -7,7 +7,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::digest::Digest;
 use crate::pipeline::Policy;
@@ -180,112 +180,280 @@ pub struct Builder {
     pub trusted: bool,
 }
 
+/// An in-toto Statement v1 with predicate `P`, serialized straight from the facts it borrows:
+/// a large build's statements run to megabytes, and building them as `serde_json::Value` trees
+/// first took the signer about as long as re-checking the build's evidence.
+#[derive(Serialize)]
+struct Statement<'a, P> {
+    #[serde(rename = "_type")]
+    kind: &'static str,
+    subject: Vec<SubjectOf<'a>>,
+    #[serde(rename = "predicateType")]
+    predicate_type: &'static str,
+    predicate: P,
+}
+
+#[derive(Serialize)]
+struct SubjectOf<'a> {
+    name: JobPath<'a>,
+    digest: Sha256,
+}
+
+/// A subject's name, `<job>/<path>`, written without building the string first.
+struct JobPath<'a>(&'a str, &'a str);
+
+impl Serialize for JobPath<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{}/{}", self.0, self.1))
+    }
+}
+
+/// `{"sha256": "<hex>"}`, an in-toto digest set.
+#[derive(Serialize)]
+struct Sha256 {
+    sha256: String,
+}
+
+impl From<Digest> for Sha256 {
+    fn from(d: Digest) -> Sha256 {
+        Sha256 { sha256: d.hex() }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Provenance<'a> {
+    build_definition: BuildDefinition<'a>,
+    run_details: RunDetails<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BuildDefinition<'a> {
+    build_type: &'static str,
+    external_parameters: ExternalParameters<'a>,
+    internal_parameters: InternalParameters<'a>,
+    resolved_dependencies: [GitSource<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct ExternalParameters<'a> {
+    source: GitSource<'a>,
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct GitSource<'a> {
+    uri: &'a str,
+    digest: GitCommit<'a>,
+}
+
+#[derive(Serialize, Clone, Copy)]
+#[serde(rename_all = "camelCase")]
+struct GitCommit<'a> {
+    git_commit: &'a str,
+}
+
+#[derive(Serialize)]
+struct InternalParameters<'a> {
+    jobs: Vec<ProvenanceJob<'a>>,
+}
+
+#[derive(Serialize)]
+struct ProvenanceJob<'a> {
+    name: &'a str,
+    policy: Policy,
+    manifest: Digest,
+    builders: &'a [Builder],
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RunDetails<'a> {
+    builder: Id<'a>,
+    metadata: Metadata<'a>,
+}
+
+#[derive(Serialize)]
+struct Id<'a> {
+    id: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Metadata<'a> {
+    invocation_id: &'a str,
+    started_on: &'a str,
+    finished_on: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Summary<'a> {
+    verifier: Id<'a>,
+    time_verified: &'a str,
+    resource_uri: String,
+    policy: SummaryPolicy<'a>,
+    input_attestations: [InputAttestation; 1],
+    verification_result: &'static str,
+    verified_levels: [&'static str; 1],
+    slsa_version: &'static str,
+    agreement: Vec<Agreement<'a>>,
+}
+
+#[derive(Serialize)]
+struct SummaryPolicy<'a> {
+    uri: &'static str,
+    digest: Sha256,
+    annotations: Annotations<'a>,
+}
+
+#[derive(Serialize)]
+struct Annotations<'a> {
+    jobs: Vec<JobPolicy<'a>>,
+}
+
+/// One job's policy in a summary. Its fields are in alphabetical order, as consumers recompute
+/// the policy digest over this array parsed into `serde_json::Value`, which sorts keys.
+#[derive(Serialize)]
+struct JobPolicy<'a> {
+    job: &'a str,
+    quorum: u32,
+    trusted: u32,
+}
+
+#[derive(Serialize)]
+struct InputAttestation {
+    uri: String,
+    digest: Sha256,
+}
+
+#[derive(Serialize)]
+struct Agreement<'a> {
+    job: &'a str,
+    manifest: Digest,
+    builders: &'a [Builder],
+}
+
 /// The in-toto Statement with SLSA Provenance v1 for a verified build. Subject names are
 /// `<job>/<path>`.
-pub fn provenance_statement(facts: &BuildFacts) -> Value {
-    let subject = subjects_of(facts);
-    let jobs: Vec<Value> = facts
-        .jobs
-        .iter()
-        .map(|j| {
-            json!({
-                "name": j.name,
-                "policy": {"quorum": j.policy.quorum, "trusted": j.policy.trusted},
-                "manifest": j.manifest.to_string(),
-                "builders": j.builders,
-            })
-        })
-        .collect();
-    json!({
-        "_type": STATEMENT_TYPE,
-        "subject": subject,
-        "predicateType": PROVENANCE_TYPE,
-        "predicate": {
-            "buildDefinition": {
-                "buildType": BUILD_TYPE,
-                "externalParameters": {
-                    "source": {"uri": facts.repository, "digest": {"gitCommit": facts.commit}},
+pub fn provenance_statement(facts: &BuildFacts) -> impl Serialize + '_ {
+    let source = GitSource {
+        uri: &facts.repository,
+        digest: GitCommit {
+            git_commit: &facts.commit,
+        },
+    };
+    Statement {
+        kind: STATEMENT_TYPE,
+        subject: subjects_of(facts),
+        predicate_type: PROVENANCE_TYPE,
+        predicate: Provenance {
+            build_definition: BuildDefinition {
+                build_type: BUILD_TYPE,
+                external_parameters: ExternalParameters { source },
+                internal_parameters: InternalParameters {
+                    jobs: facts
+                        .jobs
+                        .iter()
+                        .map(|j| ProvenanceJob {
+                            name: &j.name,
+                            policy: j.policy,
+                            manifest: j.manifest,
+                            builders: &j.builders,
+                        })
+                        .collect(),
                 },
-                "internalParameters": {"jobs": jobs},
-                "resolvedDependencies": [
-                    {"uri": facts.repository, "digest": {"gitCommit": facts.commit}}
-                ],
+                resolved_dependencies: [source],
             },
-            "runDetails": {
-                "builder": {"id": facts.controller},
-                "metadata": {
-                    "invocationId": facts.build_id,
-                    "startedOn": facts.started_on,
-                    "finishedOn": facts.finished_on,
+            run_details: RunDetails {
+                builder: Id {
+                    id: &facts.controller,
+                },
+                metadata: Metadata {
+                    invocation_id: &facts.build_id,
+                    started_on: &facts.started_on,
+                    finished_on: &facts.finished_on,
                 },
             },
         },
-    })
+    }
 }
 
 /// The in-toto Statement with an SLSA Verification Summary v1 for a verified build whose
 /// provenance is `provenance`: the same subjects, the policy (identical results required per
 /// job), the provenance as the input attestation (by the SHA-256 of its statement bytes), and,
 /// as an extension field, the builders whose identical results met the policy.
-pub fn verification_summary(facts: &BuildFacts, provenance: &Envelope) -> Value {
-    let subject = subjects_of(facts);
-    let policy: Vec<Value> = facts
+pub fn verification_summary<'a>(
+    facts: &'a BuildFacts,
+    provenance: &Envelope,
+) -> impl Serialize + 'a {
+    let policy: Vec<JobPolicy> = facts
         .jobs
         .iter()
-        .map(|j| json!({"job": j.name, "quorum": j.policy.quorum, "trusted": j.policy.trusted}))
+        .map(|j| JobPolicy {
+            job: &j.name,
+            quorum: j.policy.quorum,
+            trusted: j.policy.trusted,
+        })
         .collect();
     let policy_bytes = serde_json::to_vec(&policy).expect("policies serialize");
     let provenance_bytes = B64.decode(&provenance.payload).unwrap_or_default();
-    let builders: Vec<Value> = facts
-        .jobs
-        .iter()
-        .map(|j| json!({"job": j.name, "manifest": j.manifest.to_string(), "builders": j.builders}))
-        .collect();
     let build_uri = format!(
         "{}/api/v1/builds/{}",
         facts.controller.trim_end_matches('/'),
         facts.build_id
     );
-    json!({
-        "_type": STATEMENT_TYPE,
-        "subject": subject,
-        "predicateType": VSA_TYPE,
-        "predicate": {
-            "verifier": {"id": facts.controller},
-            "timeVerified": facts.finished_on,
-            "resourceUri": build_uri,
-            "policy": {
-                "uri": POLICY_URI,
-                "digest": {"sha256": Digest::of(&policy_bytes).hex()},
-                "annotations": {"jobs": policy},
+    Statement {
+        kind: STATEMENT_TYPE,
+        subject: subjects_of(facts),
+        predicate_type: VSA_TYPE,
+        predicate: Summary {
+            verifier: Id {
+                id: &facts.controller,
             },
-            "inputAttestations": [{
-                "uri": format!("{build_uri}/statement"),
-                "digest": {"sha256": Digest::of(&provenance_bytes).hex()},
+            time_verified: &facts.finished_on,
+            input_attestations: [InputAttestation {
+                uri: format!("{build_uri}/statement"),
+                digest: Digest::of(&provenance_bytes).into(),
             }],
-            "verificationResult": "PASSED",
-            "verifiedLevels": [VERIFIED_LEVEL],
-            "slsaVersion": "1.0",
-            "agreement": builders,
+            resource_uri: build_uri,
+            policy: SummaryPolicy {
+                uri: POLICY_URI,
+                digest: Digest::of(&policy_bytes).into(),
+                annotations: Annotations { jobs: policy },
+            },
+            verification_result: "PASSED",
+            verified_levels: [VERIFIED_LEVEL],
+            slsa_version: "1.0",
+            agreement: facts
+                .jobs
+                .iter()
+                .map(|j| Agreement {
+                    job: &j.name,
+                    manifest: j.manifest,
+                    builders: &j.builders,
+                })
+                .collect(),
         },
-    })
+    }
 }
 
-fn subjects_of(facts: &BuildFacts) -> Vec<Value> {
+fn subjects_of(facts: &BuildFacts) -> Vec<SubjectOf<'_>> {
     facts
         .jobs
         .iter()
         .flat_map(|j| {
-            j.artifacts
-                .iter()
-                .map(move |(path, d)| json!({"name": format!("{}/{}", j.name, path), "digest": {"sha256": d.hex()}}))
+            j.artifacts.iter().map(|(path, d)| SubjectOf {
+                name: JobPath(&j.name, path),
+                digest: (*d).into(),
+            })
         })
         .collect()
 }
 
 /// Wraps a signature made elsewhere into an envelope. `sign` receives the PAE bytes.
 pub fn envelope_with(
-    statement: &Value,
+    statement: &impl Serialize,
     keyid: String,
     sign: impl FnOnce(&[u8]) -> [u8; 64],
 ) -> Envelope {
@@ -305,6 +473,7 @@ pub fn envelope_with(
 mod tests {
     use super::*;
     use ed25519_dalek::{Signer, SigningKey};
+    use serde_json::json;
 
     fn facts() -> BuildFacts {
         BuildFacts {
@@ -349,12 +518,24 @@ mod tests {
         let env = envelope_with(&provenance, key_id(&key.verifying_key()), |m| {
             key.sign(m).to_bytes()
         });
-        let vsa = verification_summary(&facts, &env);
+        let vsa = serde_json::to_value(verification_summary(&facts, &env)).unwrap();
         assert_eq!(vsa["_type"], STATEMENT_TYPE);
         assert_eq!(vsa["predicateType"], VSA_TYPE);
+        let provenance = serde_json::to_value(&provenance).unwrap();
         assert_eq!(vsa["subject"], provenance["subject"]);
+        assert_eq!(
+            provenance["predicate"]["buildDefinition"]["internalParameters"]["jobs"][0]["builders"],
+            vsa["predicate"]["agreement"][0]["builders"]
+        );
         let p = &vsa["predicate"];
         assert_eq!(p["verificationResult"], "PASSED");
+        assert_eq!(p["verifiedLevels"], json!([VERIFIED_LEVEL]));
+        assert_eq!(p["slsaVersion"], "1.0");
+        assert_eq!(p["timeVerified"], "2026-01-01T00:01:00Z");
+        assert_eq!(
+            p["inputAttestations"][0]["uri"],
+            "http://127.0.0.1:1/api/v1/builds/b1/statement"
+        );
         assert_eq!(p["verifier"]["id"], "http://127.0.0.1:1");
         assert_eq!(p["resourceUri"], "http://127.0.0.1:1/api/v1/builds/b1");
         assert_eq!(p["policy"]["uri"], POLICY_URI);
@@ -362,6 +543,9 @@ mod tests {
             p["policy"]["annotations"]["jobs"],
             json!([{"job": "build", "quorum": 2, "trusted": 0}])
         );
+        // The digest a consumer recomputes from the policy it reads (quorum_client::verify).
+        let read = serde_json::to_vec(&p["policy"]["annotations"]["jobs"]).unwrap();
+        assert_eq!(p["policy"]["digest"]["sha256"], Digest::of(&read).hex());
         let payload = B64.decode(&env.payload).unwrap();
         assert_eq!(
             p["inputAttestations"][0]["digest"]["sha256"],
@@ -374,10 +558,56 @@ mod tests {
         // Another policy is another digest.
         let mut stricter = facts.clone();
         stricter.jobs[0].policy.quorum = 3;
-        let other = verification_summary(&stricter, &env);
+        let other = serde_json::to_value(verification_summary(&stricter, &env)).unwrap();
         assert_ne!(
             other["predicate"]["policy"]["digest"],
             p["policy"]["digest"]
+        );
+    }
+
+    /// The whole provenance, field by field, as SLSA Provenance v1 lays it out (the statements
+    /// are serialized from typed structs, so a renamed field would otherwise go unnoticed).
+    #[test]
+    fn the_provenance_is_slsa_provenance_v1() {
+        let mut facts = facts();
+        facts.jobs[0].builders = vec![Builder {
+            worker: "w1".into(),
+            owner: "alice".into(),
+            key_id: "sha256:aa".into(),
+            trusted: true,
+        }];
+        let source = json!({"uri": "file:///repo", "digest": {"gitCommit": "0".repeat(40)}});
+        assert_eq!(
+            serde_json::to_value(provenance_statement(&facts)).unwrap(),
+            json!({
+                "_type": STATEMENT_TYPE,
+                "subject": [{"name": "build/out/a", "digest": {"sha256": Digest::of(b"a").hex()}}],
+                "predicateType": PROVENANCE_TYPE,
+                "predicate": {
+                    "buildDefinition": {
+                        "buildType": BUILD_TYPE,
+                        "externalParameters": {"source": source},
+                        "internalParameters": {"jobs": [{
+                            "name": "build",
+                            "policy": {"quorum": 2, "trusted": 0},
+                            "manifest": Digest::of(b"m").to_string(),
+                            "builders": [{
+                                "worker": "w1", "owner": "alice", "key_id": "sha256:aa",
+                                "trusted": true,
+                            }],
+                        }]},
+                        "resolvedDependencies": [source],
+                    },
+                    "runDetails": {
+                        "builder": {"id": "http://127.0.0.1:1"},
+                        "metadata": {
+                            "invocationId": "b1",
+                            "startedOn": "2026-01-01T00:00:00Z",
+                            "finishedOn": "2026-01-01T00:01:00Z",
+                        },
+                    },
+                },
+            })
         );
     }
 
@@ -389,7 +619,8 @@ mod tests {
             SigningKey::from_bytes(&[3u8; 32]),
         );
         let ring = [new.verifying_key(), old.verifying_key()];
-        let statement = provenance_statement(&facts());
+        let facts = facts();
+        let statement = provenance_statement(&facts);
         let by_old = envelope_with(&statement, key_id(&old.verifying_key()), |m| {
             old.sign(m).to_bytes()
         });
@@ -423,7 +654,8 @@ mod tests {
     #[test]
     fn signed_statement_verifies_and_tampering_is_caught() {
         let key = SigningKey::from_bytes(&[7u8; 32]);
-        let statement = provenance_statement(&facts());
+        let facts = facts();
+        let statement = provenance_statement(&facts);
         let env = envelope_with(&statement, key_id(&key.verifying_key()), |m| {
             key.sign(m).to_bytes()
         });
@@ -435,7 +667,7 @@ mod tests {
         );
 
         let mut tampered = env.clone();
-        let mut s = statement.clone();
+        let mut s = serde_json::to_value(&statement).unwrap();
         s["subject"][0]["digest"]["sha256"] = json!(Digest::of(b"evil").hex());
         tampered.payload = B64.encode(serde_json::to_vec(&s).unwrap());
         assert!(matches!(

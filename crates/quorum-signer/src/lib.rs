@@ -15,7 +15,7 @@ use std::path::Path;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use ed25519_dalek::{Signature, Signer as _, Verifier as _, VerifyingKey};
+use ed25519_dalek::{Signature, Signer as _, VerifyingKey, verify_batch};
 use quorum_api::v1::controller::{ReportedResult, ResultReport};
 use quorum_api::v1::worker_auth::report_message;
 use quorum_core::attest::{self, BuildFacts, Builder, Envelope, JobFacts};
@@ -163,11 +163,14 @@ impl Signer {
         };
         let key = self.ring.active()?;
         let keyid = attest::key_id(&key.verifying_key());
-        let sign = |statement: &serde_json::Value| {
-            attest::envelope_with(statement, keyid.clone(), |m| key.sign(m).to_bytes())
-        };
-        let provenance = sign(&attest::provenance_statement(&facts));
-        let summary = sign(&attest::verification_summary(&facts, &provenance));
+        let sign = |m: &[u8]| key.sign(m).to_bytes();
+        let provenance =
+            attest::envelope_with(&attest::provenance_statement(&facts), keyid.clone(), sign);
+        let summary = attest::envelope_with(
+            &attest::verification_summary(&facts, &provenance),
+            keyid,
+            sign,
+        );
         Ok(SignedBuild {
             provenance,
             summary,
@@ -187,13 +190,13 @@ fn check_jobs(build_id: &str, jobs: &[JobEvidence]) -> Result<Vec<JobFacts>, Sig
         .min(jobs.len() / JOBS_PER_THREAD)
         .max(1);
     if threads == 1 {
-        return jobs.iter().map(|j| check_job(build_id, j)).collect();
+        return check_part(build_id, jobs);
     }
     let chunk = jobs.len().div_ceil(threads);
     let checked: Vec<Result<Vec<JobFacts>, SignError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = jobs
             .chunks(chunk)
-            .map(|part| scope.spawn(move || part.iter().map(|j| check_job(build_id, j)).collect()))
+            .map(|part| scope.spawn(move || check_part(build_id, part)))
             .collect();
         handles
             .into_iter()
@@ -207,17 +210,83 @@ fn check_jobs(build_id: &str, jobs: &[JobEvidence]) -> Result<Vec<JobFacts>, Sig
     Ok(facts)
 }
 
-fn check_job(build_id: &str, job: &JobEvidence) -> Result<JobFacts, SignError> {
+/// Checks consecutive jobs: their reports' signatures in one batch, then each job in order, so
+/// the error is the one checking them one by one would give first.
+fn check_part(build_id: &str, jobs: &[JobEvidence]) -> Result<Vec<JobFacts>, SignError> {
+    let results: Vec<&ResultEvidence> = jobs
+        .iter()
+        .flat_map(|j| j.results.iter().chain(&j.rebuilds))
+        .collect();
+    let bad_signature = first_bad_signature(&results);
+    let mut first = 0;
+    jobs.iter()
+        .map(|job| {
+            let facts = check_job(build_id, job, |i| bad_signature != Some(first + i));
+            first += job.results.len() + job.rebuilds.len();
+            facts
+        })
+        .collect()
+}
+
+/// The index of the first of `results` whose report signature does not verify with its
+/// worker's key, if any.
+///
+/// The signatures are checked together (`ed25519_dalek::verify_batch`, one multiscalar
+/// multiplication for all; docs/benchmarks.md, "Signer") and, only when the batch fails, one by
+/// one with `verify_strict` to name the culprit. Why the batch is enough: it passes only if
+/// every signature satisfies the cofactored verification equation, but for a chance of about
+/// 2^-128 (its coefficients are derived from all its inputs, so they cannot be aimed), so
+/// nobody without a worker's private key, the controller included, gets a report past it. It
+/// accepts more than single verification only signatures whose `R` or key has a component of
+/// small order, which only the key's holder can make verify, so they prove no less that the
+/// worker signed the report. Weak (small-order) keys, under which anyone can make signatures
+/// verify and which `verify_strict` refuses, are refused before the batch.
+fn first_bad_signature(results: &[&ResultEvidence]) -> Option<usize> {
+    let mut decoded = Vec::with_capacity(results.len());
+    for r in results {
+        let sig = B64
+            .decode(&r.signature)
+            .ok()
+            .and_then(|sig| Signature::from_slice(&sig).ok());
+        match sig {
+            Some(sig) if !r.worker_key.is_weak() => {
+                decoded.push((report_message(r.report.as_bytes()), sig, r.worker_key));
+            }
+            _ => break,
+        }
+    }
+    // Only the results before an undecodable signature can be an earlier culprit.
+    let undecodable = (decoded.len() < results.len()).then_some(decoded.len());
+    let messages: Vec<&[u8]> = decoded.iter().map(|(m, _, _)| m.as_slice()).collect();
+    let signatures: Vec<Signature> = decoded.iter().map(|(_, s, _)| *s).collect();
+    let keys: Vec<VerifyingKey> = decoded.iter().map(|(_, _, k)| *k).collect();
+    if verify_batch(&messages, &signatures, &keys).is_ok() {
+        return undecodable;
+    }
+    decoded
+        .iter()
+        .position(|(m, sig, key)| key.verify_strict(m, sig).is_err())
+        .or(undecodable)
+}
+
+/// One job: each result's report checked (`signature_ok(i)` says whether the `i`th result's
+/// signature, counting results then rebuilds, verified), and its verdict recomputed.
+fn check_job(
+    build_id: &str,
+    job: &JobEvidence,
+    signature_ok: impl Fn(usize) -> bool,
+) -> Result<JobFacts, SignError> {
     let mut views = Vec::new();
     let mut rebuild_views = Vec::new();
     let mut reports = Vec::new();
-    for (r, rebuild) in job
+    for (i, (r, rebuild)) in job
         .results
         .iter()
         .map(|r| (r, false))
         .chain(job.rebuilds.iter().map(|r| (r, true)))
+        .enumerate()
     {
-        let report = check_report(build_id, &job.name, r)?;
+        let report = check_report(build_id, &job.name, r, signature_ok(i))?;
         let view = ResultView {
             worker: r.worker.clone(),
             owner: r.owner.clone(),
@@ -272,19 +341,22 @@ fn check_job(build_id: &str, job: &JobEvidence) -> Result<JobFacts, SignError> {
     })
 }
 
-/// One signed report, checked: its signature with the enrolled worker key, that it is about
-/// this build, job, assignment and worker, and that its manifest hashes to its digest.
-fn check_report(build_id: &str, job: &str, r: &ResultEvidence) -> Result<ResultReport, SignError> {
-    let bad_sig = || SignError::BadReportSignature {
-        job: job.to_string(),
-        assignment: r.assignment.clone(),
-        worker: r.worker.clone(),
-    };
-    let sig = B64.decode(&r.signature).map_err(|_| bad_sig())?;
-    let sig = Signature::from_slice(&sig).map_err(|_| bad_sig())?;
-    r.worker_key
-        .verify(&report_message(r.report.as_bytes()), &sig)
-        .map_err(|_| bad_sig())?;
+/// One signed report, checked: its signature with the enrolled worker key (verified beforehand,
+/// `first_bad_signature`), that it is about this build, job, assignment and worker, and that
+/// its manifest hashes to its digest.
+fn check_report(
+    build_id: &str,
+    job: &str,
+    r: &ResultEvidence,
+    signature_ok: bool,
+) -> Result<ResultReport, SignError> {
+    if !signature_ok {
+        return Err(SignError::BadReportSignature {
+            job: job.to_string(),
+            assignment: r.assignment.clone(),
+            worker: r.worker.clone(),
+        });
+    }
     let report: ResultReport =
         serde_json::from_str(&r.report).map_err(|e| SignError::BadReport {
             job: job.to_string(),
@@ -504,23 +576,17 @@ mod tests {
         ));
     }
 
-    /// A build large enough to be checked on several threads: its jobs come out in order, and
-    /// one forged report in any part of it refuses the whole build, naming the job.
-    #[test]
-    fn a_large_build_is_checked_whole_and_in_order() {
-        let (w1, w2) = (
-            SigningKey::from_bytes(&[1; 32]),
-            SigningKey::from_bytes(&[2; 32]),
-        );
-        let jobs = 4 * JOBS_PER_THREAD + 3;
+    /// A build large enough to be checked on several threads, each job built by `w1` (assignment
+    /// `a<i>`) and `w2` (`b<i>`) with identical results.
+    fn large_build(w1: &SigningKey, w2: &SigningKey) -> Evidence {
         let mut e = evidence(vec![]);
-        e.jobs = (0..jobs)
+        e.jobs = (0..4 * JOBS_PER_THREAD + 3)
             .map(|i| {
                 let (name, out) = (format!("j{i}"), format!("{i}"));
                 JobEvidence {
                     results: vec![
-                        report_for(&w1, "w1", &format!("a{i}"), &name, out.as_bytes()),
-                        report_for(&w2, "w2", &format!("b{i}"), &name, out.as_bytes()),
+                        report_for(w1, "w1", &format!("a{i}"), &name, out.as_bytes()),
+                        report_for(w2, "w2", &format!("b{i}"), &name, out.as_bytes()),
                     ],
                     rebuilds: vec![],
                     name,
@@ -531,9 +597,35 @@ mod tests {
                 }
             })
             .collect();
+        e
+    }
+
+    fn refused_signature(s: &Signer, e: &Evidence) -> (String, String, String) {
+        match s.sign_build(e) {
+            Err(SignError::BadReportSignature {
+                job,
+                assignment,
+                worker,
+            }) => (job, assignment, worker),
+            other => panic!("a bad report signature was not refused: {other:?}"),
+        }
+    }
+
+    /// Its jobs come out in order, and one report signed with another worker's key in any part
+    /// of it refuses the whole build, naming the job.
+    #[test]
+    fn a_large_build_is_checked_whole_and_in_order() {
+        let (w1, w2) = (
+            SigningKey::from_bytes(&[1; 32]),
+            SigningKey::from_bytes(&[2; 32]),
+        );
+        let e = large_build(&w1, &w2);
+        let jobs = e.jobs.len();
         let dir = tempfile::tempdir().unwrap();
         let s = signer(dir.path());
         let signed = s.sign_build(&e).unwrap();
+        let statement = attest::verify_envelope(&signed.provenance, &s.public_key()).unwrap();
+        assert_eq!(attest::subjects(&statement).unwrap().len(), jobs);
         let summary = attest::verify_envelope(&signed.summary, &s.public_key()).unwrap();
         let named: Vec<String> = summary["predicate"]["policy"]["annotations"]["jobs"]
             .as_array()
@@ -543,16 +635,161 @@ mod tests {
             .collect();
         let expected: Vec<String> = (0..jobs).map(|i| format!("j{i}")).collect();
         assert_eq!(named, expected);
+        let key_ids: Vec<&str> = summary["predicate"]["agreement"][jobs - 1]["builders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["key_id"].as_str().unwrap())
+            .collect();
+        let w2_id = attest::key_id(&w2.verifying_key());
+        assert_eq!(key_ids, [attest::key_id(&w1.verifying_key()), w2_id]);
 
         for forged_at in [0, jobs / 2, jobs - 1] {
             let mut bad = e.clone();
             bad.jobs[forged_at].results[1].worker_key = w1.verifying_key();
-            match s.sign_build(&bad) {
-                Err(SignError::BadReportSignature { job, .. }) => {
-                    assert_eq!(job, format!("j{forged_at}"))
+            let (job, _, _) = refused_signature(&s, &bad);
+            assert_eq!(job, format!("j{forged_at}"));
+        }
+    }
+
+    /// However a signature in a large build is forged (made with another key, over a report
+    /// changed after signing, or malleated to `s + ℓ`, which plain Ed25519 would also refuse),
+    /// the batch check fails and the build is refused naming that very job, assignment and
+    /// worker, wherever the report sits: first, middle, last, or either result of a job.
+    #[test]
+    fn a_forged_signature_in_a_large_build_is_refused_naming_its_report() {
+        let (w1, w2, thief) = (
+            SigningKey::from_bytes(&[1; 32]),
+            SigningKey::from_bytes(&[2; 32]),
+            SigningKey::from_bytes(&[9; 32]),
+        );
+        let e = large_build(&w1, &w2);
+        let jobs = e.jobs.len();
+        let dir = tempfile::tempdir().unwrap();
+        let s = signer(dir.path());
+        type Forgery = fn(&mut ResultEvidence, &SigningKey);
+        let forgeries: [(&str, Forgery); 3] = [
+            ("another key", |r, thief| {
+                let sig = thief.sign(&report_message(r.report.as_bytes()));
+                r.signature = B64.encode(sig.to_bytes());
+            }),
+            ("a changed report", |r, _| {
+                assert!(r.report.contains(r#""wall_ms":0"#));
+                r.report = r.report.replace(r#""wall_ms":0"#, r#""wall_ms":1"#);
+            }),
+            ("s + ℓ", |r, _| {
+                // ℓ, the order of the base point, little-endian.
+                const ELL: [u8; 32] = [
+                    0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde,
+                    0xf9, 0xde, 0x14, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+                ];
+                let mut sig = B64.decode(&r.signature).unwrap();
+                let mut carry = 0u16;
+                for (b, l) in sig[32..].iter_mut().zip(ELL) {
+                    let sum = u16::from(*b) + u16::from(l) + carry;
+                    *b = sum as u8;
+                    carry = sum >> 8;
                 }
-                other => panic!("a forged report in job {forged_at} was not refused: {other:?}"),
+                assert_eq!(carry, 0, "s + ℓ fits in 32 bytes since s < ℓ");
+                r.signature = B64.encode(sig);
+            }),
+        ];
+        for (how, forge) in forgeries {
+            for (at, result) in [(0, 0), (jobs / 2, 1), (jobs / 2 + 1, 0), (jobs - 1, 1)] {
+                let mut bad = e.clone();
+                forge(&mut bad.jobs[at].results[result], &thief);
+                let refused = refused_signature(&s, &bad);
+                let (assignment, worker) = if result == 0 {
+                    (format!("a{at}"), "w1")
+                } else {
+                    (format!("b{at}"), "w2")
+                };
+                assert_eq!(
+                    refused,
+                    (format!("j{at}"), assignment, worker.to_string()),
+                    "forged with {how}"
+                );
             }
+        }
+    }
+
+    /// With several bad reports the build is refused for the first in the build's order, as
+    /// checking them one by one would: a batch does not change which report is named, whether
+    /// the first is an unreadable signature, a forged one, or a report about something else.
+    #[test]
+    fn the_first_bad_report_in_a_large_build_is_the_one_named() {
+        let (w1, w2, thief) = (
+            SigningKey::from_bytes(&[1; 32]),
+            SigningKey::from_bytes(&[2; 32]),
+            SigningKey::from_bytes(&[9; 32]),
+        );
+        let mut e = large_build(&w1, &w2);
+        let dir = tempfile::tempdir().unwrap();
+        let s = signer(dir.path());
+        let forged = |r: &mut ResultEvidence| {
+            let sig = thief.sign(&report_message(r.report.as_bytes()));
+            r.signature = B64.encode(sig.to_bytes());
+        };
+        forged(&mut e.jobs[40].results[1]);
+        e.jobs[20].results[0].signature = "not base64!".into();
+        e.jobs[10].results[1].assignment = "b11".into();
+        forged(&mut e.jobs[5].results[1]);
+        assert_eq!(
+            refused_signature(&s, &e),
+            ("j5".into(), "b5".into(), "w2".into())
+        );
+        e.jobs[5].results[1] = report_for(&w2, "w2", "b5", "j5", b"5");
+        assert!(matches!(
+            s.sign_build(&e),
+            Err(SignError::ReportMismatch { job, assignment, .. }) if job == "j10" && assignment == "b11"
+        ));
+        e.jobs[10].results[1].assignment = "b10".into();
+        assert_eq!(
+            refused_signature(&s, &e),
+            ("j20".into(), "a20".into(), "w1".into())
+        );
+        e.jobs[20].results[0] = report_for(&w1, "w1", "a20", "j20", b"20");
+        assert_eq!(
+            refused_signature(&s, &e),
+            ("j40".into(), "b40".into(), "w2".into())
+        );
+    }
+
+    /// A worker enrolled with a weak key (here the identity point) would let anyone, the
+    /// controller included, forge its reports: `(R, s) = (identity, 0)` verifies under it for
+    /// every message. Plain verification accepts that; the signer refuses it, in a batch or not.
+    #[test]
+    fn a_report_under_a_weak_worker_key_is_refused() {
+        use ed25519_dalek::Verifier as _;
+        let (w1, w2) = (
+            SigningKey::from_bytes(&[1; 32]),
+            SigningKey::from_bytes(&[2; 32]),
+        );
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let weak = VerifyingKey::from_bytes(&identity).unwrap();
+        let mut forged_sig = [0u8; 64];
+        forged_sig[..32].copy_from_slice(&identity);
+        let dir = tempfile::tempdir().unwrap();
+        let s = signer(dir.path());
+
+        let mut small = evidence(vec![
+            report(&w1, "w1", "a1", b"x"),
+            report(&w2, "w2", "a2", b"x"),
+        ]);
+        let mut large = large_build(&w1, &w2);
+        let at = large.jobs.len() / 2;
+        for (e, at) in [(&mut small, 0), (&mut large, at)] {
+            let r = &mut e.jobs[at].results[1];
+            r.worker_key = weak;
+            r.signature = B64.encode(forged_sig);
+            let sig = Signature::from_bytes(&forged_sig);
+            assert!(
+                weak.verify(&report_message(r.report.as_bytes()), &sig)
+                    .is_ok()
+            );
+            let (job, _, worker) = refused_signature(&s, e);
+            assert_eq!((job, worker), (e.jobs[at].name.clone(), "w2".to_string()));
         }
     }
 
