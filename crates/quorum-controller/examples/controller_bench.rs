@@ -14,7 +14,8 @@
 //!   both tokens (the step could start), one build at a time; p50 and p99.
 //! * throughput: `--workers` simulated workers of distinct owners take and report no-op jobs of
 //!   one build of `--jobs` jobs with `quorum: 1` as fast as they can; jobs per second from
-//!   submission until the verified build's signed statement is served.
+//!   submission until the verified build's signed statement is served (and, besides, from the
+//!   first job taken to the last report).
 //! * idle workers: `--idle-workers` workers enrolled and waiting in long polls, held by a child
 //!   process; this process's resident memory (the controller, beside an idle IdP and store)
 //!   before and after they connect.
@@ -169,12 +170,17 @@ async fn throughput(stack: &Stack, workers: usize, jobs: usize) {
         tasks.push(spawn_worker(w, tx.clone(), reported.clone()));
     }
     drop(tx);
-    let drain = tokio::spawn(async move {
-        let mut per_build: HashMap<String, usize> = HashMap::new();
-        while let Some((b, _)) = rx.recv().await {
-            *per_build.entry(b).or_default() += 1;
+    let first_taken = Arc::new(std::sync::OnceLock::new());
+    let drain = tokio::spawn({
+        let first_taken = first_taken.clone();
+        async move {
+            let mut per_build: HashMap<String, usize> = HashMap::new();
+            while let Some((b, at)) = rx.recv().await {
+                let _ = first_taken.set(at);
+                *per_build.entry(b).or_default() += 1;
+            }
+            per_build
         }
-        per_build
     });
     let mut pipeline = String::from("policy: {quorum: 1}\njobs:\n");
     for j in 0..jobs {
@@ -195,6 +201,10 @@ async fn throughput(stack: &Stack, workers: usize, jobs: usize) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let all_reported = started.elapsed();
+        let flowing = first_taken
+            .get()
+            .map(|first| Instant::now() - *first)
+            .unwrap_or_default();
         // The end is the build's signed statement being served: one row to look up, where
         // the status is every job and assignment, whose reads (every 20 ms) competed with the
         // signing they were waiting for.
@@ -216,12 +226,15 @@ async fn throughput(stack: &Stack, workers: usize, jobs: usize) {
         );
         println!(
             "throughput: {jobs} no-op jobs through {workers} workers in {:.2} s ({:.0} jobs/s; \
-             submission {}, last report to final state {}, build {:?})",
+             submission {}, last report to final state {}, build {:?}; first job taken to \
+             last report {} ({:.0} jobs/s))",
             elapsed.as_secs_f64(),
             jobs as f64 / elapsed.as_secs_f64(),
             ms(submitted),
             ms(elapsed - all_reported),
-            status.state
+            status.state,
+            ms(flowing),
+            jobs as f64 / flowing.as_secs_f64(),
         );
         build
     };
