@@ -350,16 +350,25 @@ fn job_with_spec(r: &AnyRow, spec: Arc<JobSpec>) -> anyhow::Result<JobRow> {
     })
 }
 
-/// A build's reported results, the signer's evidence, in the order of [`assignments_of_build`].
-pub async fn reported_of_build(pool: &Pool, build_id: &str) -> anyhow::Result<Vec<AssignmentRow>> {
+/// A build's reported results, the signer's evidence, in the order of [`assignments_of_build`],
+/// and the purpose of those not run for the quorum (`tie_break`, `spot_check`) by id.
+pub async fn reported_of_build(
+    pool: &Pool,
+    build_id: &str,
+) -> anyhow::Result<(Vec<AssignmentRow>, HashMap<String, String>)> {
     let rows = sqlx::query(&format!(
-        "SELECT {ASSIGNMENT_COLUMNS} FROM assignments a WHERE a.build_id = $1 \
+        "SELECT {ASSIGNMENT_COLUMNS}, a.purpose FROM assignments a WHERE a.build_id = $1 \
          AND a.state = 'reported' ORDER BY a.created_at, a.id"
     ))
     .bind(build_id)
     .fetch_all(pool)
     .await?;
-    Ok(rows.iter().map(assignment_from_row).collect())
+    let purposes = rows
+        .iter()
+        .filter(|r| r.get::<String, _>("purpose") != "quorum")
+        .map(|r| (r.get("id"), r.get("purpose")))
+        .collect();
+    Ok((rows.iter().map(assignment_from_row).collect(), purposes))
 }
 
 pub async fn assignments_of_build(

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use quorum_api::v1::controller::{AssignmentPurpose, ReportedResult, ResultReport};
+use quorum_api::v1::controller::{ReportedResult, ResultReport};
 use quorum_api::v1::idp::TakeUp;
 use quorum_core::pipeline::JobSpec;
 use quorum_core::verdict::{
@@ -418,7 +418,7 @@ async fn evaluate_build(state: &State, build_id: &str, online: &mut Online) -> a
     )
     .await?;
     if states.values().all(|s| is_final(s)) {
-        finish_build(state, build_id, &states).await?;
+        finish_build(state, build_id, &states, &jobs).await?;
     }
     Ok(())
 }
@@ -617,9 +617,10 @@ struct NewOffer {
 }
 
 /// Rows per multi-row statement in `flush`: well under the bound-parameter limits of both
-/// databases (32766 in SQLite, 65535 in PostgreSQL), and enough that a thousand new jobs take
-/// a few dozen statements.
-const FLUSH_ROWS: usize = 64;
+/// databases (32766 in SQLite, 65535 in PostgreSQL; a job update binds 6 values a row), and
+/// enough that a thousand new jobs take eight statements. With 64 they took 32, each a round
+/// trip inside the pass's transaction before the first worker could be woken.
+const FLUSH_ROWS: usize = 250;
 
 impl Writes<'_> {
     /// Writes the pass's offers and job updates, `FLUSH_ROWS` rows per statement: the first
@@ -1019,10 +1020,14 @@ fn differing_paths(mine: &[&AssignmentRow]) -> Vec<String> {
     out
 }
 
+/// Ends a build whose jobs are all final (`states`); `jobs` are its rows as this pass read them,
+/// which for finished jobs are as stored (a pass changes a job's round only when it retries the
+/// job, and then the job is not final).
 async fn finish_build(
     state: &State,
     build_id: &str,
     states: &BTreeMap<String, String>,
+    jobs: &[JobRow],
 ) -> anyhow::Result<()> {
     let all_verified = states.values().all(|s| s == "verified");
     let final_state = if all_verified {
@@ -1050,7 +1055,7 @@ async fn finish_build(
         return Ok(());
     }
     let started = std::time::Instant::now();
-    let evidence = gather_evidence(state, build_id, now).await?;
+    let evidence = gather_evidence(state, build_id, now, jobs).await?;
     let gathered = started.elapsed();
     let signing = state.signer.sign_build(&evidence);
     let signed_in = started.elapsed() - gathered;
@@ -1102,16 +1107,17 @@ async fn finish_build(
     Ok(())
 }
 
-/// Everything the signer re-checks, read straight from the database.
-async fn gather_evidence(state: &State, build_id: &str, now: i64) -> anyhow::Result<Evidence> {
+/// Everything the signer re-checks, read straight from the database (`jobs` by this pass).
+async fn gather_evidence(
+    state: &State,
+    build_id: &str,
+    now: i64,
+    jobs: &[JobRow],
+) -> anyhow::Result<Evidence> {
     let b = db::build(&state.pool, build_id)
         .await?
         .context("build vanished")?;
-    // The specs as stored, parsed once for the build's passes (they never change).
-    let specs = specs_of(state, build_id).await?;
-    let jobs = db::jobs_with_specs(&state.pool, build_id, &specs).await?;
-    let assignments = db::reported_of_build(&state.pool, build_id).await?;
-    let purposes = crate::rebuild::purposes(&state.pool, build_id).await?;
+    let (assignments, purposes) = db::reported_of_build(&state.pool, build_id).await?;
     // Every worker once, not once per result: a build of a thousand jobs has a thousand.
     let workers = workers_of(state, &assignments).await?;
     let mut keys = HashMap::new();
@@ -1134,10 +1140,10 @@ async fn gather_evidence(state: &State, build_id: &str, now: i64) -> anyhow::Res
             .flatten()
         {
             // Tie-breaks are evidence of their own; spot checks come after signing, never in it.
-            let into = match purposes.get(&a.id) {
-                None => &mut results,
-                Some(AssignmentPurpose::TieBreak) => &mut rebuilds,
-                Some(_) => continue,
+            let into = match purposes.get(&a.id).map(String::as_str) {
+                Some("tie_break") => &mut rebuilds,
+                Some("spot_check") => continue,
+                _ => &mut results,
             };
             let w = workers.get(&a.worker_id).context("worker vanished")?;
             let key = keys[a.worker_id.as_str()];
@@ -1152,7 +1158,7 @@ async fn gather_evidence(state: &State, build_id: &str, now: i64) -> anyhow::Res
             });
         }
         out.push(JobEvidence {
-            name: j.name,
+            name: j.name.clone(),
             policy: j.spec.policy,
             results,
             rebuilds,

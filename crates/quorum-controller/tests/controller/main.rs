@@ -389,7 +389,7 @@ async fn failures_are_retried_in_a_new_round_but_disputes_never(backend: Backend
 /// The scheduler writes a pass's offers and job states several rows per statement: a build
 /// larger than one such batch must still offer, run and verify every job exactly once.
 async fn a_build_of_many_jobs_runs_each_exactly_once(backend: Backend) {
-    const JOBS: usize = 70;
+    const JOBS: usize = 260;
     let stack = Stack::start(backend, 30).await;
     let mut workers = Vec::new();
     for i in 0..10 {
