@@ -65,6 +65,20 @@ async fn specs_of(state: &State, build_id: &str) -> anyhow::Result<Arc<BuildSpec
     Ok(specs)
 }
 
+/// Seeds the cache with a new build's specs as its submission parsed them: the rows it just
+/// wrote are their serialization, so the build's first pass need not read and parse them.
+pub(crate) fn remember_specs(state: &State, build_id: &str, jobs: Vec<JobSpec>) {
+    let specs: BuildSpecs = jobs
+        .into_iter()
+        .map(|j| (j.name.clone(), Arc::new(j)))
+        .collect();
+    state
+        .specs
+        .lock()
+        .expect("spec cache")
+        .insert(build_id.to_string(), Arc::new(specs));
+}
+
 /// A running build's job spec, if the scheduler has it parsed already (the dispatch path's
 /// shortcut; it never fills the cache, so a finished build's stray offer cannot refill it).
 pub(crate) fn cached_spec(state: &State, build_id: &str, job: &str) -> Option<Arc<JobSpec>> {

@@ -90,6 +90,7 @@ pub async fn submit(
     }
     tx.commit().await.map_err(ApiError::internal)?;
     tracing::info!(build = %id, repository = %req.repository, %commit, jobs = pipeline.jobs.len(), "build created");
+    crate::scheduler::remember_specs(&state, &id, pipeline.jobs);
     state.wake.build(&id);
     Ok((
         StatusCode::CREATED,
