@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use quorum_api::v1::controller::AssignmentPurpose;
 use quorum_core::pipeline::JobSpec;
 use sqlx::Row as _;
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -351,11 +352,11 @@ fn job_with_spec(r: &AnyRow, spec: Arc<JobSpec>) -> anyhow::Result<JobRow> {
 }
 
 /// A build's reported results, the signer's evidence, in the order of [`assignments_of_build`],
-/// and the purpose of those not run for the quorum (`tie_break`, `spot_check`) by id.
+/// and the purpose of those not run for the quorum, by id.
 pub async fn reported_of_build(
     pool: &Pool,
     build_id: &str,
-) -> anyhow::Result<(Vec<AssignmentRow>, HashMap<String, String>)> {
+) -> anyhow::Result<(Vec<AssignmentRow>, HashMap<String, AssignmentPurpose>)> {
     let rows = sqlx::query(&format!(
         "SELECT {ASSIGNMENT_COLUMNS}, a.purpose FROM assignments a WHERE a.build_id = $1 \
          AND a.state = 'reported' ORDER BY a.created_at, a.id"
@@ -365,8 +366,13 @@ pub async fn reported_of_build(
     .await?;
     let purposes = rows
         .iter()
-        .filter(|r| r.get::<String, _>("purpose") != "quorum")
-        .map(|r| (r.get("id"), r.get("purpose")))
+        .map(|r| {
+            (
+                r.get("id"),
+                crate::rebuild::purpose_of(&r.get::<String, _>("purpose")),
+            )
+        })
+        .filter(|(_, purpose)| *purpose != AssignmentPurpose::Quorum)
         .collect();
     Ok((rows.iter().map(assignment_from_row).collect(), purposes))
 }

@@ -38,15 +38,17 @@ pub async fn purposes(
     .await?;
     Ok(rows
         .iter()
-        .map(|r| {
-            let purpose = match r.get::<String, _>("purpose").as_str() {
-                "tie_break" => AssignmentPurpose::TieBreak,
-                "spot_check" => AssignmentPurpose::SpotCheck,
-                _ => AssignmentPurpose::Quorum,
-            };
-            (r.get("id"), purpose)
-        })
+        .map(|r| (r.get("id"), purpose_of(&r.get::<String, _>("purpose"))))
         .collect())
+}
+
+/// The purpose an assignment's `purpose` column names.
+pub(crate) fn purpose_of(name: &str) -> AssignmentPurpose {
+    match name {
+        "tie_break" => AssignmentPurpose::TieBreak,
+        "spot_check" => AssignmentPurpose::SpotCheck,
+        _ => AssignmentPurpose::Quorum,
+    }
 }
 
 fn purpose_name(p: AssignmentPurpose) -> &'static str {

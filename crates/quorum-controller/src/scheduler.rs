@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use quorum_api::v1::controller::{ReportedResult, ResultReport};
+use quorum_api::v1::controller::{AssignmentPurpose, ReportedResult, ResultReport};
 use quorum_api::v1::idp::TakeUp;
 use quorum_core::pipeline::JobSpec;
 use quorum_core::verdict::{
@@ -540,7 +540,6 @@ async fn decide_jobs(
     let mut writes = Writes {
         state,
         tx: state.pool.begin().await?,
-        offered: Vec::new(),
         offers: Vec::new(),
         job_updates: Vec::new(),
     };
@@ -584,8 +583,8 @@ async fn decide_jobs(
             .iter()
             .map(|o| (o.id.as_str(), o.job.as_str(), o.worker.as_str())),
     );
-    for worker in writes.offered {
-        state.worker_notify(&worker).notify_one();
+    for o in &writes.offers {
+        state.worker_notify(&o.worker).notify_one();
     }
     mint_ahead(state, build_id, &writes.offers);
     Ok(moved)
@@ -610,11 +609,10 @@ fn mint_ahead(state: &State, build_id: &str, offers: &[NewOffer]) {
     );
 }
 
-/// The writes of one build's pass, and the workers to wake once they are committed.
+/// The writes of one build's pass; the workers of its offers are woken once it is committed.
 struct Writes<'a> {
     state: &'a State,
     tx: sqlx::Transaction<'static, sqlx::Any>,
-    offered: Vec<String>,
     /// New assignments, inserted by `flush`.
     offers: Vec<NewOffer>,
     /// Jobs whose row changes, by name, written by `flush`.
@@ -998,7 +996,6 @@ fn offer(writes: &mut Writes<'_>, build_id: &str, spec: &JobSpec, round: i64, w:
         round,
         timeout_secs: spec.timeout_secs,
     });
-    writes.offered.push(w.id.clone());
 }
 
 /// Once a verdict is reached, assignments still running are no longer needed.
@@ -1154,10 +1151,10 @@ async fn gather_evidence(
             .flatten()
         {
             // Tie-breaks are evidence of their own; spot checks come after signing, never in it.
-            let into = match purposes.get(&a.id).map(String::as_str) {
-                Some("tie_break") => &mut rebuilds,
-                Some("spot_check") => continue,
-                _ => &mut results,
+            let into = match purposes.get(&a.id) {
+                None | Some(AssignmentPurpose::Quorum) => &mut results,
+                Some(AssignmentPurpose::TieBreak) => &mut rebuilds,
+                Some(AssignmentPurpose::SpotCheck) => continue,
             };
             let w = workers.get(&a.worker_id).context("worker vanished")?;
             let key = keys[a.worker_id.as_str()];
