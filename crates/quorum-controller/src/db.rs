@@ -133,20 +133,45 @@ async fn open_sqlite(data_dir: &Path) -> anyhow::Result<Pool> {
 /// in SQLite's busy handler, which sleeps in steps of up to 100 ms, so under load a write waited
 /// far longer than the writes ahead of it took. PostgreSQL locks rows, not the database: there
 /// the gate lets everyone through.
-pub struct WriteGate(Option<tokio::sync::Mutex<()>>);
+pub struct WriteGate {
+    gate: Option<tokio::sync::Mutex<()>>,
+    /// Writers waiting in [`WriteGate::enter`].
+    waiting: std::sync::atomic::AtomicUsize,
+}
 
 impl WriteGate {
     pub fn new(pool: &Pool) -> WriteGate {
-        WriteGate(is_sqlite(pool).then(|| tokio::sync::Mutex::new(())))
+        WriteGate {
+            gate: is_sqlite(pool).then(|| tokio::sync::Mutex::new(())),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+        }
     }
 
     /// Waits for this writer's turn; the turn lasts while the guard lives. Take it before
     /// acquiring the connection or transaction that writes, never while holding one.
     pub async fn enter(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        match &self.0 {
-            Some(gate) => Some(gate.lock().await),
-            None => None,
+        let gate = self.gate.as_ref()?;
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let turn = gate.lock().await;
+        self.waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        Some(turn)
+    }
+
+    /// A turn for a long writer that just had one and wants another: if others are waiting
+    /// when it comes, they go first (the gate serves in order, so entering again queues behind
+    /// them). Without this, a scheduler pass writing a large build in several commits held the
+    /// gate from one commit to the next, and the workers it had just woken waited for all of
+    /// them to record taking their offers.
+    pub async fn enter_again(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        let gate = self.gate.as_ref()?;
+        let turn = gate.lock().await;
+        if self.waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            return Some(turn);
         }
+        drop(turn);
+        Some(gate.lock().await)
     }
 }
 
