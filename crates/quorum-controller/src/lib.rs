@@ -154,6 +154,8 @@ pub(crate) struct State {
     pub upload_limits: quorum_api::v1::idp::TokenConstraints,
     pub idp: IdpClient,
     pub access: tokio::sync::Mutex<Option<(String, i64)>>,
+    /// Access tokens this process fetched from its IdP (`renew_access`).
+    pub access_tokens_fetched: std::sync::atomic::AtomicU64,
     pub signer: Signer,
     pub mirrors: quorum_git::Mirrors,
     pub project: ProjectConfig,
@@ -190,7 +192,9 @@ impl State {
             .clone()
     }
 
-    /// The controller's own access token from its IdP, renewed a minute before it expires.
+    /// The controller's own access token from its IdP. [`renew_access`] keeps a fresh one
+    /// here; this fetches one itself only if that has not (the IdP was unreachable), or if it
+    /// has less than a minute left.
     pub async fn access_token(&self) -> anyhow::Result<String> {
         let mut cached = self.access.lock().await;
         let now = quorum_service::now_unix();
@@ -199,13 +203,51 @@ impl State {
         {
             return Ok(token.clone());
         }
+        let (token, lifetime) = self.fetch_access_token().await?;
+        *cached = Some((token.clone(), now + lifetime));
+        Ok(token)
+    }
+
+    /// A new access token from the IdP, and its lifetime in seconds.
+    async fn fetch_access_token(&self) -> anyhow::Result<(String, i64)> {
         let resp = self
             .idp
             .access_token()
             .await
             .context("cannot get an access token from the IdP")?;
-        *cached = Some((resp.access_token.clone(), now + resp.expires_in));
-        Ok(resp.access_token)
+        self.access_tokens_fetched
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok((resp.access_token, resp.expires_in))
+    }
+}
+
+/// Fetches the controller's access token at start and again when a quarter of its lifetime is
+/// left, so that no take-up waits for one: the IdP checks the controller's secret against a
+/// deliberately slow hash (Argon2), and the first take-ups after a start spent about 70 ms
+/// waiting for it, as did the one that found the token about to expire, with every take-up
+/// behind it. The old token serves while the new one is fetched.
+async fn renew_access(state: Arc<State>, shutdown: CancellationToken) {
+    let mut failures = 0;
+    loop {
+        let wait = match state.fetch_access_token().await {
+            Ok((token, lifetime)) => {
+                let now = quorum_service::now_unix();
+                *state.access.lock().await = Some((token, now + lifetime));
+                failures = 0;
+                std::time::Duration::from_secs((lifetime.max(4) * 3 / 4) as u64)
+            }
+            Err(e) => {
+                let wait =
+                    std::time::Duration::from_secs(background::backoff_secs(failures) as u64);
+                failures += 1;
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?wait, "cannot renew the controller's access token");
+                wait
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
     }
 }
 
@@ -250,6 +292,7 @@ pub async fn run(
         },
         idp: IdpClient::new(&config.idp.url, &config.idp.client_id, &secret),
         access: tokio::sync::Mutex::new(None),
+        access_tokens_fetched: std::sync::atomic::AtomicU64::new(0),
         signer,
         mirrors: quorum_git::Mirrors::new(config.data_dir.join("git")),
         project: config.project.clone(),
@@ -271,6 +314,7 @@ pub async fn run(
     let publisher = tokio::spawn(publisher::run(state.clone(), shutdown.clone()));
     let explainer = tokio::spawn(diff::run(state.clone(), shutdown.clone()));
     let minter = tokio::spawn(ahead::run(state.clone(), shutdown.clone()));
+    let renewer = tokio::spawn(renew_access(state.clone(), shutdown.clone()));
     let result =
         quorum_service::serve(listener, api::router(state.clone()), shutdown.clone()).await;
     shutdown.cancel();
@@ -279,6 +323,7 @@ pub async fn run(
     let _ = publisher.await;
     let _ = explainer.await;
     let _ = minter.await;
+    let _ = renewer.await;
     result
 }
 

@@ -86,5 +86,12 @@ pub async fn metrics(AxState(state): AxState<Arc<State>>) -> Result<impl IntoRes
         "# HELP quorum_take_up_tokens_waiting Offers whose tokens were minted ahead and wait to be taken.\n# TYPE quorum_take_up_tokens_waiting gauge\nquorum_take_up_tokens_waiting {}",
         state.ahead.waiting()
     );
+    let _ = writeln!(
+        out,
+        "# HELP quorum_access_tokens_fetched_total Access tokens the controller fetched from its IdP.\n# TYPE quorum_access_tokens_fetched_total counter\nquorum_access_tokens_fetched_total {}",
+        state
+            .access_tokens_fetched
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
 }

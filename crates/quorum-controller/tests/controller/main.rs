@@ -43,6 +43,7 @@ on_both_backends!(
     a_known_worker_name_with_another_key_is_refused,
     tokens_minted_ahead_go_to_the_worker_and_assignment_they_name,
     an_offer_made_before_a_restart_is_taken_after_it,
+    the_access_token_is_fetched_at_start_not_at_take_up,
 );
 
 async fn bounded(case: impl std::future::Future<Output = ()>) {
@@ -737,6 +738,42 @@ async fn metric(stack: &Stack, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+}
+
+/// The controller fetches its IdP access token when it starts, so a worker's first take-up
+/// (whose tokens are minted then, with that access token) does not wait for the IdP to check
+/// the controller's secret.
+async fn the_access_token_is_fetched_at_start_not_at_take_up(backend: Backend) {
+    let stack = Stack::start(backend, 30).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while metric(&stack, "quorum_access_tokens_fetched_total").await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the controller fetches its access token at start, with no build and no worker"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let w = stack.worker("w1", "owner-1", false).await;
+    let build = stack
+        .submit("policy: {quorum: 1}\njobs:\n  build:\n    script: [\"true\"]\n")
+        .await;
+    let a = w.take().await;
+    assert_eq!(
+        metric(&stack, "quorum_take_up_tokens_total{minted=\"at_take_up\"}").await,
+        1,
+        "the first offer's tokens were minted at take-up"
+    );
+    assert_eq!(
+        metric(&stack, "quorum_access_tokens_fetched_total").await,
+        1,
+        "with the access token fetched at start"
+    );
+    w.succeed(&a, b"ok", Usage::default()).await;
+    let done = stack
+        .wait_build(&build, "verification", |s| s.state.is_final())
+        .await;
+    assert_eq!(done.state, BuildState::Verified, "{done:#?}");
+    stack.stop().await;
 }
 
 /// A worker offered several jobs in one pass gets the tokens of all but the first minted
