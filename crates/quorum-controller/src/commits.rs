@@ -127,6 +127,8 @@ async fn together(
     writes: &[&Write],
 ) -> Result<HashSet<String>, sqlx::Error> {
     let width = 1 + writes[0].args.len();
+    // Written for a power of two of rows, the last repeated: one statement text per size.
+    let writes: Vec<&Write> = crate::db::padded(writes).collect();
     let rows = crate::db::value_rows(writes.len(), 1, width, |p| {
         format!("({})", crate::db::placeholders(p, width))
     });
@@ -136,7 +138,7 @@ async fn together(
          WHERE {table}.id = v.column1 AND {filter} RETURNING {table}.id"
     );
     let mut q = sqlx::query(&sql);
-    for w in writes {
+    for w in &writes {
         q = q.bind(w.id.as_str());
         for arg in &w.args {
             q = match arg {

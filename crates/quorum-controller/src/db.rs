@@ -466,8 +466,28 @@ pub async fn open_assignments(pool: &Pool, build_id: &str) -> anyhow::Result<Vec
     Ok(rows.iter().map(assignment_from_row).collect())
 }
 
-/// Most values bound in one `IN (...)` list: far below the parameter limits of both databases.
-const IN_CHUNK: usize = 500;
+/// Most values bound in one `IN (...)` list: far below the parameter limits of both databases,
+/// and a power of two, so that a full chunk needs no padding ([`padded_len`]).
+const IN_CHUNK: usize = 512;
+
+/// How many rows or values a statement is written for when `n` are needed: the next power of
+/// two. Each distinct statement text is prepared once per connection and then cached, so with
+/// one text per count the dispatch path's grouped writes and the scheduler's reads prepared a
+/// new statement for most calls (4% of a 1,000-job benchmark's CPU went to
+/// `sqlite3_prepare`). The extra places repeat the last value ([`padded`]), which changes
+/// nothing in an `IN (...)` list or an `UPDATE ... FROM (VALUES ...)`.
+pub fn padded_len(n: usize) -> usize {
+    n.max(1).next_power_of_two()
+}
+
+/// `values`, then its last one again up to [`padded_len`]`(values.len())` in all.
+pub fn padded<T: Copy>(values: &[T]) -> impl Iterator<Item = T> + '_ {
+    let pad = padded_len(values.len()) - values.len();
+    values
+        .iter()
+        .copied()
+        .chain(values.last().copied().into_iter().cycle().take(pad))
+}
 
 /// `count` rows of a multi-row `VALUES`, joined: row `i` is `row(first + i * width)`, the
 /// number of its first placeholder, for rows of `width` placeholders each.
@@ -503,11 +523,11 @@ pub async fn jobs_named(
         let sql = format!(
             "SELECT name, state, detail, manifest, differing_paths, round, approved_at FROM jobs \
              WHERE build_id = $1 AND name IN ({})",
-            placeholders(2, chunk.len())
+            placeholders(2, padded_len(chunk.len()))
         );
         let mut q = sqlx::query(&sql).bind(build_id);
-        for name in chunk {
-            q = q.bind(*name);
+        for name in padded(chunk) {
+            q = q.bind(name);
         }
         for r in q.fetch_all(pool).await? {
             let name: String = r.get("name");
@@ -533,11 +553,11 @@ pub async fn open_assignments_of(
             "SELECT {ASSIGNMENT_COLUMNS} FROM assignments a JOIN jobs j ON j.build_id = a.build_id \
              AND j.name = a.job AND j.round = a.round WHERE a.build_id = $1 AND a.job IN ({}) \
              ORDER BY a.created_at, a.id",
-            placeholders(2, chunk.len())
+            placeholders(2, padded_len(chunk.len()))
         );
         let mut q = sqlx::query(&sql).bind(build_id);
-        for name in chunk {
-            q = q.bind(*name);
+        for name in padded(chunk) {
+            q = q.bind(name);
         }
         out.extend(q.fetch_all(pool).await?.iter().map(assignment_from_row));
     }
@@ -550,11 +570,11 @@ pub async fn workers_named(pool: &Pool, ids: &[&str]) -> anyhow::Result<Vec<Work
     for chunk in ids.chunks(IN_CHUNK) {
         let sql = format!(
             "SELECT * FROM workers WHERE id IN ({})",
-            placeholders(1, chunk.len())
+            placeholders(1, padded_len(chunk.len()))
         );
         let mut q = sqlx::query(&sql);
-        for id in chunk {
-            q = q.bind(*id);
+        for id in padded(chunk) {
+            q = q.bind(id);
         }
         out.extend(q.fetch_all(pool).await?.iter().map(worker_from_row));
     }
@@ -592,4 +612,26 @@ pub async fn mark_revoked(
         q.execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_are_padded_to_a_power_of_two_with_the_last_value() {
+        assert_eq!(
+            (0..10).map(padded_len).collect::<Vec<_>>(),
+            [1, 1, 2, 4, 4, 8, 8, 8, 8, 16]
+        );
+        assert_eq!(padded(&[1, 2, 3]).collect::<Vec<_>>(), [1, 2, 3, 3]);
+        assert_eq!(padded(&[7]).collect::<Vec<_>>(), [7]);
+        let full: Vec<usize> = (0..IN_CHUNK).collect();
+        assert_eq!(
+            padded(&full).count(),
+            IN_CHUNK,
+            "a full chunk is not padded"
+        );
+        assert_eq!(padded::<u8>(&[]).count(), 0);
+    }
 }

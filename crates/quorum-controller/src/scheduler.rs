@@ -524,7 +524,7 @@ async fn workers_of(
 ///
 /// The writes are committed every [`FLUSH_ROWS`] offers, not once at the end: a build of a
 /// thousand new jobs took about 100 ms to decide and write before the first worker could be
-/// woken, and its first 250 offers already reach most workers. A job's row and its offers are
+/// woken, and its first 256 offers already reach most workers. A job's row and its offers are
 /// always in one transaction; a crash between two commits leaves later jobs queued without
 /// offers, which the next pass offers, as if this pass had stopped there.
 async fn decide_jobs(
@@ -667,7 +667,7 @@ impl<'a> Writes<'a> {
 /// databases (32766 in SQLite, 65535 in PostgreSQL; a job update binds 6 values a row), and
 /// enough that a thousand new jobs take eight statements. With 64 they took 32, each a round
 /// trip inside the pass's transaction before the first worker could be woken.
-const FLUSH_ROWS: usize = 250;
+const FLUSH_ROWS: usize = 256;
 
 impl Writes<'_> {
     /// Writes the pass's offers and job updates, `FLUSH_ROWS` rows per statement: the first
@@ -695,6 +695,9 @@ impl Writes<'_> {
             q.execute(&mut *self.tx).await?;
         }
         for chunk in self.job_updates.chunks(FLUSH_ROWS) {
+            // Written for a power of two of rows, the last repeated (`db::padded_len`).
+            let chunk: Vec<&(String, JobUpdate)> =
+                db::padded(&chunk.iter().collect::<Vec<_>>()).collect();
             let rows = db::value_rows(chunk.len(), 2, 6, |p| {
                 format!("({})", db::placeholders(p, 6))
             });

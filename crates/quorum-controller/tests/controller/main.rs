@@ -388,7 +388,7 @@ async fn failures_are_retried_in_a_new_round_but_disputes_never(backend: Backend
 }
 
 /// The scheduler writes a pass's offers and job states several rows per statement, and commits
-/// them every 250 offers: a build larger than one such batch must still offer, run and verify
+/// them every 256 offers: a build larger than one such batch must still offer, run and verify
 /// every job exactly once, the jobs of the second commit included.
 async fn a_build_of_many_jobs_runs_each_exactly_once(backend: Backend) {
     const JOBS: usize = 260;
