@@ -705,18 +705,19 @@ fn check_one(
     if defer && meta.is_file() && meta.len() <= BATCH_FILE_MAX {
         return Ok(Checked::Unread(source.clone(), meta.len()));
     }
-    let (hashed, _) = read_one(source, key, cache, false)?;
+    let hashed = read_one(source, key, cache, None)?;
     Ok(Checked::Read(hashed))
 }
 
 /// Reads and hashes one file, opened with O_NOFOLLOW and checked on the open file, and records
-/// its digest in the cache; with `keep`, returns its bytes too. `key` is its absolute path.
+/// its digest in the cache; with `keep`, appends its bytes there too. `key` is its absolute
+/// path.
 fn read_one(
     source: &Source,
     key: PathBuf,
     cache: &Mutex<DigestCache>,
-    keep: bool,
-) -> Result<(Hashed, Vec<u8>), PublishError> {
+    keep: Option<&mut Vec<u8>>,
+) -> Result<Hashed, PublishError> {
     // Named only when something goes wrong: finding the current directory per file is not free.
     let name = || shown(&source.path);
     let read_err = |e| PublishError::Read {
@@ -736,16 +737,17 @@ fn read_one(
         return Err(PublishError::NotRegular(name()));
     }
     let stamp = Stamp::of(&meta);
-    let (digest, size, bytes) = if keep {
-        let mut bytes = Vec::with_capacity(stamp.size as usize);
-        (&mut f)
-            .take(stamp.size + 1)
-            .read_to_end(&mut bytes)
-            .map_err(read_err)?;
-        (Digest::of(&bytes), bytes.len() as u64, bytes)
-    } else {
-        let (digest, size) = hash_reader(&mut f).map_err(read_err)?;
-        (digest, size, Vec::new())
+    let (digest, size) = match keep {
+        Some(kept) => {
+            let start = kept.len();
+            (&mut f)
+                .take(stamp.size + 1)
+                .read_to_end(kept)
+                .map_err(read_err)?;
+            let bytes = &kept[start..];
+            (Digest::of(bytes), bytes.len() as u64)
+        }
+        None => hash_reader(&mut f).map_err(read_err)?,
     };
     let after = Stamp::of(&f.metadata().map_err(read_err)?);
     if after != stamp || size != stamp.size {
@@ -761,7 +763,7 @@ fn read_one(
         },
         path: source.path.clone(),
     };
-    Ok((hashed, bytes))
+    Ok(hashed)
 }
 
 /// Hears how publishing goes, for a progress bar. Every method has a no-op default.
@@ -810,6 +812,11 @@ const BATCH_FILE_MAX: u64 = 1 << 20;
 /// Content bytes a batch is closed at: big enough to spread the per-request cost, small enough
 /// that several batches are in flight at once.
 const BATCH_TARGET_BYTES: u64 = 16 << 20;
+
+/// A batch frame's header, as bytes.
+fn frame_header(digest: &Digest, size: u64) -> Vec<u8> {
+    quorum_api::v1::store::batch_frame_header(digest, size).into_bytes()
+}
 
 /// Splits `files` into upload units: large files alone, the others in batches.
 fn batches(files: Vec<Hashed>) -> Vec<Vec<Hashed>> {
@@ -967,17 +974,29 @@ async fn stream_batch(
 ) -> Result<(Vec<Hashed>, Sent), PublishError> {
     let first = shown(&batch[0].0.path);
     let cache = cache.clone();
-    let read = tokio::task::spawn_blocking(move || {
-        batch
-            .iter()
-            .map(|(source, _)| {
-                let key = std::path::absolute(&source.path).map_err(|e| PublishError::Read {
-                    path: shown(&source.path),
-                    source: e,
-                })?;
-                read_one(source, key, &cache, true)
-            })
-            .collect::<Result<Vec<_>, PublishError>>()
+    // Each file is read straight into the body, after room for its frame header (whose length
+    // its size decides), and the header written once the file is hashed: no buffer per file,
+    // and no byte copied again (fresh buffers' first touch was a fifth of this process's time).
+    let (mut body, read) = tokio::task::spawn_blocking(move || {
+        let room = |size: u64| frame_header(&Digest::of(b""), size).len();
+        let capacity = batch.iter().map(|(_, n)| room(*n) + *n as usize).sum();
+        let mut body = Vec::with_capacity(capacity);
+        let mut read = Vec::with_capacity(batch.len());
+        for (source, size) in &batch {
+            let key = std::path::absolute(&source.path).map_err(|e| PublishError::Read {
+                path: shown(&source.path),
+                source: e,
+            })?;
+            let start = body.len();
+            body.resize(start + room(*size), 0);
+            let h = read_one(source, key, &cache, Some(&mut body))?;
+            let header = frame_header(&h.entry.digest, h.entry.size);
+            // The size the walk saw decided the room; a file that has changed since is refused
+            // by `read_one` unless only its time stamp did.
+            body.splice(start..start + room(*size), header);
+            read.push((h, start..body.len()));
+        }
+        Ok::<_, PublishError>((body, read))
     })
     .await
     .map_err(|e| PublishError::Read {
@@ -995,19 +1014,21 @@ async fn stream_batch(
         let mut claimed = claimed.lock().expect("claimed lock");
         lacking.into_iter().filter(|d| claimed.insert(*d)).collect()
     };
-    let (mut body, mut framed) = (Vec::new(), Vec::new());
+    let mut framed = Vec::new();
     let mut hashed = Vec::with_capacity(read.len());
-    // Each file's buffer is dropped once framed, so a batch peaks near twice its size only
-    // while its body is built.
-    for (h, bytes) in read {
+    // The frames of blobs not ours to send are cut out, the others moved up in place.
+    let mut end = 0;
+    for (h, frame) in read {
         if ours.remove(&h.entry.digest) {
-            let header = quorum_api::v1::store::batch_frame_header(&h.entry.digest, h.entry.size);
-            body.extend_from_slice(header.as_bytes());
-            body.extend_from_slice(&bytes);
+            if frame.start != end {
+                body.copy_within(frame.clone(), end);
+            }
+            end += frame.len();
             framed.push(h.clone());
         }
         hashed.push(h);
     }
+    body.truncate(end);
     let sent = Sent {
         blobs: framed.len(),
         bytes_sent: framed.iter().map(|h| h.entry.size).sum(),

@@ -233,7 +233,7 @@ async fn open_storage(
 
 /// Serves the store on `listener` until `shutdown` is cancelled. Metadata lives in
 /// `data_dir/store.db` (or PostgreSQL), blobs under `data_dir/blobs` (or S3), uploads in progress
-/// under `data_dir/tmp`.
+/// in unnamed files beside them (or, where the file system makes none, under `data_dir/tmp`).
 pub async fn run(
     listener: TcpListener,
     config: Config,

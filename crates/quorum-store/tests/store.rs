@@ -305,12 +305,22 @@ impl World {
         out
     }
 
-    /// Uploads in progress: temporary files, or the bucket's unfinished multipart uploads.
+    /// Uploads in progress: files without a name in the store's directory (the store runs in
+    /// this process, so they are among its open files) or temporary files, or the bucket's
+    /// unfinished multipart uploads.
     async fn unfinished(&self) -> Vec<String> {
         let Some((_, c)) = self.s3() else {
+            let dir = self.store_dir.canonicalize().unwrap();
+            let unnamed = std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                .filter(|target| {
+                    target.starts_with(&dir) && target.to_string_lossy().ends_with(" (deleted)")
+                });
             return self
                 .files("tmp")
-                .iter()
+                .into_iter()
+                .chain(unnamed)
                 .map(|p| p.display().to_string())
                 .collect();
         };
@@ -549,9 +559,10 @@ async fn an_abandoned_upload_leaves_no_file(backend: Backend) {
     let w = World::start(backend).await;
     bounded(async {
         let upload = w.upload_token(DINAH, "b-1", "a-1").await;
-        // S3 sees an upload once it is past one part (8 MiB): send more than that.
+        // Each is seen once past what it buffers: a local upload its first written piece
+        // (1 MiB), S3 its first part (8 MiB). Send more than that.
         let (size, sent) = match backend {
-            Backend::Local => (100_000, 40_000),
+            Backend::Local => (3 << 20, 3 << 19),
             Backend::S3Postgres => (20 << 20, 10 << 20),
         };
         let digest = Digest::of(&vec![7u8; size]);
@@ -2330,6 +2341,7 @@ async fn a_full_disk_during_an_upload_leaves_nothing_and_the_store_keeps_serving
             .map(|e| e.unwrap().path())
             .collect();
         assert!(tmp.is_empty(), "{tmp:?}");
+        assert!(w.unfinished().await.is_empty());
         assert!(w.blobs().await.is_empty());
         // The space is back, and the store serves on.
         let files: &[(&str, &[u8])] = &[("small", b"fits easily")];

@@ -9,12 +9,17 @@
 //! Generates a tree of `--files` files totalling `--bytes` (mixed sizes, deterministic), starts
 //! a real IdP and store (the release `quorum` binary beside this example) and an rsync daemon,
 //! and runs three scenarios with each tool: the first upload, the same tree again unchanged, and
-//! the tree with one file rewritten. Both tools reach their server through a relay in this
-//! process that counts the bytes each way, so "bytes sent" is what crossed the wire (TCP
-//! payload, client to server) for both, protocol included. Every timed run starts after a
-//! `sync`, so none pays for writing out what the one before it (or the generated tree) left
-//! dirty in the page cache, and the table shows the load average at each scenario. Also prints
-//! SHA-256 throughput on one core.
+//! the tree with one file rewritten. rsync runs twice per scenario, into two destinations:
+//! `rsync -a` (the issue's target) and `rsync -a --fsync`, which makes every file durable as
+//! the store does before it answers (the durable baseline). Both tools reach their server
+//! through a relay in this process that counts the bytes each way, so "bytes sent" is what
+//! crossed the wire (TCP payload, client to server) for both, protocol included. Every timed
+//! run starts after a `sync`, so none pays for writing out what the one before it (or the
+//! generated tree) left dirty in the page cache, and the table shows the load average at each
+//! scenario. Beside each time it prints the CPU seconds (user + system) of the client and of the
+//! server: the client's from this process's reaped children, the store's from its process, the
+//! rsync daemon's from the connection processes it reaped. Also prints SHA-256 throughput on one
+//! core.
 
 #![allow(clippy::disallowed_methods)] // a harness: it runs rsync and the quorum binary
 
@@ -204,14 +209,15 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// `rsync --daemon` on a loopback port, writing into `dest`. Stopped when dropped.
+/// `rsync --daemon` on a loopback port, writing module `bench` into `dest` and module
+/// `bench-fsync` into `dest_fsync`. Stopped when dropped.
 struct RsyncDaemon {
     child: Child,
     port: u16,
 }
 
 impl RsyncDaemon {
-    fn start(dir: &Path, dest: &Path) -> anyhow::Result<RsyncDaemon> {
+    fn start(dir: &Path, dest: &Path, dest_fsync: &Path) -> anyhow::Result<RsyncDaemon> {
         let port = free_port()?;
         let conf = dir.join("rsyncd.conf");
         let uid = rustix::process::getuid().as_raw();
@@ -219,8 +225,10 @@ impl RsyncDaemon {
         std::fs::write(
             &conf,
             format!(
-                "use chroot = no\nuid = {uid}\ngid = {gid}\n[bench]\npath = {}\nread only = no\n",
-                dest.display()
+                "use chroot = no\nuid = {uid}\ngid = {gid}\n[bench]\npath = {}\nread only = no\n\
+                 [bench-fsync]\npath = {}\nread only = no\n",
+                dest.display(),
+                dest_fsync.display()
             ),
         )?;
         let child = Command::new("rsync")
@@ -249,11 +257,115 @@ impl Drop for RsyncDaemon {
     }
 }
 
-/// One tool's result for one scenario.
+/// One tool's result for one scenario: wall time, bytes sent, and CPU seconds (user + system)
+/// of the client and of the server.
 #[derive(Debug, Clone, Copy)]
 struct Run {
     secs: f64,
     sent: u64,
+    client_cpu: f64,
+    server_cpu: f64,
+}
+
+/// Clock ticks in `/proc/<pid>/stat`: `USER_HZ`, 100 on every Linux architecture's ABI.
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// CPU seconds from `/proc/<pid>/stat`: the process's own (user + system, every thread) and
+/// its reaped children's.
+fn cpu_of(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces: state is the
+    // first, utime the 12th, stime, cutime, cstime the next three.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("/proc/{pid}/stat has no command name"))?;
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    ensure!(fields.len() == 4, "/proc/{pid}/stat is too short");
+    Ok((
+        (fields[0] + fields[1]) / TICKS_PER_SEC,
+        (fields[2] + fields[3]) / TICKS_PER_SEC,
+    ))
+}
+
+/// CPU seconds of this process's reaped children (the client runs as one, waited for).
+fn children_cpu() -> anyhow::Result<f64> {
+    Ok(cpu_of(std::process::id())?.1)
+}
+
+/// The process id of the child of this process whose command line names `config`.
+fn child_with_config(config: &Path) -> anyhow::Result<u32> {
+    let me = std::process::id().to_string();
+    let wanted = config.as_os_str().as_encoded_bytes();
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let (Ok(stat), Ok(cmdline)) = (
+            std::fs::read_to_string(format!("/proc/{pid}/stat")),
+            std::fs::read(format!("/proc/{pid}/cmdline")),
+        ) else {
+            continue;
+        };
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+        if parent == Some(me.as_str()) && cmdline.split(|b| *b == 0).any(|a| a == wanted) {
+            return Ok(pid);
+        }
+    }
+    bail!("no child process runs with {}", config.display())
+}
+
+/// A server process whose CPU time a run reads before and after: the store (its own time) or
+/// the rsync daemon (the connection processes it forked and reaped).
+#[derive(Debug, Clone, Copy)]
+struct Server {
+    pid: u32,
+}
+
+impl Server {
+    fn cpu(&self) -> anyhow::Result<f64> {
+        let (own, children) = cpu_of(self.pid)?;
+        Ok(own + children)
+    }
+}
+
+/// Runs `command` (the client) after `settle`, timed, and reads both sides' CPU time around it.
+async fn timed(
+    mut command: Command,
+    what: &str,
+    relay: &Relay,
+    server: Server,
+) -> anyhow::Result<(Run, std::process::Output)> {
+    settle()?;
+    let (client_before, server_before) = (children_cpu()?, server.cpu()?);
+    let started = Instant::now();
+    let out = command
+        .output()
+        .with_context(|| format!("cannot run {what}"))?;
+    let secs = started.elapsed().as_secs_f64();
+    ensure!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Waits for the relay to see the connections close, and so for the rsync daemon to reap
+    // its connection process.
+    let (sent, _) = relay.take().await;
+    let run = Run {
+        secs,
+        sent,
+        client_cpu: children_cpu()? - client_before,
+        server_cpu: server.cpu()? - server_before,
+    };
+    Ok((run, out))
 }
 
 /// Writes every dirty page out before a timed run, so that no run pays for writing out what the
@@ -265,36 +377,31 @@ fn settle() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn rsync(src: &Path, relay: &Relay) -> anyhow::Result<Run> {
-    settle()?;
-    let started = Instant::now();
-    let out = Command::new("rsync")
-        .arg("-a")
+/// `rsync -a` into module `bench`, or with `fsync` `rsync -a --fsync` into `bench-fsync`.
+async fn rsync(src: &Path, relay: &Relay, daemon: Server, fsync: bool) -> anyhow::Result<Run> {
+    let mut command = Command::new("rsync");
+    command.arg("-a");
+    if fsync {
+        command.arg("--fsync");
+    }
+    let module = if fsync { "bench-fsync" } else { "bench" };
+    command
         .arg(format!("{}/", src.display()))
-        .arg(format!("rsync://127.0.0.1:{}/bench/", relay.port))
-        .output()
-        .context("cannot run rsync")?;
-    let secs = started.elapsed().as_secs_f64();
-    ensure!(
-        out.status.success(),
-        "rsync failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (sent, _) = relay.take().await;
-    Ok(Run { secs, sent })
+        .arg(format!("rsync://127.0.0.1:{}/{module}/", relay.port));
+    let (run, _) = timed(command, "rsync", relay, daemon).await?;
+    Ok(run)
 }
 
 async fn publish(
     quorum: &Path,
     src: &Path,
-    relay: &Relay,
+    (relay, store): (&Relay, Server),
     token: &str,
     cache: &Path,
     parallel: usize,
 ) -> anyhow::Result<(Run, serde_json::Value)> {
-    settle()?;
-    let started = Instant::now();
-    let out = Command::new(quorum)
+    let mut command = Command::new(quorum);
+    command
         .arg("publish")
         .arg(format!("--store=http://127.0.0.1:{}", relay.port))
         .arg(format!("--token={token}"))
@@ -308,21 +415,13 @@ async fn publish(
         .env(
             "RUST_LOG",
             std::env::var("QUORUM_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .output()
-        .context("cannot run quorum publish")?;
-    let secs = started.elapsed().as_secs_f64();
-    ensure!(
-        out.status.success(),
-        "quorum publish failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        );
+    let (run, out) = timed(command, "quorum publish", relay, store).await?;
     let summary = serde_json::from_slice(&out.stdout)?;
     if !out.stderr.is_empty() {
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
     }
-    let (sent, _) = relay.take().await;
-    Ok((Run { secs, sent }, summary))
+    Ok((run, summary))
 }
 
 /// SHA-256 of a 512 MiB buffer on one core, in GB/s.
@@ -381,9 +480,15 @@ async fn main() -> anyhow::Result<()> {
 
     // The servers.
     let dest = dir.join("rsync-dest");
-    let _ = std::fs::remove_dir_all(&dest);
-    std::fs::create_dir_all(&dest)?;
-    let daemon = RsyncDaemon::start(&dir, &dest)?;
+    let dest_fsync = dir.join("rsync-dest-fsync");
+    for d in [&dest, &dest_fsync] {
+        let _ = std::fs::remove_dir_all(d);
+        std::fs::create_dir_all(d)?;
+    }
+    let daemon = RsyncDaemon::start(&dir, &dest, &dest_fsync)?;
+    let daemon_cpu = Server {
+        pid: daemon.child.id(),
+    };
     let roles = dir.join("roles");
     let _ = std::fs::remove_dir_all(&roles);
     std::fs::create_dir_all(&roles)?;
@@ -418,6 +523,9 @@ async fn main() -> anyhow::Result<()> {
             ),
         )
         .await?;
+    let store_cpu = Server {
+        pid: child_with_config(&roles.join("store.toml"))?,
+    };
     let rsync_relay = Relay::start(format!("127.0.0.1:{}", daemon.port)).await?;
     let store_relay = Relay::start(store_url.trim_start_matches("http://").to_string()).await?;
     let idp = IdpClient::new(&idp_url, "bench", SECRET);
@@ -456,35 +564,52 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("rewrote {} ({})", file_name(changed), mib(sizes[changed]));
         }
         let load = load();
-        let r = rsync(&src, &rsync_relay).await?;
+        let r = rsync(&src, &rsync_relay, daemon_cpu, false).await?;
+        let f = rsync(&src, &rsync_relay, daemon_cpu, true).await?;
         let token = token(&format!("a{i}")).await?;
-        let (q, summary) =
-            publish(&o.quorum, &src, &store_relay, &token, &cache, o.parallel).await?;
-        eprintln!("{scenario} (load {load}): rsync {r:?}, quorum {q:?} {summary}");
-        rows.push((scenario, load, r, q, summary));
+        let (q, summary) = publish(
+            &o.quorum,
+            &src,
+            (&store_relay, store_cpu),
+            &token,
+            &cache,
+            o.parallel,
+        )
+        .await?;
+        eprintln!(
+            "{scenario} (load {load}): rsync {r:?}, rsync --fsync {f:?}, quorum {q:?} {summary}"
+        );
+        rows.push((scenario, load, r, f, q, summary));
     }
 
     let gbps = sha256_throughput();
     println!(
-        "{} files, {} (mixed sizes); rsync -a to an rsync daemon vs quorum publish, both through a \
-         counting relay on loopback\n",
+        "{} files, {} (mixed sizes); rsync -a (and rsync -a --fsync) to an rsync daemon vs quorum \
+         publish, both through a counting relay on loopback; CPU is user + system seconds, \
+         client + server\n",
         sizes.len(),
         mib(total)
     );
     println!(
-        "| scenario | load | rsync time | rsync sent | publish time | publish sent | blobs sent | time ratio | bytes ratio |"
+        "| scenario | load | rsync time | rsync --fsync time | publish time | rsync sent | publish sent | blobs sent | time ratio | ratio to --fsync | bytes ratio | rsync CPU | rsync --fsync CPU | publish CPU |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for (scenario, load, r, q, summary) in &rows {
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let cpu = |run: &Run| format!("{:.2} + {:.2} s", run.client_cpu, run.server_cpu);
+    for (scenario, load, r, f, q, summary) in &rows {
         println!(
-            "| {scenario} | {load} | {:.2} s | {} | {:.2} s | {} | {} | {:.2} | {:.2} |",
+            "| {scenario} | {load} | {:.2} s | {:.2} s | {:.2} s | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
             r.secs,
-            mib(r.sent),
+            f.secs,
             q.secs,
+            mib(r.sent),
             mib(q.sent),
             summary["blobs_sent"],
             q.secs / r.secs,
-            q.sent as f64 / r.sent.max(1) as f64
+            q.secs / f.secs,
+            q.sent as f64 / r.sent.max(1) as f64,
+            cpu(r),
+            cpu(f),
+            cpu(q),
         );
     }
     println!("\nSHA-256 on one core: {gbps:.2} GB/s");

@@ -3,7 +3,7 @@
 //! per batch rather than all of that per file. The body is frames of `sha256:<hex> <size>\n`
 //! and exactly `size` bytes (`quorum_api::v1::store::batch_frame_header`).
 //!
-//! All or none: each frame is hashed into a temporary file as it arrives, and only when the
+//! All or none: each frame is hashed into a file no reader sees as it arrives, and only when the
 //! whole body has arrived and every frame matched does one transaction count the batch against
 //! the token (one file per frame, and its bytes) and the tenant's quota, place every blob and
 //! link them. A frame that does not match its digest, a body that ends inside a frame, bytes
@@ -11,6 +11,11 @@
 //! nothing of the batch behind, and counts nothing but the call. Limits are also checked as
 //! frames arrive, against the counters at the start, so a batch that cannot fit is cut off
 //! early; the transaction has the last word.
+//!
+//! Frames up to [`WHOLE_BLOB`] bytes (all a client sends, as a rule) are read whole into memory
+//! and handed to the backend in groups of about a MiB ([`Arriving`]), which hashes and writes a
+//! group in one blocking call while the next frames are read: one hop to a blocking thread per
+//! group rather than per blob. Larger frames stream into the backend as a `PUT` does.
 
 use std::io;
 use std::sync::Arc;
@@ -19,6 +24,8 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
 use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
 use futures::{StreamExt as _, TryStreamExt as _};
 use quorum_api::v1::store::{BlobsStored, MAX_BATCH_BLOBS, MAX_BATCH_BYTES, MAX_FRAME_HEADER};
 use quorum_core::Digest;
@@ -26,8 +33,9 @@ use quorum_service::ApiError;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncReadExt as _};
 
 use crate::Store;
+use crate::auth::Limits;
 use crate::auth::Upload;
-use crate::blobs::{BlobError, ByteStream};
+use crate::blobs::{BlobBackend, BlobError, ByteStream, Received, WHOLE_BLOB};
 use crate::error::Error;
 
 pub async fn put_blobs(
@@ -36,16 +44,37 @@ pub async fn put_blobs(
     body: Body,
 ) -> Result<Json<BlobsStored>, Error> {
     let started = std::time::Instant::now();
-    let (used_files, used_bytes) = {
+    let used = {
         let mut conn = store.db.pool().acquire().await?;
         crate::usage::counts(&mut conn, &limits.jti).await?
     };
     let mut reader =
         tokio_util::io::StreamReader::new(body.into_data_stream().map_err(io::Error::other));
-    let mut items = Vec::new();
+    let mut arriving = Arriving::new(store.blobs.as_ref());
+    let read = read_frames(&store, &limits, used, &mut reader, &mut arriving).await;
+    let items = arriving.finish(read).await?;
+    let blobs = items.len() as u64;
+    let received = started.elapsed();
+    let bytes = crate::ingest::store_blobs(&store, &slot.tenant, &limits, items).await?;
+    tracing::info!(
+        tenant = %slot.tenant, build = %slot.build, blobs, bytes, ?received,
+        elapsed = ?started.elapsed(), "blob batch stored"
+    );
+    Ok(Json(BlobsStored { blobs, bytes }))
+}
+
+/// Reads the body's frames into `arriving`, checking the batch's limits as they come against
+/// the token's counters at the start (`used`: files, bytes).
+async fn read_frames<R: AsyncBufRead + Unpin + Send>(
+    store: &Store,
+    limits: &Limits,
+    (used_files, used_bytes): (u64, u64),
+    reader: &mut R,
+    arriving: &mut Arriving<'_>,
+) -> Result<(), Error> {
     let mut total = 0u64;
-    while let Some((digest, size)) = read_header(&mut reader, items.len()).await? {
-        let frame = items.len();
+    let mut frame = 0;
+    while let Some((digest, size)) = read_header(reader, frame).await? {
         if frame == MAX_BATCH_BLOBS {
             return Err(ApiError::bad_request(format!(
                 "frame {frame}: a batch holds at most {MAX_BATCH_BLOBS} blobs; nothing of the batch was stored"
@@ -77,24 +106,140 @@ pub async fn put_blobs(
             .is_some_and(|max| used_bytes.saturating_add(total) > max);
         if over_files || over_bytes {
             return Err(crate::usage::batch_over(
-                &limits, used_files, used_bytes, files, total,
+                limits, used_files, used_bytes, files, total,
             ));
         }
-        let received = store
-            .blobs
-            .receive(digest, frame_body(&mut reader, size), size)
-            .await
-            .map_err(|e| in_frame(frame, e.into()))?;
-        items.push((digest, received));
+        if size <= WHOLE_BLOB {
+            let bytes = whole_frame(reader, digest, size)
+                .await
+                .map_err(|e| in_frame(frame, e.into()))?;
+            arriving.whole(frame, digest, bytes).await?;
+        } else {
+            let received = store
+                .blobs
+                .receive(digest, frame_body(reader, size), size)
+                .await
+                .map_err(|e| in_frame(frame, e.into()))?;
+            arriving.kept.push((digest, received));
+        }
+        frame += 1;
     }
-    let blobs = items.len() as u64;
-    let received = started.elapsed();
-    let bytes = crate::ingest::store_blobs(&store, &slot.tenant, &limits, items).await?;
-    tracing::info!(
-        tenant = %slot.tenant, build = %slot.build, blobs, bytes, ?received,
-        elapsed = ?started.elapsed(), "blob batch stored"
-    );
-    Ok(Json(BlobsStored { blobs, bytes }))
+    Ok(())
+}
+
+/// A group of whole frames is handed to the backend at this many bytes...
+const GROUP_BYTES: u64 = 1 << 20;
+/// ...or this many blobs.
+const GROUP_BLOBS: usize = 64;
+/// Groups being written at once for one batch; the next frames wait for the oldest beyond.
+const GROUPS_IN_FLIGHT: usize = 4;
+
+/// A group handed to the backend: its blobs, received, or the error naming the frame.
+type Keeping<'a> = BoxFuture<'a, Result<Vec<(Digest, Box<dyn Received>)>, Error>>;
+
+/// A batch's blobs as they arrive: whole frames gathered into groups, each kept by the backend
+/// in one go ([`BlobBackend::receive_whole`]), a few groups at a time while the next frames
+/// are read.
+struct Arriving<'a> {
+    blobs: &'a dyn BlobBackend,
+    group: Vec<(Digest, Bytes)>,
+    group_bytes: u64,
+    /// The frame number of `group`'s first blob.
+    group_first: usize,
+    in_flight: FuturesOrdered<Keeping<'a>>,
+    kept: Vec<(Digest, Box<dyn Received>)>,
+}
+
+impl<'a> Arriving<'a> {
+    fn new(blobs: &'a dyn BlobBackend) -> Arriving<'a> {
+        Arriving {
+            blobs,
+            group: Vec::new(),
+            group_bytes: 0,
+            group_first: 0,
+            in_flight: FuturesOrdered::new(),
+            kept: Vec::new(),
+        }
+    }
+
+    /// Adds frame `frame`, read whole, to the open group; hands the group over once it is
+    /// full, and waits for the oldest group if too many are in flight.
+    async fn whole(&mut self, frame: usize, digest: Digest, bytes: Bytes) -> Result<(), Error> {
+        if self.group.is_empty() {
+            self.group_first = frame;
+        }
+        self.group_bytes += bytes.len() as u64;
+        self.group.push((digest, bytes));
+        if self.group_bytes >= GROUP_BYTES || self.group.len() >= GROUP_BLOBS {
+            self.hand_over();
+        }
+        while self.in_flight.len() > GROUPS_IN_FLIGHT {
+            let kept = self.in_flight.next().await.expect("groups are in flight")?;
+            self.kept.extend(kept);
+        }
+        Ok(())
+    }
+
+    fn hand_over(&mut self) {
+        let group = std::mem::take(&mut self.group);
+        self.group_bytes = 0;
+        let first = self.group_first;
+        let digests: Vec<Digest> = group.iter().map(|(d, _)| *d).collect();
+        let keeping = self.blobs.receive_whole(group);
+        self.in_flight.push_back(Box::pin(async move {
+            let received = keeping
+                .await
+                .map_err(|(i, e)| in_frame(first + i, e.into()))?;
+            Ok(digests.into_iter().zip(received).collect())
+        }));
+    }
+
+    /// Every blob of the batch, once `read` (reading the body) succeeded and every group was
+    /// kept. On an error, first waits for the groups still being written, so that nothing of
+    /// the batch outlives its answer.
+    async fn finish(
+        mut self,
+        read: Result<(), Error>,
+    ) -> Result<Vec<(Digest, Box<dyn Received>)>, Error> {
+        if read.is_ok() && !self.group.is_empty() {
+            self.hand_over();
+        }
+        let mut result = read;
+        while let Some(kept) = self.in_flight.next().await {
+            match kept {
+                Ok(kept) => self.kept.extend(kept),
+                Err(e) => result = result.and(Err(e)),
+            }
+        }
+        result.map(|()| self.kept)
+    }
+}
+
+/// The next `size` bytes of the body, in one buffer; an error if it ends first.
+async fn whole_frame<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    digest: Digest,
+    size: u64,
+) -> Result<Bytes, BlobError> {
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    let read = reader.take(size).read_to_end(&mut bytes).await;
+    let received = bytes.len() as u64;
+    let source = match read {
+        Ok(_) if received == size => return Ok(bytes.into()),
+        Ok(_) => io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "the body ended {} bytes before the frame did",
+                size - received
+            ),
+        ),
+        Err(e) => e,
+    };
+    Err(BlobError::Truncated {
+        digest,
+        received,
+        source,
+    })
 }
 
 /// Reads the header of frame `frame`; `None` at the end of the body.
