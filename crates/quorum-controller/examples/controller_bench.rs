@@ -76,9 +76,9 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
-/// Resident set size of this process, from /proc.
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+/// Resident set size of process `pid`, from /proc.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -252,10 +252,12 @@ async fn throughput(stack: &Stack, workers: usize, jobs: usize) {
     assert_eq!(per_build.get(&build).copied().unwrap_or(jobs), jobs);
 }
 
-/// Enrolls `n` workers and has a child process (this harness with `--idle-child`) hold one long
-/// poll per worker, so that this process's resident memory is the controller's (with the IdP
-/// and store beside it, idle) and not the clients'.
-async fn idle(stack: &Stack, n: usize) {
+/// Enrolls `n` workers, then runs the controller alone in a child process (this harness with
+/// `--idle-controller`, on the stack's database, beside the stack's IdP and store in this
+/// process) and has another (`--idle-child`) hold one long poll per worker: the controller's
+/// resident memory is then its own, not the IdP's (whose Argon2 check of the controller's
+/// secret keeps 19 MiB) nor the clients'.
+async fn idle(stack: &mut Stack, n: usize) {
     let tokens_file = stack.dir.path().join("idle-tokens");
     let mut tokens = String::new();
     for i in 0..n {
@@ -265,10 +267,46 @@ async fn idle(stack: &Stack, n: usize) {
         tokens.push_str(&format!("idle-{i} {token}\n"));
     }
     std::fs::write(&tokens_file, tokens).unwrap();
-    let before = rss_mib();
-    #[allow(clippy::disallowed_methods)] // the harness runs its own clients in a second process
+    stack.stop_controller().await;
+    let config_file = stack.dir.path().join("idle-controller.json");
+    std::fs::write(&config_file, serde_json::to_vec(&stack.config).unwrap()).unwrap();
+    #[allow(clippy::disallowed_methods)] // the harness runs the controller in a second process
+    let mut controller = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .arg("--idle-controller")
+        .arg(&config_file)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = controller.id().expect("the controller runs");
+    let mut said = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+        controller.stdout.take().unwrap(),
+    ));
+    let url = tokio::time::timeout(Duration::from_secs(60), said.next_line())
+        .await
+        .expect("the controller starts within a minute")
+        .unwrap()
+        .expect("the controller says where it listens");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !http
+        .get(format!("{url}/healthz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the controller answers within a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Its access token fetched, as any controller's is once it runs.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = rss_mib(pid);
+    #[allow(clippy::disallowed_methods)] // the harness runs its own clients in a third process
     let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--idle-child", &stack.controller_url])
+        .args(["--idle-child", &url])
         .arg(&tokens_file)
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -284,14 +322,27 @@ async fn idle(stack: &Stack, n: usize) {
     let mut peak: f64 = 0.0;
     for _ in 0..30 {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        peak = peak.max(rss_mib());
+        peak = peak.max(rss_mib(pid));
     }
     println!(
         "idle workers: {n} enrolled workers each waiting in a long poll; controller process RSS \
          {before:.0} MiB before they connect, {:.0} MiB after (peak {peak:.0} MiB over 30 s)",
-        rss_mib()
+        rss_mib(pid)
     );
     let _ = child.kill().await;
+    let _ = controller.kill().await;
+}
+
+/// The controller of the idle-workers measurement, alone in this process: runs the one in the
+/// config file on a free loopback port, says its URL, and serves until killed.
+async fn idle_controller(config_file: &str) {
+    let config: quorum_controller::Config =
+        serde_json::from_slice(&std::fs::read(config_file).unwrap()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("http://{}", listener.local_addr().unwrap());
+    quorum_controller::run(listener, config, tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
 }
 
 /// The client side of the idle-workers measurement: enroll every worker in the file, start one
@@ -321,6 +372,9 @@ async fn main() {
     if raw.get(1).map(String::as_str) == Some("--idle-child") {
         return idle_child(&raw[2], &raw[3]).await;
     }
+    if raw.get(1).map(String::as_str) == Some("--idle-controller") {
+        return idle_controller(&raw[2]).await;
+    }
     // The roles' logs on stderr when asked for (`QUORUM_BENCH_LOG=quorum_controller=info`):
     // where a phase's time went, from their timestamps.
     if let Ok(filter) = std::env::var("QUORUM_BENCH_LOG") {
@@ -344,8 +398,8 @@ async fn main() {
         stack.stop().await;
     }
     if a.idle_workers > 0 {
-        let stack = Stack::start(a.backend, 30).await;
-        idle(&stack, a.idle_workers).await;
+        let mut stack = Stack::start(a.backend, 30).await;
+        idle(&mut stack, a.idle_workers).await;
         stack.stop().await;
     }
 }
