@@ -543,7 +543,7 @@ async fn decide_jobs(
     let mut writes = Writes::begin(state, false).await?;
     let mut offered = HashSet::new();
     let mut moved = Vec::new();
-    for job in jobs {
+    for (i, job) in jobs.iter().enumerate() {
         if is_final(&job.state) {
             continue;
         }
@@ -571,7 +571,8 @@ async fn decide_jobs(
             writes.job_updates.push((job.name.clone(), update));
         }
         states.insert(job.name.clone(), new_state.to_string());
-        if writes.offers.len() >= FLUSH_ROWS {
+        // Not after the last job: the commit below has the rest, and no empty one follows.
+        if writes.offers.len() >= FLUSH_ROWS && i + 1 < jobs.len() {
             writes.commit(build_id, &mut offered).await?;
             writes = Writes::begin(state, true).await?;
         }

@@ -128,16 +128,23 @@ async fn sync_dirs(dirs: Vec<Option<PathBuf>>) -> Result<(), BlobError> {
         .await
 }
 
-/// [`BlobBackend::sync_all`] blob by blob, for backends with nothing to group.
-fn sync_each(items: &[Box<dyn Received>]) -> BoxFuture<'static, Result<(), BlobError>> {
-    let syncs: Vec<_> = items.iter().map(|r| r.sync()).collect();
+/// Runs `steps` (each a blob's sync or reveal, naming the directory whose entry it made), a
+/// few at a time, then syncs each directory named once.
+fn then_sync_dirs(
+    steps: Vec<BoxFuture<'static, Result<Option<PathBuf>, BlobError>>>,
+) -> BoxFuture<'static, Result<(), BlobError>> {
     Box::pin(async move {
-        let dirs: Vec<Option<PathBuf>> = futures::stream::iter(syncs)
+        let dirs: Vec<Option<PathBuf>> = futures::stream::iter(steps)
             .buffer_unordered(PARALLEL_SYNCS)
             .try_collect()
             .await?;
         sync_dirs(dirs).await
     })
+}
+
+/// [`BlobBackend::sync_all`] blob by blob, for backends with nothing to group.
+fn sync_each(items: &[Box<dyn Received>]) -> BoxFuture<'static, Result<(), BlobError>> {
+    then_sync_dirs(items.iter().map(|r| r.sync()).collect())
 }
 
 /// [`BlobBackend::unstage_all`] blob by blob.
@@ -152,14 +159,7 @@ fn unstage_each(items: &[Box<dyn Received>]) -> BoxFuture<'static, Result<(), Bl
 
 /// [`BlobBackend::place_all`] blob by blob.
 fn place_each(items: Vec<Box<dyn Received>>) -> BoxFuture<'static, Result<(), BlobError>> {
-    let reveals: Vec<_> = items.into_iter().map(|item| item.reveal()).collect();
-    Box::pin(async move {
-        let dirs: Vec<Option<PathBuf>> = futures::stream::iter(reveals)
-            .buffer_unordered(PARALLEL_SYNCS)
-            .try_collect()
-            .await?;
-        sync_dirs(dirs).await
-    })
+    then_sync_dirs(items.into_iter().map(|item| item.reveal()).collect())
 }
 
 pub trait BlobBackend: Send + Sync + 'static {
