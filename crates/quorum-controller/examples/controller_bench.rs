@@ -86,6 +86,22 @@ fn rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// CPU seconds (user + system, every thread) this process has used so far, from /proc.
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces): utime and
+    // stime are the 12th and 13th of them, in clock ticks (100 a second on Linux).
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// Runs `worker` forever: poll, report `content` as the result, repeat. Each assignment's
 /// arrival time goes to `arrivals`; `reported` counts the reports the controller accepted.
 fn spawn_worker(
@@ -192,6 +208,7 @@ async fn throughput(stack: &Stack, workers: usize, jobs: usize) {
     let user = stack.user();
     let build = {
         let started = Instant::now();
+        let cpu_before = cpu_secs();
         let build = user
             .submit(repo.to_str().unwrap(), "HEAD")
             .await
@@ -225,6 +242,7 @@ async fn throughput(stack: &Stack, workers: usize, jobs: usize) {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let elapsed = started.elapsed();
+        let cpu = cpu_secs() - cpu_before;
         let status = user.status(&build).await.unwrap();
         assert_eq!(status.state, BuildState::Verified, "{status:#?}");
         assert!(
@@ -234,7 +252,7 @@ async fn throughput(stack: &Stack, workers: usize, jobs: usize) {
         println!(
             "throughput: {jobs} no-op jobs through {workers} workers in {:.2} s ({:.0} jobs/s; \
              submission {}, last report to final state {}, build {:?}; first job taken to \
-             last report {} ({:.0} jobs/s))",
+             last report {} ({:.0} jobs/s); CPU {:.2} s, {:.2} cores)",
             elapsed.as_secs_f64(),
             jobs as f64 / elapsed.as_secs_f64(),
             ms(submitted),
@@ -242,6 +260,8 @@ async fn throughput(stack: &Stack, workers: usize, jobs: usize) {
             status.state,
             ms(flowing),
             jobs as f64 / flowing.as_secs_f64(),
+            cpu,
+            cpu / elapsed.as_secs_f64(),
         );
         build
     };
