@@ -137,6 +137,7 @@ async fn together(
         "UPDATE {table} SET {set} FROM (VALUES {rows}) AS v \
          WHERE {table}.id = v.column1 AND {filter} RETURNING {table}.id"
     );
+    let sql = crate::db::for_pool(pool, sql);
     let mut q = sqlx::query(&sql);
     for w in &writes {
         q = q.bind(w.id.as_str());

@@ -503,6 +503,52 @@ pub fn value_rows(
         .join(", ")
 }
 
+/// `sql` as the pool's database binds it fastest. SQLite looks a `$N` placeholder up by name in
+/// a list of the statement's names, both when it prepares the statement and when sqlx binds
+/// each value, so a statement of a thousand values did about a million string comparisons each
+/// time: a 256-row flush of the scheduler took 8 to 15 ms where the same rows took 1 to 2 ms
+/// with plain `?`. On SQLite, a statement whose placeholders are `$1, $2, ...` each once and
+/// in that order (every multi-row statement here is written so) is given anonymous `?` ones,
+/// which bind in the same order; any other statement, and every statement on PostgreSQL, is
+/// left as it is.
+pub fn for_pool(pool: &Pool, sql: String) -> String {
+    for_sqlite(is_sqlite(pool), sql)
+}
+
+/// [`for_pool`] for a connection's statement: `sqlite` says which database it is.
+pub fn for_sqlite(sqlite: bool, sql: String) -> String {
+    match sqlite {
+        true => anonymous(&sql).unwrap_or(sql),
+        false => sql,
+    }
+}
+
+/// `sql` with its placeholders `$1, $2, ...` made `?`, if they appear each once and in order
+/// (outside quoted literals); otherwise `None`.
+fn anonymous(sql: &str) -> Option<String> {
+    let mut out = String::with_capacity(sql.len());
+    let mut next = 1usize;
+    let mut quoted = false;
+    let mut chars = sql.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        if c == '\'' {
+            quoted = !quoted;
+        } else if c == '$' && !quoted {
+            let digits: String = std::iter::from_fn(|| chars.next_if(|(_, d)| d.is_ascii_digit()))
+                .map(|(_, d)| d)
+                .collect();
+            if digits.parse::<usize>().ok()? != next {
+                return None;
+            }
+            next += 1;
+            out.push('?');
+            continue;
+        }
+        out.push_str(&sql[i..i + c.len_utf8()]);
+    }
+    Some(out)
+}
+
 /// `$first, $first + 1, ...`: `n` placeholders for an `IN (...)` list.
 pub fn placeholders(first: usize, n: usize) -> String {
     (first..first + n)
@@ -525,6 +571,7 @@ pub async fn jobs_named(
              WHERE build_id = $1 AND name IN ({})",
             placeholders(2, padded_len(chunk.len()))
         );
+        let sql = for_pool(pool, sql);
         let mut q = sqlx::query(&sql).bind(build_id);
         for name in padded(chunk) {
             q = q.bind(name);
@@ -555,6 +602,7 @@ pub async fn open_assignments_of(
              ORDER BY a.created_at, a.id",
             placeholders(2, padded_len(chunk.len()))
         );
+        let sql = for_pool(pool, sql);
         let mut q = sqlx::query(&sql).bind(build_id);
         for name in padded(chunk) {
             q = q.bind(name);
@@ -572,6 +620,7 @@ pub async fn workers_named(pool: &Pool, ids: &[&str]) -> anyhow::Result<Vec<Work
             "SELECT * FROM workers WHERE id IN ({})",
             placeholders(1, padded_len(chunk.len()))
         );
+        let sql = for_pool(pool, sql);
         let mut q = sqlx::query(&sql);
         for id in padded(chunk) {
             q = q.bind(id);
@@ -605,6 +654,7 @@ pub async fn mark_revoked(
             "UPDATE assignments SET upload_revoked = $1 WHERE id IN ({})",
             placeholders(2, chunk.len())
         );
+        let sql = for_sqlite(conn.backend_name() == "SQLite", sql);
         let mut q = sqlx::query(&sql).bind(mark);
         for id in chunk {
             q = q.bind(*id);
@@ -617,6 +667,32 @@ pub async fn mark_revoked(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placeholders_in_order_become_anonymous_and_others_stay() {
+        assert_eq!(
+            anonymous(
+                "UPDATE t SET a = v.column2 FROM (VALUES ($1, $2), ($3, $4)) AS v WHERE x = $5"
+            )
+            .as_deref(),
+            Some("UPDATE t SET a = v.column2 FROM (VALUES (?, ?), (?, ?)) AS v WHERE x = ?")
+        );
+        // Reused, out of order, or skipped: bound by number, so left alone.
+        assert_eq!(anonymous("SELECT $1, $2, $1"), None);
+        assert_eq!(anonymous("SELECT $2, $1"), None);
+        assert_eq!(anonymous("SELECT $1, $3"), None);
+        assert_eq!(anonymous("SELECT $"), None);
+        // Inside a literal a `$` is text.
+        assert_eq!(
+            anonymous("SELECT '$2', $1, 'it''s $9'").as_deref(),
+            Some("SELECT '$2', ?, 'it''s $9'")
+        );
+        assert_eq!(anonymous("SELECT 1").as_deref(), Some("SELECT 1"));
+        assert_eq!(
+            anonymous(&format!("SELECT {}", placeholders(1, 12))).as_deref(),
+            Some("SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?")
+        );
+    }
 
     #[test]
     fn statements_are_padded_to_a_power_of_two_with_the_last_value() {

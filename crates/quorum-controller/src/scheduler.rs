@@ -334,11 +334,11 @@ impl Online {
         }
     }
 
-    async fn rows(&mut self, conn: &mut sqlx::AnyConnection) -> anyhow::Result<&[WorkerRow]> {
+    async fn rows(&mut self, pool: &db::Pool) -> anyhow::Result<&[WorkerRow]> {
         if self.rows.is_none() {
             let rows = sqlx::query("SELECT * FROM workers WHERE last_seen >= $1")
                 .bind(self.seen_since)
-                .fetch_all(&mut *conn)
+                .fetch_all(pool)
                 .await?
                 .iter()
                 .map(db::worker_from_row)
@@ -540,7 +540,7 @@ async fn decide_jobs(
     for a in assignments {
         by_job.entry((&a.job, a.round)).or_default().push(a);
     }
-    let mut writes = Writes::begin(state, false).await?;
+    let mut writes = Writes::new(state, false);
     let mut offered = HashSet::new();
     let mut moved = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
@@ -565,7 +565,7 @@ async fn decide_jobs(
             }
             // The explainer (diff/) compares the groups' files in the background.
             if update.state == "disputed" && job.state != "disputed" {
-                crate::diff::note_dispute(&mut writes.tx, build_id, &job.name, update.round)
+                crate::diff::note_dispute(writes.tx().await?, build_id, &job.name, update.round)
                     .await?;
             }
             writes.job_updates.push((job.name.clone(), update));
@@ -574,40 +574,53 @@ async fn decide_jobs(
         // Not after the last job: the commit below has the rest, and no empty one follows.
         if writes.offers.len() >= FLUSH_ROWS && i + 1 < jobs.len() {
             writes.commit(build_id, &mut offered).await?;
-            writes = Writes::begin(state, true).await?;
+            writes = Writes::new(state, true);
         }
     }
     writes.commit(build_id, &mut offered).await?;
     Ok(moved)
 }
 
-/// Has the tokens of each worker's new offers but its first minted ahead (`ahead.rs`): the
-/// worker takes its first at once, and the others one after another while it works.
-/// `offered` holds the workers this pass offered work in its earlier commits; theirs are all
-/// minted ahead.
+/// Has the tokens of the new offers minted ahead (`ahead.rs`): each worker's first ahead of
+/// everything queued, since the worker takes it at once, and its others behind, taken one after
+/// another while it works. `offered` holds the workers this pass offered work in its earlier
+/// commits, whose first offers were among those.
 fn mint_ahead(state: &State, build_id: &str, offers: &[NewOffer], offered: &mut HashSet<String>) {
+    let take_up = |o: &NewOffer| TakeUp {
+        audience: format!("worker:{}", o.worker),
+        build: build_id.to_string(),
+        job: o.job.clone(),
+        assignment: o.id.clone(),
+        lifetime_secs: crate::ahead::lifetime_secs(o.timeout_secs, state.lease_secs),
+        upload_constraints: state.upload_limits.clone(),
+    };
+    let (first, later): (Vec<&NewOffer>, Vec<&NewOffer>) = offers
+        .iter()
+        .partition(|o| offered.insert(o.worker.clone()));
     state.ahead.queue(
-        offers
-            .iter()
-            .filter(|o| !offered.insert(o.worker.clone()))
-            .map(|o| TakeUp {
-                audience: format!("worker:{}", o.worker),
-                build: build_id.to_string(),
-                job: o.job.clone(),
-                assignment: o.id.clone(),
-                lifetime_secs: crate::ahead::lifetime_secs(o.timeout_secs, state.lease_secs),
-                upload_constraints: state.upload_limits.clone(),
-            }),
+        first.into_iter().map(take_up),
+        later.into_iter().map(take_up),
     );
 }
 
 /// The writes of one build's pass, in one transaction taken under the write gate; the workers
 /// of its offers are woken once it is committed.
+///
+/// The gate and the transaction are taken at the first write, not when the pass starts
+/// deciding: deciding 256 new jobs takes milliseconds of reading and picking, which the
+/// workers' take-ups and reports, waiting for the gate behind it, used to wait out as well. The
+/// decisions rest on what the pass read before, as they did when the transaction was open
+/// meanwhile: only the scheduler makes offers and writes jobs' rows, and a report that lands
+/// in between wakes the next pass.
 struct Writes<'a> {
     state: &'a State,
-    /// The write gate's turn (SQLite), held until the commit.
-    turn: Option<tokio::sync::MutexGuard<'a, ()>>,
-    tx: sqlx::Transaction<'static, sqlx::Any>,
+    /// Whether this pass committed writes just before (see [`db::WriteGate::enter_again`]).
+    again: bool,
+    /// The write gate's turn (SQLite), held until the commit, and the transaction.
+    open: Option<(
+        Option<tokio::sync::MutexGuard<'a, ()>>,
+        sqlx::Transaction<'static, sqlx::Any>,
+    )>,
     /// New assignments, inserted by `flush`.
     offers: Vec<NewOffer>,
     /// Jobs whose row changes, by name, written by `flush`.
@@ -625,19 +638,19 @@ struct NewOffer {
 
 impl<'a> Writes<'a> {
     /// `again`: this pass committed writes just before, and lets waiting writers go first.
-    async fn begin(state: &'a State, again: bool) -> anyhow::Result<Writes<'a>> {
-        let turn = if again {
-            state.write_gate.enter_again().await
-        } else {
-            state.write_gate.enter().await
-        };
-        Ok(Writes {
+    fn new(state: &'a State, again: bool) -> Writes<'a> {
+        Writes {
             state,
-            turn,
-            tx: state.pool.begin().await?,
+            again,
+            open: None,
             offers: Vec::new(),
             job_updates: Vec::new(),
-        })
+        }
+    }
+
+    /// The transaction, begun (after waiting for the gate) at the first call.
+    async fn tx(&mut self) -> anyhow::Result<&mut sqlx::Transaction<'static, sqlx::Any>> {
+        open(&mut self.open, self.state, self.again).await
     }
 
     /// Writes and commits everything, then wakes the workers offered work and has the tokens
@@ -646,8 +659,10 @@ impl<'a> Writes<'a> {
         let started = std::time::Instant::now();
         self.flush(build_id).await?;
         let flushed = started.elapsed();
-        self.tx.commit().await?;
-        drop(self.turn);
+        if let Some((turn, tx)) = self.open.take() {
+            tx.commit().await?;
+            drop(turn);
+        }
         tracing::debug!(build = %build_id, offers = self.offers.len(), jobs = self.job_updates.len(), ?flushed, committed = ?started.elapsed(), "pass's writes committed");
         let state = self.state;
         state.offers.made(
@@ -664,6 +679,27 @@ impl<'a> Writes<'a> {
     }
 }
 
+/// Begins the transaction in `open` unless it is open: waits for the write gate's turn first
+/// (after others waiting if `again`).
+async fn open<'o, 'a>(
+    open: &'o mut Option<(
+        Option<tokio::sync::MutexGuard<'a, ()>>,
+        sqlx::Transaction<'static, sqlx::Any>,
+    )>,
+    state: &'a State,
+    again: bool,
+) -> anyhow::Result<&'o mut sqlx::Transaction<'static, sqlx::Any>> {
+    if open.is_none() {
+        let turn = if again {
+            state.write_gate.enter_again().await
+        } else {
+            state.write_gate.enter().await
+        };
+        *open = Some((turn, state.pool.begin().await?));
+    }
+    Ok(&mut open.as_mut().expect("just opened").1)
+}
+
 /// Rows per multi-row statement in `flush`: well under the bound-parameter limits of both
 /// databases (32766 in SQLite, 65535 in PostgreSQL; a job update binds 6 values a row), and
 /// enough that a thousand new jobs take eight statements. With 64 they took 32, each a round
@@ -677,38 +713,63 @@ impl Writes<'_> {
     async fn flush(&mut self, build_id: &str) -> anyhow::Result<()> {
         let now = now_unix();
         let lease = now + self.state.lease_secs as i64;
+        if self.offers.is_empty() && self.job_updates.is_empty() {
+            return Ok(());
+        }
+        let pool = &self.state.pool;
+        let tx = open(&mut self.open, self.state, self.again).await?;
         for chunk in self.offers.chunks(FLUSH_ROWS) {
-            let rows = db::value_rows(chunk.len(), 4, 4, |p| {
+            // Each placeholder once and in order (`db::for_pool`): the build, time and lease
+            // are bound again on every row.
+            let rows = db::value_rows(chunk.len(), 1, 7, |p| {
                 format!(
-                    "(${p}, $1, ${}, ${}, 'offered', $2, $3, ${})",
+                    "(${p}, ${}, ${}, ${}, 'offered', ${}, ${}, ${})",
                     p + 1,
                     p + 2,
-                    p + 3
+                    p + 3,
+                    p + 4,
+                    p + 5,
+                    p + 6
                 )
             });
-            let sql = format!(
-                "INSERT INTO assignments (id, build_id, job, worker_id, state, created_at, lease_expires, round) VALUES {rows}"
+            let sql = db::for_pool(
+                pool,
+                format!(
+                    "INSERT INTO assignments (id, build_id, job, worker_id, state, created_at, lease_expires, round) VALUES {rows}"
+                ),
             );
-            let mut q = sqlx::query(&sql).bind(build_id).bind(now).bind(lease);
+            let mut q = sqlx::query(&sql);
             for o in chunk {
-                q = q.bind(&o.id).bind(&o.job).bind(&o.worker).bind(o.round);
+                q = q
+                    .bind(&o.id)
+                    .bind(build_id)
+                    .bind(&o.job)
+                    .bind(&o.worker)
+                    .bind(now)
+                    .bind(lease)
+                    .bind(o.round);
             }
-            q.execute(&mut *self.tx).await?;
+            q.execute(&mut **tx).await?;
         }
         for chunk in self.job_updates.chunks(FLUSH_ROWS) {
             // Written for a power of two of rows, the last repeated (`db::padded_len`).
             let chunk: Vec<&(String, JobUpdate)> =
                 db::padded(&chunk.iter().collect::<Vec<_>>()).collect();
-            let rows = db::value_rows(chunk.len(), 2, 6, |p| {
+            let rows = db::value_rows(chunk.len(), 1, 6, |p| {
                 format!("({})", db::placeholders(p, 6))
             });
             // VALUES columns are named column1, column2, ... in both SQLite and PostgreSQL.
-            let sql = format!(
-                "UPDATE jobs SET state = v.column2, detail = v.column3, manifest = v.column4, \
-                 differing_paths = v.column5, round = v.column6 FROM (VALUES {rows}) AS v \
-                 WHERE jobs.build_id = $1 AND jobs.name = v.column1"
+            // The build is the last placeholder, so that they run in order (`db::for_pool`).
+            let sql = db::for_pool(
+                pool,
+                format!(
+                    "UPDATE jobs SET state = v.column2, detail = v.column3, manifest = v.column4, \
+                     differing_paths = v.column5, round = v.column6 FROM (VALUES {rows}) AS v \
+                     WHERE jobs.name = v.column1 AND jobs.build_id = ${}",
+                    chunk.len() * 6 + 1
+                ),
             );
-            let mut q = sqlx::query(&sql).bind(build_id);
+            let mut q = sqlx::query(&sql);
             for (name, u) in chunk {
                 q = q
                     .bind(name)
@@ -718,7 +779,7 @@ impl Writes<'_> {
                     .bind(serde_json::to_string(&u.differing)?)
                     .bind(u.round);
             }
-            q.execute(&mut *self.tx).await?;
+            q.bind(build_id).execute(&mut **tx).await?;
         }
         Ok(())
     }
@@ -922,7 +983,7 @@ async fn decide_job(
             .collect();
         let used_owners: HashSet<&str> = counted.iter().map(|w| w.owner.as_str()).collect();
         let eligible: Vec<&WorkerRow> = online
-            .rows(&mut writes.tx)
+            .rows(&writes.state.pool)
             .await?
             .iter()
             .filter(|w| {
@@ -1043,7 +1104,7 @@ async fn withdraw_extra(writes: &mut Writes<'_>, active: &[&&AssignmentRow]) -> 
         sqlx::query("UPDATE assignments SET state = 'cancelled', detail = 'verdict reached without it', finished_at = $1 WHERE id = $2 AND state IN ('offered', 'running')")
             .bind(now_unix())
             .bind(&a.id)
-            .execute(&mut *writes.tx)
+            .execute(&mut **writes.tx().await?)
             .await?;
     }
     Ok(())

@@ -74,14 +74,18 @@ pub async fn submit(
     // thousand (on PostgreSQL each is one over the network).
     const ROWS: usize = 200;
     for (chunk_no, chunk) in pipeline.jobs.chunks(ROWS).enumerate() {
-        let values = crate::db::value_rows(chunk.len(), 2, 3, |p| {
-            format!("($1, ${p}, ${}, ${}, 'queued')", p + 1, p + 2)
+        // Each placeholder once and in order, the build's on every row (`db::for_pool`).
+        let values = crate::db::value_rows(chunk.len(), 1, 4, |p| {
+            format!("(${p}, ${}, ${}, ${}, 'queued')", p + 1, p + 2, p + 3)
         });
-        let sql =
-            format!("INSERT INTO jobs (build_id, name, position, spec, state) VALUES {values}");
-        let mut q = sqlx::query(&sql).bind(&id);
+        let sql = crate::db::for_pool(
+            &state.pool,
+            format!("INSERT INTO jobs (build_id, name, position, spec, state) VALUES {values}"),
+        );
+        let mut q = sqlx::query(&sql);
         for (i, job) in chunk.iter().enumerate() {
             q = q
+                .bind(&id)
                 .bind(&job.name)
                 .bind((chunk_no * ROWS + i) as i64)
                 .bind(serde_json::to_string(job).map_err(ApiError::internal)?);

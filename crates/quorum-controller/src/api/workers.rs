@@ -186,6 +186,10 @@ const REPORT: Kind = Kind {
              AND assignments.job = v.column13 AND assignments.state = 'running'",
 };
 
+/// How long a take-up waits for tokens being minted ahead before it asks the IdP itself: a
+/// batch takes milliseconds; this only bounds a stuck one.
+const MINTING_WAIT: Duration = Duration::from_secs(5);
+
 /// Claims the oldest offer for `w` and fetches its tokens: the offers made since this
 /// controller started from memory (`offers.rs`), then, for a worker that had some when it
 /// started, those made before from the database.
@@ -249,7 +253,11 @@ async fn claim_offer(
     };
     let worker_audience = format!("worker:{}", w.id);
     let lease = Duration::from_secs(state.lease_secs);
-    let minted = state.ahead.take(id, &worker_audience, lease);
+    // Tokens minted ahead, or being minted since the offer was made (`ahead.rs`).
+    let minted = state
+        .ahead
+        .take_or_wait(id, &worker_audience, lease, MINTING_WAIT)
+        .await;
     state.ahead.served(minted.is_some());
     let tokens = match minted {
         Some(tokens) => tokens,
