@@ -130,6 +130,21 @@ impl WorkerClient {
         check(&url, resp).await.map(drop)
     }
 
+    /// Delivers the result like [`WorkerClient::result`] and takes the worker's next waiting
+    /// offer in the same request, if one is waiting: for a worker that has a slot free again.
+    pub async fn result_and_take(
+        &self,
+        assignment: &str,
+        report: &SignedReport,
+    ) -> Result<Option<Assignment>, ClientError> {
+        let path = format!("/api/v1/assignments/{}/result?take=1", segment(assignment));
+        let (url, resp) = self.send(&path, to_json(report), CALL_TIMEOUT).await?;
+        if resp.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        json(&url, resp).await.map(Some)
+    }
+
     /// Serializes `report` once and signs exactly those bytes with the worker's key.
     pub fn sign_report(&self, report: &ResultReport) -> SignedReport {
         let json = serde_json::to_string(report).expect("a result report always serializes");

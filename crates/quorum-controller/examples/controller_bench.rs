@@ -102,30 +102,41 @@ fn cpu_secs() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// Runs `worker` forever: poll, report `content` as the result, repeat. Each assignment's
-/// arrival time goes to `arrivals`; `reported` counts the reports the controller accepted.
+/// Runs `worker` forever: poll, report `content` as the result taking the next waiting offer
+/// with it (as a worker with a free slot does), and poll again only when none came. Each
+/// assignment's arrival time goes to `arrivals`; `reported` counts the reports the controller
+/// accepted.
 fn spawn_worker(
     worker: SimWorker,
     arrivals: tokio::sync::mpsc::UnboundedSender<(String, Instant)>,
     reported: Arc<AtomicUsize>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let mut next = None;
         loop {
-            let Ok(next) = worker
-                .client
-                .poll(&quorum_api::v1::controller::PollRequest {
-                    wait_ms: 20_000,
-                    capacity: 1,
-                })
-                .await
-            else {
-                return;
+            let a = match next.take() {
+                Some(a) => a,
+                None => {
+                    let Ok(polled) = worker
+                        .client
+                        .poll(&quorum_api::v1::controller::PollRequest {
+                            wait_ms: 20_000,
+                            capacity: 1,
+                        })
+                        .await
+                    else {
+                        return;
+                    };
+                    let Some(a) = polled else { continue };
+                    a
+                }
             };
-            let Some(a) = next else { continue };
             if arrivals.send((a.build_id.clone(), Instant::now())).is_err() {
                 return;
             }
-            worker.succeed(&a, b"no-op", Usage::default()).await;
+            next = worker
+                .succeed_and_take(&a, b"no-op", Usage::default())
+                .await;
             reported.fetch_add(1, Ordering::Relaxed);
         }
     })

@@ -156,6 +156,9 @@ pub(crate) struct State {
     pub access: tokio::sync::Mutex<Option<(String, i64)>>,
     /// Access tokens this process fetched from its IdP (`renew_access`).
     pub access_tokens_fetched: std::sync::atomic::AtomicU64,
+    /// Offers taken by a poll, and handed over with a report (`?take=1`).
+    pub taken_with_poll: std::sync::atomic::AtomicU64,
+    pub taken_with_report: std::sync::atomic::AtomicU64,
     pub signer: Signer,
     pub mirrors: quorum_git::Mirrors,
     pub project: ProjectConfig,
@@ -293,6 +296,8 @@ pub async fn run(
         idp: IdpClient::new(&config.idp.url, &config.idp.client_id, &secret),
         access: tokio::sync::Mutex::new(None),
         access_tokens_fetched: std::sync::atomic::AtomicU64::new(0),
+        taken_with_poll: std::sync::atomic::AtomicU64::new(0),
+        taken_with_report: std::sync::atomic::AtomicU64::new(0),
         signer,
         mirrors: quorum_git::Mirrors::new(config.data_dir.join("git")),
         project: config.project.clone(),

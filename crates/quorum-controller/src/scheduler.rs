@@ -653,8 +653,8 @@ impl<'a> Writes<'a> {
         open(&mut self.open, self.state, self.again).await
     }
 
-    /// Writes and commits everything, then wakes the workers offered work and has the tokens
-    /// of their later offers minted ahead.
+    /// Writes and commits everything, then has the tokens of the new offers minted ahead and
+    /// wakes the workers offered work.
     async fn commit(mut self, build_id: &str, offered: &mut HashSet<String>) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
         self.flush(build_id).await?;
@@ -665,6 +665,9 @@ impl<'a> Writes<'a> {
         }
         tracing::debug!(build = %build_id, offers = self.offers.len(), jobs = self.job_updates.len(), ?flushed, committed = ?started.elapsed(), "pass's writes committed");
         let state = self.state;
+        // Queued for minting before any worker can see its offers, so that a take-up finds
+        // its tokens on their way and waits for them rather than asking the IdP itself.
+        mint_ahead(state, build_id, &self.offers, offered);
         state.offers.made(
             build_id,
             self.offers
@@ -674,7 +677,6 @@ impl<'a> Writes<'a> {
         for o in &self.offers {
             state.worker_notify(&o.worker).notify_one();
         }
-        mint_ahead(state, build_id, &self.offers, offered);
         Ok(())
     }
 }

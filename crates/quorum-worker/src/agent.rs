@@ -31,6 +31,8 @@ pub(crate) struct Worker {
     pub(crate) inputs: crate::inputs::InputCache,
     /// One permit per job that may run at once, shared by all controllers.
     pub(crate) slots: Arc<Semaphore>,
+    /// How many of each controller's loops (by URL) wait for a free slot.
+    waiting: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     pub(crate) jobs: TaskTracker,
     /// The worker's own key, loaded once at start: it signs requests, reports and ledger records.
     pub(crate) key: ed25519_dalek::SigningKey,
@@ -51,6 +53,7 @@ impl Worker {
             mirrors: Mirrors::new(config.data_dir.join("git")),
             inputs: crate::inputs::InputCache::new(config.data_dir.join("inputs")),
             slots: Arc::new(Semaphore::new(config.max_jobs as usize)),
+            waiting: std::sync::Mutex::default(),
             config,
             executor,
             hooks,
@@ -59,6 +62,48 @@ impl Worker {
             key,
             shutdown,
         })
+    }
+}
+
+impl Worker {
+    /// Whether a controller other than `controller` waits for a slot: then a slot that frees
+    /// up goes to whoever waited (the slots are served in order), not to the next offer of the
+    /// controller whose job just ended (`job::run`).
+    pub(crate) fn others_wait_for_a_slot(&self, controller: &str) -> bool {
+        self.waiting
+            .lock()
+            .expect("slot waiters")
+            .iter()
+            .any(|(c, n)| c != controller && *n > 0)
+    }
+
+    /// Counts `controller`'s loop as waiting for a slot while the guard lives.
+    fn wait_for_a_slot(&self, controller: &str) -> SlotWait<'_> {
+        *self
+            .waiting
+            .lock()
+            .expect("slot waiters")
+            .entry(controller.to_string())
+            .or_default() += 1;
+        SlotWait {
+            worker: self,
+            controller: controller.to_string(),
+        }
+    }
+}
+
+/// A controller's loop waiting for a slot ([`Worker::wait_for_a_slot`]).
+struct SlotWait<'a> {
+    worker: &'a Worker,
+    controller: String,
+}
+
+impl Drop for SlotWait<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self.worker.waiting.lock().expect("slot waiters");
+        if let Some(n) = waiting.get_mut(&self.controller) {
+            *n = n.saturating_sub(1);
+        }
     }
 }
 
@@ -111,8 +156,10 @@ pub(crate) async fn serve(w: Arc<Worker>, client: Arc<WorkerClient>) {
         loop {
             // Poll only with a free slot. The slot is not held while polling: with several
             // controllers each would otherwise keep one busy while waiting for work.
+            let waiting = w.wait_for_a_slot(client.base());
             let capacity = tokio::select! {
                 permit = w.slots.acquire() => {
+                    drop(waiting);
                     let _permit = permit.expect("the job slots are never closed");
                     w.slots.available_permits() as u32 + 1
                 }
@@ -130,25 +177,29 @@ pub(crate) async fn serve(w: Arc<Worker>, client: Arc<WorkerClient>) {
                 Ok(None) => backoff.reset(),
                 Ok(Some(assignment)) => {
                     backoff.reset();
-                    let span = tracing::info_span!(
-                        "job",
-                        assignment = %assignment.id,
-                        build = %assignment.build_id,
-                        job = %assignment.job,
-                    );
                     // Another controller may have filled the last slot while this poll waited.
+                    // `job::run` names each assignment it runs in a span of its own.
                     let task = match w.slots.clone().try_acquire_owned() {
                         Ok(slot) => job::run(w.clone(), client.clone(), assignment, slot).boxed(),
-                        Err(_) => job::refuse(
-                            w.clone(),
-                            client.clone(),
-                            assignment.id,
-                            "the worker is at capacity",
-                            true,
-                        )
-                        .boxed(),
+                        Err(_) => {
+                            let span = tracing::info_span!(
+                                "job",
+                                assignment = %assignment.id,
+                                build = %assignment.build_id,
+                                job = %assignment.job,
+                            );
+                            job::refuse(
+                                w.clone(),
+                                client.clone(),
+                                assignment.id,
+                                "the worker is at capacity",
+                                true,
+                            )
+                            .instrument(span)
+                            .boxed()
+                        }
                     };
-                    w.jobs.spawn(task.instrument(span));
+                    w.jobs.spawn(task);
                 }
                 Err(e) => {
                     let delay = backoff.next_delay();

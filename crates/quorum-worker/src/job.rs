@@ -12,6 +12,7 @@ use quorum_api::v1::controller::{Assignment, ReportedResult, ResultReport, Usage
 use quorum_client::controller::WorkerClient;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::agent::Worker;
 use crate::artifacts;
@@ -28,23 +29,40 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 const PARALLEL_UPLOADS: usize = 4;
 const LOG_QUEUE: usize = 256;
 
-/// Runs one accepted-or-refused assignment; `_slot` is the job slot it occupies until it ends.
+/// Runs an assignment, then each one the controller hands over with a report (the worker's
+/// next waiting offer, taken as the slot frees up: no poll in between); `_slot` is the job
+/// slot they occupy until the last ends.
 pub(crate) async fn run(
     w: Arc<Worker>,
     client: Arc<WorkerClient>,
     a: Assignment,
     _slot: OwnedSemaphorePermit,
 ) {
-    if let Err(reason) = accept(&w, &a).await {
-        refuse(w, client, a.id, &reason, false).await;
-        return;
+    let mut next = Some(a);
+    while let Some(a) = next.take() {
+        let span = tracing::info_span!(
+            "job",
+            assignment = %a.id,
+            build = %a.build_id,
+            job = %a.job,
+        );
+        next = run_one(&w, &client, a).instrument(span).await;
+    }
+}
+
+/// Runs one accepted-or-refused assignment; returns the next one if the controller handed it
+/// over with the report.
+async fn run_one(w: &Arc<Worker>, client: &Arc<WorkerClient>, a: Assignment) -> Option<Assignment> {
+    if let Err(reason) = accept(w, &a).await {
+        refuse(w.clone(), client.clone(), a.id, &reason, false).await;
+        return None;
     }
     let job_dir = w.config.data_dir.join("builds").join(&a.id);
     // Creating the directory claims the assignment: an offer repeated while it runs is ignored
     // rather than run twice in the same tree.
     if let Err(e) = tokio::fs::create_dir(&job_dir).await {
         tracing::warn!(error = %e, dir = %job_dir.display(), "cannot create the job directory; ignoring the offer");
-        return;
+        return None;
     }
     tracing::info!(repository = %a.repository, commit = %a.commit, "accepted assignment");
     let started = crate::ledger::now();
@@ -63,19 +81,20 @@ pub(crate) async fn run(
     let shipper = tokio::spawn(crate::logship::ship(
         client.clone(),
         a.id.clone(),
-        crate::logship::redactor(&w, &a),
+        crate::logship::redactor(w, &a),
         log_rx,
         w.shutdown.clone(),
     ));
 
     let mut usage = Usage::default();
-    let result = build(&w, &a, &job_dir, log_tx, &cancel, &mut usage).await;
+    let result = build(w, &a, &job_dir, log_tx, &cancel, &mut usage).await;
     // The log is complete before the result arrives, so the controller can close it.
     let _ = shipper.await;
-    match result {
-        Some(result) => report(&w, &client, &a, result, usage, started).await,
+    let next = match result {
+        Some(result) => report(w, client, &a, result, usage, started).await,
         None if stopped.load(Ordering::SeqCst) => {
-            tracing::info!("the controller stopped the assignment")
+            tracing::info!("the controller stopped the assignment");
+            None
         }
         None => {
             refuse(
@@ -85,15 +104,17 @@ pub(crate) async fn run(
                 "the worker is shutting down",
                 true,
             )
-            .await
+            .await;
+            None
         }
-    }
+    };
     lease_end.cancel();
     let _ = lease.await;
     let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&job_dir)).await;
     if let Ok(Err(e)) = removed {
         tracing::warn!(error = %e, "cannot remove the job directory");
     }
+    next
 }
 
 /// Declines an assignment, saying why. Best effort: an unanswered refusal ends in lease expiry.
@@ -359,7 +380,9 @@ async fn fetch_source(
 }
 
 /// Signs and delivers the result, retrying while the controller may be restarting, then
-/// appends the assignment to the usage ledger (delivered or not: the work was done).
+/// appends the assignment to the usage ledger (delivered or not: the work was done). Unless the
+/// worker is stopping, the delivery takes the worker's next waiting offer with it, returned
+/// here for this job's slot.
 async fn report(
     w: &Worker,
     client: &WorkerClient,
@@ -367,7 +390,7 @@ async fn report(
     result: ReportedResult,
     usage: Usage,
     started: u64,
-) {
+) -> Option<Assignment> {
     let ledger_outcome = match &result {
         ReportedResult::Success { .. } => crate::ledger::Outcome::Success,
         ReportedResult::Failed { .. } => crate::ledger::Outcome::Failed,
@@ -388,18 +411,31 @@ async fn report(
         environment: w.environment.clone(),
     };
     let signed = client.sign_report(&report);
-    let reported = match with_retry("deliver the result", REPORT_BUDGET, &w.shutdown, || {
-        client.result(&a.id, &signed)
-    })
+    // Not while stopping, nor when another controller's loop waits for this slot.
+    let take = !w.shutdown.is_cancelled() && !w.others_wait_for_a_slot(client.base());
+    let (reported, next) = match with_retry(
+        "deliver the result",
+        REPORT_BUDGET,
+        &w.shutdown,
+        || {
+            let signed = &signed;
+            async move {
+                match take {
+                    true => client.result_and_take(&a.id, signed).await,
+                    false => client.result(&a.id, signed).await.map(|()| None),
+                }
+            }
+        },
+    )
     .await
     {
-        Ok(()) => {
-            tracing::info!(%outcome, "reported the result");
-            true
+        Ok(next) => {
+            tracing::info!(%outcome, next = next.as_ref().map(|n| n.id.as_str()), "reported the result");
+            (true, next)
         }
         Err(e) => {
             tracing::error!(error = %e, %outcome, "cannot deliver the result; giving up");
-            false
+            (false, None)
         }
     };
     let finished = crate::ledger::now();
@@ -428,6 +464,7 @@ async fn report(
         Ok(Err(e)) => tracing::error!(error = %e, "cannot append to the usage ledger"),
         Err(e) => tracing::error!(error = %e, "the usage ledger task failed"),
     }
+    next
 }
 
 fn millis(d: Duration) -> u64 {

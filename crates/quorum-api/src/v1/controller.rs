@@ -81,7 +81,10 @@ pub struct HeartbeatResponse {
 // `POST /api/v1/assignments/{id}/log?offset=N`, worker, body = raw log bytes starting at byte
 // `offset` of the job's log. Resending a range is harmless.
 
-/// `POST /api/v1/assignments/{id}/result`, worker.
+/// `POST /api/v1/assignments/{id}/result[?take=1]`, worker. Answers `204` once the report is
+/// recorded. With `take=1` (the worker has a slot free again), the controller also hands over
+/// the worker's next waiting offer, if one is waiting, as `200` with an [`Assignment`], exactly
+/// as a poll would: a worker with queued work goes on without a poll of its own.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SignedReport {
     /// The [`ResultReport`] as JSON text, exactly the bytes that were signed.

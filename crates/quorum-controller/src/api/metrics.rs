@@ -83,6 +83,20 @@ pub async fn metrics(AxState(state): AxState<Arc<State>>) -> Result<impl IntoRes
     }
     let _ = writeln!(
         out,
+        "# HELP quorum_assignments_taken_total Offers taken, by how: a poll, or handed over with the worker's previous report.\n# TYPE quorum_assignments_taken_total counter"
+    );
+    for (with, n) in [
+        ("poll", &state.taken_with_poll),
+        ("report", &state.taken_with_report),
+    ] {
+        let _ = writeln!(
+            out,
+            "quorum_assignments_taken_total{{with=\"{with}\"}} {}",
+            n.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
         "# HELP quorum_take_up_tokens_waiting Offers whose tokens were minted ahead and wait to be taken.\n# TYPE quorum_take_up_tokens_waiting gauge\nquorum_take_up_tokens_waiting {}",
         state.ahead.waiting()
     );

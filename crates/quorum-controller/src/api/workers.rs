@@ -2,6 +2,7 @@
 //! (`auth::worker`); a worker can only touch its own assignments.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Json;
@@ -147,6 +148,7 @@ pub async fn poll(
         if req.capacity > 0
             && let Some(a) = Box::pin(take_offer(&state, &w)).await?
         {
+            state.taken_with_poll.fetch_add(1, Ordering::Relaxed);
             return Ok(Json(a).into_response());
         }
         // Wake at least every third of a lease to mark the worker as still online: a worker
@@ -443,10 +445,37 @@ pub async fn log(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `POST /api/v1/assignments/{id}/result`, the assigned worker: its signed report.
+#[derive(Deserialize)]
+pub struct ResultQuery {
+    /// How many offers to hand over with the answer (0 or 1).
+    #[serde(default)]
+    take: u32,
+}
+
+/// `POST /api/v1/assignments/{id}/result[?take=1]`, the assigned worker: its signed report, and
+/// with `take=1` its next waiting offer in the answer, if it has one (`200`), else `204`.
 pub async fn result(
     AxState(state): AxState<Arc<State>>,
     Path(id): Path<String>,
+    Query(q): Query<ResultQuery>,
+    signed: SignedWorker,
+) -> Result<Response, ApiError> {
+    let w = signed.worker.clone();
+    record_result(&state, &id, signed).await?;
+    // The report is recorded; the next offer is taken as a poll takes it, without waiting.
+    if q.take > 0
+        && let Some(a) = Box::pin(take_offer(&state, &w)).await?
+    {
+        state.taken_with_report.fetch_add(1, Ordering::Relaxed);
+        return Ok(Json(a).into_response());
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Records the worker's signed report on assignment `id`.
+async fn record_result(
+    state: &State,
+    id: &str,
     SignedWorker {
         worker: w,
         key,
@@ -459,12 +488,12 @@ pub async fn result(
     // first and says precisely what is wrong.
     if let Ok((signed, report)) = check_report(&w, &key, &body)
         && report.assignment == id
-        && record_report(&state, &w, &signed, &report).await?
+        && record_report(state, &w, &signed, &report).await?
     {
         state.wake.job(&report.build_id, &report.job);
         return Ok(StatusCode::NO_CONTENT);
     }
-    let a = own_assignment(&state, &w, &id).await?;
+    let a = own_assignment(state, &w, id).await?;
     let (signed, report) = check_report(&w, &key, &body)?;
     if report.assignment != a.id || report.build_id != a.build_id || report.job != a.job {
         return Err(ApiError::bad_request(
@@ -481,7 +510,7 @@ pub async fn result(
             ))
         };
     }
-    if !record_report(&state, &w, &signed, &report).await? {
+    if !record_report(state, &w, &signed, &report).await? {
         return Err(ApiError::conflict(format!(
             "assignment {} is {}; its result is no longer wanted",
             a.id, a.state

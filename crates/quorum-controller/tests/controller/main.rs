@@ -44,6 +44,7 @@ on_both_backends!(
     tokens_minted_ahead_go_to_the_worker_and_assignment_they_name,
     an_offer_made_before_a_restart_is_taken_after_it,
     the_access_token_is_fetched_at_start_not_at_take_up,
+    a_report_hands_over_the_workers_next_offer_and_only_its_own,
 );
 
 async fn bounded(case: impl std::future::Future<Output = ()>) {
@@ -844,10 +845,15 @@ async fn tokens_minted_ahead_go_to_the_worker_and_assignment_they_name(backend: 
         w2.poll(50).await.is_none(),
         "nothing to offer yet; now w2 is online"
     );
-    let build = stack.submit(&pipeline.replace("echo", "printf")).await;
+    // Two results per job, so that each worker is offered every job (with one, a random
+    // draw gave all six to one worker now and then).
+    let twice = pipeline
+        .replace("echo", "printf")
+        .replace("quorum: 1", "quorum: 2");
+    let build = stack.submit(&twice).await;
     let mut by_worker: BTreeMap<String, usize> = BTreeMap::new();
     let mut done_jobs = 0;
-    while done_jobs < JOBS {
+    while done_jobs < 2 * JOBS {
         for worker in [&w, &w2] {
             let Some(a) = worker.poll(100).await else {
                 continue;
@@ -867,7 +873,11 @@ async fn tokens_minted_ahead_go_to_the_worker_and_assignment_they_name(backend: 
             done_jobs += 1;
         }
     }
-    assert_eq!(by_worker.len(), 2, "both workers ran jobs: {by_worker:?}");
+    assert_eq!(
+        by_worker,
+        BTreeMap::from([("w1".to_string(), JOBS), ("w2".to_string(), JOBS)]),
+        "each worker ran every job once"
+    );
     let done = stack
         .wait_build(&build, "verification", |s| s.state.is_final())
         .await;
@@ -901,5 +911,76 @@ async fn an_offer_made_before_a_restart_is_taken_after_it(backend: Backend) {
     for job in &done.jobs {
         assert_eq!(job.assignments.len(), 1, "offered once: {job:#?}");
     }
+    stack.stop().await;
+}
+
+/// A report with `take=1` hands the reporting worker its next waiting offer, with tokens for
+/// exactly that worker and assignment, as a poll would; with none waiting it is a plain `204`.
+/// A report that is refused (another worker's assignment) hands nothing over: the offers stay
+/// waiting for their own worker.
+async fn a_report_hands_over_the_workers_next_offer_and_only_its_own(backend: Backend) {
+    const JOBS: usize = 4;
+    let stack = Stack::start(backend, 30).await;
+    let w1 = stack.worker("w1", "owner-1", false).await;
+    let w2 = stack.worker("w2", "owner-2", false).await;
+    for w in [&w1, &w2] {
+        assert!(
+            w.poll(50).await.is_none(),
+            "nothing to offer yet; now it is online"
+        );
+    }
+    // Two identical results per job: every job is offered to both workers.
+    let mut pipeline = String::from("policy: {quorum: 2}\njobs:\n");
+    for j in 0..JOBS {
+        pipeline.push_str(&format!("  j{j}:\n    script: [\"echo {j}\"]\n"));
+    }
+    let build = stack.submit(&pipeline).await;
+    let a1 = w1.take().await;
+    let b1 = w2.take().await;
+
+    // w2 reports on w1's assignment, asking for more: refused, and nothing is taken for it.
+    let stolen = w2.report(&a1, success(a1.job.as_bytes()), Usage::default());
+    let refused = w2
+        .client
+        .result_and_take(&a1.id, &w2.client.sign_report(&stolen))
+        .await;
+    assert!(refused.is_err(), "another worker's assignment: {refused:?}");
+
+    // Each worker goes through its offers by reporting alone, each handed over with tokens
+    // naming that worker and assignment, until none is left.
+    let claims = |token: &str| quorum_token::peek(token).unwrap().claims;
+    for (w, first) in [(&w1, a1), (&w2, b1)] {
+        let mut jobs = vec![first.job.clone()];
+        let mut a = first;
+        while let Some(next) = w
+            .succeed_and_take(&a, a.job.as_bytes(), Usage::default())
+            .await
+        {
+            assert_eq!(next.build_id, build);
+            assert_eq!(claims(&next.job_token)["aud"], format!("worker:{}", w.name));
+            assert_eq!(
+                claims(&next.upload_token)["scope"]["assignment"],
+                next.id.as_str()
+            );
+            jobs.push(next.job.clone());
+            a = next;
+            assert!(
+                jobs.len() <= JOBS,
+                "{} was handed more than its offers",
+                w.name
+            );
+        }
+        jobs.sort();
+        jobs.dedup();
+        assert_eq!(jobs.len(), JOBS, "{} ran each job once: {jobs:?}", w.name);
+    }
+    let done = stack
+        .wait_build(&build, "verification", |s| s.state.is_final())
+        .await;
+    assert_eq!(done.state, BuildState::Verified, "{done:#?}");
+    assert!(
+        done.jobs.iter().all(|j| j.assignments.len() == 2),
+        "each job ran once on each worker: {done:#?}"
+    );
     stack.stop().await;
 }

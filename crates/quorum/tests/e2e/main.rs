@@ -970,3 +970,45 @@ async fn declared_inputs_reach_the_build_and_a_wrong_digest_fails_it_by_name() {
     );
     server.abort();
 }
+
+/// A real worker that finishes a job while it has more offers waiting takes the next one with
+/// its report, without polling: one worker with two job slots and four independent jobs takes
+/// two by polls and the other two as its slots free up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_takes_its_next_offer_with_its_report() {
+    let fx = Fixture::with_workers(1).await;
+    let mut pipeline = String::from("policy: {quorum: 1, trusted: 1}\njobs:\n");
+    for j in 0..4 {
+        pipeline.push_str(&format!(
+            "  j{j}:\n    script: [\"echo {j} > out.txt\"]\n    artifacts: [out.txt]\n"
+        ));
+    }
+    let repo = repo_with(&[(".quorum.yml", &pipeline)]);
+    let build = fx.submit(repo.path()).await;
+    let status = fx.wait_final(&build, Duration::from_secs(120)).await;
+    assert_eq!(
+        status.state,
+        BuildState::Verified,
+        "{status:#?}\n{}",
+        fx.logs()
+    );
+    let metrics = reqwest::get(format!("{}/metrics", fx.fed.controller_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let taken = |with: &str| {
+        let line = format!("quorum_assignments_taken_total{{with=\"{with}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {line} in {metrics}"))
+    };
+    assert_eq!(
+        (taken("poll"), taken("report")),
+        (2, 2),
+        "two slots' worth by polls, the rest with reports\n{metrics}"
+    );
+}

@@ -411,6 +411,21 @@ impl SimWorker {
             .unwrap();
     }
 
+    /// Like [`SimWorker::succeed`], taking the worker's next waiting offer with the report
+    /// (`?take=1`), as a worker with a slot free again does.
+    pub async fn succeed_and_take(
+        &self,
+        a: &Assignment,
+        content: &[u8],
+        usage: Usage,
+    ) -> Option<Assignment> {
+        let report = self.report(a, success(content), usage);
+        self.client
+            .result_and_take(&a.id, &self.client.sign_report(&report))
+            .await
+            .unwrap()
+    }
+
     /// Uploads `content` as the assignment's `out.txt` to the store and records the manifest,
     /// with the upload token the controller handed over, as a worker does before it reports.
     pub async fn upload(&self, a: &Assignment, content: &[u8]) {
