@@ -356,12 +356,7 @@ async fn malicious_worker_makes_the_build_disputed_and_nothing_is_signed() {
         job.differing_paths
     );
     // The controller's metrics count what happened, and leak no names.
-    let metrics = reqwest::get(format!("{}/metrics", fx.fed.controller_url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = fx.metrics().await;
     assert!(
         metrics.contains("quorum_builds{state=\"disputed\"} 1"),
         "{metrics}"
@@ -992,12 +987,7 @@ async fn a_worker_takes_its_next_offer_with_its_report() {
         "{status:#?}\n{}",
         fx.logs()
     );
-    let metrics = reqwest::get(format!("{}/metrics", fx.fed.controller_url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = fx.metrics().await;
     let taken = |with: &str| {
         let line = format!("quorum_assignments_taken_total{{with=\"{with}\"}} ");
         metrics

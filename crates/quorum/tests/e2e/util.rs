@@ -114,6 +114,16 @@ impl Fixture {
         .await
     }
 
+    /// The controller's Prometheus metrics, as text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.fed.controller_url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Runs the CLI against this federation's controller.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(exe())
