@@ -462,12 +462,20 @@ pub async fn result(
 ) -> Result<Response, ApiError> {
     let w = signed.worker.clone();
     record_result(&state, &id, signed).await?;
-    // The report is recorded; the next offer is taken as a poll takes it, without waiting.
-    if q.take > 0
-        && let Some(a) = Box::pin(take_offer(&state, &w)).await?
-    {
-        state.taken_with_report.fetch_add(1, Ordering::Relaxed);
-        return Ok(Json(a).into_response());
+    // The report is recorded; the next offer is taken as a poll takes it, without waiting. If
+    // that fails (the IdP unreachable for its tokens), the answer still says the report is
+    // recorded, so the worker does not send it again, and its next poll takes the offer.
+    if q.take > 0 {
+        match Box::pin(take_offer(&state, &w)).await {
+            Ok(Some(a)) => {
+                state.taken_with_report.fetch_add(1, Ordering::Relaxed);
+                return Ok(Json(a).into_response());
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(worker = %w.id, error = %e.message, "report recorded; the next offer is left for the worker's poll")
+            }
+        }
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }

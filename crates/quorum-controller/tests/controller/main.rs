@@ -45,6 +45,7 @@ on_both_backends!(
     an_offer_made_before_a_restart_is_taken_after_it,
     the_access_token_is_fetched_at_start_not_at_take_up,
     a_report_hands_over_the_workers_next_offer_and_only_its_own,
+    a_report_is_recorded_when_its_next_offer_cannot_be_taken,
 );
 
 async fn bounded(case: impl std::future::Future<Output = ()>) {
@@ -982,5 +983,42 @@ async fn a_report_hands_over_the_workers_next_offer_and_only_its_own(backend: Ba
         done.jobs.iter().all(|j| j.assignments.len() == 2),
         "each job ran once on each worker: {done:#?}"
     );
+    stack.stop().await;
+}
+
+/// With the IdP down, a report's next offer cannot get its tokens: the report is still
+/// recorded and answered as such (so the worker does not think it lost), and the offer waits
+/// for the worker's next poll, which takes it once the IdP is back.
+async fn a_report_is_recorded_when_its_next_offer_cannot_be_taken(backend: Backend) {
+    let mut stack = Stack::start(backend, 30).await;
+    let w = stack.worker("w1", "owner-1", false).await;
+    let one = "policy: {quorum: 1}\njobs:\n  only:\n    script: [\"echo 1\"]\n";
+    let first = stack.submit(one).await;
+    let a = w.take().await;
+    stack.stop_idp().await;
+    // A second build's offer, whose tokens cannot be minted ahead with the IdP gone.
+    let second = stack.submit(&one.replace("echo 1", "echo 2")).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let next = w.succeed_and_take(&a, b"1", Usage::default()).await;
+    assert!(
+        next.is_none(),
+        "no tokens, so nothing handed over: {next:?}"
+    );
+    let done = stack
+        .wait_build(&first, "verification", |s| s.state.is_final())
+        .await;
+    assert_eq!(
+        done.state,
+        BuildState::Verified,
+        "the report was recorded: {done:#?}"
+    );
+    stack.start_idp().await;
+    let b = w.take().await;
+    assert_eq!(b.build_id, second, "the offer waited for the worker's poll");
+    w.succeed(&b, b"2", Usage::default()).await;
+    let done = stack
+        .wait_build(&second, "verification", |s| s.state.is_final())
+        .await;
+    assert_eq!(done.state, BuildState::Verified, "{done:#?}");
     stack.stop().await;
 }

@@ -91,6 +91,7 @@ pub struct Stack {
     pub api_token: String,
     pub config: quorum_controller::Config,
     idp: Option<Served>,
+    idp_config: quorum_idp::Config,
     store: Option<Served>,
     store_config: quorum_store::Config,
     controller: Option<Served>,
@@ -122,7 +123,10 @@ impl Stack {
                 secret_hash: quorum_idp::hash_secret(&secret),
             }],
         };
-        let (idp_url, idp) = serve("127.0.0.1:0", |l, s| quorum_idp::run(l, idp_config, s)).await;
+        let (idp_url, idp) = serve("127.0.0.1:0", |l, s| {
+            quorum_idp::run(l, idp_config.clone(), s)
+        })
+        .await;
         let store_config = quorum_store::Config {
             listen: "127.0.0.1:0".into(),
             data_dir: dir.path().join("store"),
@@ -165,6 +169,7 @@ impl Stack {
             api_token,
             config,
             idp: Some(idp),
+            idp_config,
             store: Some(store),
             store_config,
             controller: None,
@@ -205,6 +210,21 @@ impl Stack {
             assert!(Instant::now() < deadline, "the controller did not start");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Stops the IdP, as an outage would look to the controller (its data and keys stay).
+    pub async fn stop_idp(&mut self) {
+        if let Some(s) = self.idp.take() {
+            s.stop().await;
+        }
+    }
+
+    /// Starts the IdP again on the address it had.
+    pub async fn start_idp(&mut self) {
+        let listen = self.idp_url.trim_start_matches("http://").to_string();
+        let config = self.idp_config.clone();
+        let (_, served) = serve(&listen, |l, s| quorum_idp::run(l, config, s)).await;
+        self.idp = Some(served);
     }
 
     /// Stops the store, as an outage would look to the controller (its data stays).
