@@ -616,16 +616,19 @@ struct Writes<'a> {
     state: &'a State,
     /// Whether this pass committed writes just before (see [`db::WriteGate::enter_again`]).
     again: bool,
-    /// The write gate's turn (SQLite), held until the commit, and the transaction.
-    open: Option<(
-        Option<tokio::sync::MutexGuard<'a, ()>>,
-        sqlx::Transaction<'static, sqlx::Any>,
-    )>,
+    /// The write gate's turn and the transaction, once begun.
+    open: Option<Open<'a>>,
     /// New assignments, inserted by `flush`.
     offers: Vec<NewOffer>,
     /// Jobs whose row changes, by name, written by `flush`.
     job_updates: Vec<(String, JobUpdate)>,
 }
+
+/// The write gate's turn (SQLite), held until the commit, and the transaction.
+type Open<'a> = (
+    Option<tokio::sync::MutexGuard<'a, ()>>,
+    sqlx::Transaction<'static, sqlx::Any>,
+);
 
 /// An assignment the pass creates: (id, job, worker, round), and its job's timeout.
 struct NewOffer {
@@ -684,10 +687,7 @@ impl<'a> Writes<'a> {
 /// Begins the transaction in `open` unless it is open: waits for the write gate's turn first
 /// (after others waiting if `again`).
 async fn open<'o, 'a>(
-    open: &'o mut Option<(
-        Option<tokio::sync::MutexGuard<'a, ()>>,
-        sqlx::Transaction<'static, sqlx::Any>,
-    )>,
+    open: &'o mut Option<Open<'a>>,
     state: &'a State,
     again: bool,
 ) -> anyhow::Result<&'o mut sqlx::Transaction<'static, sqlx::Any>> {
@@ -725,13 +725,9 @@ impl Writes<'_> {
             // are bound again on every row.
             let rows = db::value_rows(chunk.len(), 1, 7, |p| {
                 format!(
-                    "(${p}, ${}, ${}, ${}, 'offered', ${}, ${}, ${})",
-                    p + 1,
-                    p + 2,
-                    p + 3,
-                    p + 4,
-                    p + 5,
-                    p + 6
+                    "({}, 'offered', {})",
+                    db::placeholders(p, 4),
+                    db::placeholders(p + 4, 3)
                 )
             });
             let sql = db::for_pool(

@@ -350,26 +350,16 @@ impl LocalDir {
                 std::fs::remove_file(&path)?;
             }
         }
-        let unnamed = match can_link_unnamed(&root, &tmp) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::info!(
-                    error = %e, dir = %root.display(),
-                    "no unnamed files (O_TMPFILE) here; uploads go through named temporary files"
-                );
-                false
-            }
-        };
-        let direct = match can_write_direct(&root) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::info!(
-                    error = %e, dir = %root.display(),
-                    "no direct writes (O_DIRECT) here; uploads go through the page cache"
-                );
-                false
-            }
-        };
+        let unnamed = probed(
+            can_link_unnamed(&root, &tmp),
+            &root,
+            "no unnamed files (O_TMPFILE) here; uploads go through named temporary files",
+        );
+        let direct = probed(
+            can_write_direct(&root),
+            &root,
+            "no direct writes (O_DIRECT) here; uploads go through the page cache",
+        );
         Ok(LocalDir {
             root,
             writes: Writes {
@@ -480,6 +470,18 @@ fn write_direct(file: &std::fs::File, bytes: &[u8]) -> io::Result<()> {
         set_direct(file, false)?;
         written
     })
+}
+
+/// Whether a probe of what the file system in `dir` allows succeeded; if not, logs `without`
+/// (what uploads do instead) with the reason.
+fn probed(probe: io::Result<()>, dir: &Path, without: &str) -> bool {
+    match probe {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::info!(error = %e, dir = %dir.display(), "{without}");
+            false
+        }
+    }
 }
 
 /// Whether `root`'s file system takes direct writes: some (and older kernels' tmpfs) refuse

@@ -182,12 +182,7 @@ pub(crate) async fn serve(w: Arc<Worker>, client: Arc<WorkerClient>) {
                     let task = match w.slots.clone().try_acquire_owned() {
                         Ok(slot) => job::run(w.clone(), client.clone(), assignment, slot).boxed(),
                         Err(_) => {
-                            let span = tracing::info_span!(
-                                "job",
-                                assignment = %assignment.id,
-                                build = %assignment.build_id,
-                                job = %assignment.job,
-                            );
+                            let span = job::span(&assignment);
                             job::refuse(
                                 w.clone(),
                                 client.clone(),

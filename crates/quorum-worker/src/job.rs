@@ -40,14 +40,19 @@ pub(crate) async fn run(
 ) {
     let mut next = Some(a);
     while let Some(a) = next.take() {
-        let span = tracing::info_span!(
-            "job",
-            assignment = %a.id,
-            build = %a.build_id,
-            job = %a.job,
-        );
+        let span = span(&a);
         next = run_one(&w, &client, a).instrument(span).await;
     }
+}
+
+/// The span a job's log lines are in.
+pub(crate) fn span(a: &Assignment) -> tracing::Span {
+    tracing::info_span!(
+        "job",
+        assignment = %a.id,
+        build = %a.build_id,
+        job = %a.job,
+    )
 }
 
 /// Runs one accepted-or-refused assignment; returns the next one if the controller handed it

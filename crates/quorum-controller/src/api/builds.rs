@@ -76,7 +76,7 @@ pub async fn submit(
     for (chunk_no, chunk) in pipeline.jobs.chunks(ROWS).enumerate() {
         // Each placeholder once and in order, the build's on every row (`db::for_pool`).
         let values = crate::db::value_rows(chunk.len(), 1, 4, |p| {
-            format!("(${p}, ${}, ${}, ${}, 'queued')", p + 1, p + 2, p + 3)
+            format!("({}, 'queued')", crate::db::placeholders(p, 4))
         });
         let sql = crate::db::for_pool(
             &state.pool,

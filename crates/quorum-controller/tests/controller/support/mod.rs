@@ -59,6 +59,13 @@ struct Served {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
+/// Stops the role in `slot`, if it runs.
+async fn stop(slot: &mut Option<Served>) {
+    if let Some(s) = slot.take() {
+        s.stop().await;
+    }
+}
+
 impl Served {
     async fn stop(self) {
         self.shutdown.cancel();
@@ -214,9 +221,7 @@ impl Stack {
 
     /// Stops the IdP, as an outage would look to the controller (its data and keys stay).
     pub async fn stop_idp(&mut self) {
-        if let Some(s) = self.idp.take() {
-            s.stop().await;
-        }
+        stop(&mut self.idp).await
     }
 
     /// Starts the IdP again on the address it had.
@@ -229,9 +234,7 @@ impl Stack {
 
     /// Stops the store, as an outage would look to the controller (its data stays).
     pub async fn stop_store(&mut self) {
-        if let Some(s) = self.store.take() {
-            s.stop().await;
-        }
+        stop(&mut self.store).await
     }
 
     /// Starts the store again on the address it had.
@@ -244,16 +247,13 @@ impl Stack {
 
     /// Stops the controller gracefully (its state stays in the database).
     pub async fn stop_controller(&mut self) {
-        if let Some(c) = self.controller.take() {
-            c.stop().await;
-        }
+        stop(&mut self.controller).await
     }
 
     pub async fn stop(mut self) {
         self.stop_controller().await;
-        for s in [self.store.take(), self.idp.take()].into_iter().flatten() {
-            s.stop().await;
-        }
+        self.stop_store().await;
+        self.stop_idp().await;
     }
 
     pub fn user(&self) -> UserClient {
