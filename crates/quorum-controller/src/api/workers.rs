@@ -301,9 +301,7 @@ async fn claim_offer(
             Arg::Text(tenant.clone()),
             Arg::Int(now_unix() + (spec.timeout_secs + state.lease_secs) as i64),
             // The tokens are redacted from the assignment's log (`logs.rs`).
-            Arg::Text(
-                serde_json::to_string(&[&job_token, &upload_token]).map_err(ApiError::internal)?,
-            ),
+            Arg::Text(crate::logs::kept_secrets(&[&job_token, &upload_token])),
         ],
     };
     if !state.commits.execute(claim).await? {
@@ -608,4 +606,98 @@ async fn record_report(
     }
     tracing::info!(assignment = %report.assignment, worker = %w.id, outcome = %outcome, "result reported");
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// However stale the statistics, a report finds its row by id. Here a thousand assignments
+    /// run, but the statistics were gathered when they were offered: PostgreSQL took
+    /// `state = 'running'` for a one-row restriction and read every running assignment for
+    /// each statement (in a benchmark's plan, once per report of it: 64,000 comparisons for
+    /// 64 reports).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reports_find_their_rows_by_id_on_postgres_with_stale_statistics() {
+        let pg = quorum_testkit::PgDatabase::create("quorum_reports").await;
+        let dir = tempfile::tempdir().unwrap();
+        let pool = crate::db::open(dir.path(), Some(&pg.url)).await.unwrap();
+        let long = "x".repeat(1300); // as wide as the rows of a real build
+        for sql in [
+            "INSERT INTO builds (id, repository, commit_id, source_date_epoch, state, created_at) \
+             VALUES ('b', 'r', 'c', 0, 'running', 0)",
+            "INSERT INTO workers (id, owner, trusted, labels, public_key, enrolled_at) \
+             SELECT 'w' || i, 'o' || i, 0, '[]', 'k', 0 FROM generate_series(0, 99) AS i",
+            "INSERT INTO jobs (build_id, name, position, spec, state) \
+             SELECT 'b', 'j' || i, i, '{}', 'running' FROM generate_series(0, 999) AS i",
+            "INSERT INTO assignments (id, build_id, job, worker_id, state, created_at, \
+             lease_expires, tenant, log_secrets) SELECT 'a' || i, 'b', 'j' || i, 'w' || (i % 100), \
+             'offered', i, 0, 'acme', $1 FROM generate_series(0, 999) AS i",
+            "ANALYZE assignments",
+            "UPDATE assignments SET state = 'running'",
+        ] {
+            let mut q = sqlx::query(sql);
+            if sql.contains("$1") {
+                q = q.bind(&long);
+            }
+            q.execute(&pool).await.unwrap();
+        }
+        let width = 13;
+        let sql = format!(
+            "EXPLAIN ANALYZE {}",
+            crate::commits::statement(&pool, &REPORT, 64, width)
+        );
+        let mut q = sqlx::query(&sql);
+        for i in (0..640).step_by(10) {
+            q = q
+                .bind(format!("a{i}"))
+                .bind(long.clone())
+                .bind("signature")
+                .bind("{}")
+                .bind(None::<String>);
+            for _ in 0..4 {
+                q = q.bind(0_i64);
+            }
+            q = q
+                .bind(0_i64)
+                .bind(format!("w{}", i % 100))
+                .bind("b")
+                .bind(format!("j{i}"));
+        }
+        let mut tx = pool.begin().await.unwrap();
+        let plan: Vec<String> = q
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        tx.rollback().await.unwrap();
+        let plan = plan.join("\n");
+        assert!(
+            plan.lines()
+                .any(|l| l.contains("Update on assignments") && l.contains("rows=64 ")),
+            "every report changed its row:\n{plan}"
+        );
+        // Rows read from the table, over all loops of each scan of it: the 64 reported, not
+        // every running assignment.
+        let read: u64 = plan
+            .lines()
+            .filter(|l| l.contains("Scan") && l.contains(" on assignments "))
+            .map(|l| {
+                let actual = &l[l.find("(actual").expect("EXPLAIN ANALYZE")..];
+                let number = |key: &str| -> u64 {
+                    let rest = &actual[actual.find(key).unwrap() + key.len()..];
+                    let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap();
+                    rest[..end].parse().unwrap()
+                };
+                number("rows=") * number("loops=")
+            })
+            .sum();
+        assert!(
+            read <= 64,
+            "{read} assignments read for 64 reports:\n{plan}"
+        );
+        pool.close().await;
+    }
 }
