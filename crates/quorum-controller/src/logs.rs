@@ -1,6 +1,6 @@
 //! Build logs as the controller keeps them: redacted on arrival, because the controller does not
 //! trust the worker to have redacted them. Removed are the tokens minted for the assignment
-//! (`assignments.log_secrets`), the operator's `[project] redact` strings, and anything shaped
+//! (their signatures, kept in `assignments.log_secrets`), the operator's `[project] redact` strings, and anything shaped
 //! like a JWT (`quorum_core::redact`).
 //!
 //! Two streams, two offsets: the worker sends bytes at offsets of what it sent (`received`),
@@ -33,7 +33,22 @@ pub fn check_redact_list(list: &[String]) -> anyhow::Result<()> {
 /// Most bytes of log one assignment may send.
 const MAX_LOG: i64 = 64 * 1024 * 1024;
 
-/// What the controller redacts from a log: `secrets` is the assignment's `log_secrets`.
+/// What `assignments.log_secrets` keeps of the tokens minted for an assignment: each one's
+/// signature, the part that makes it a token. A log is redacted of these wherever they
+/// appear, and of whole tokens by their shape, so the database holds no token a reader of it
+/// could present (the header and claims before the signature are no secret). Narrower rows
+/// matter too: with the whole tokens an assignment row was over 2 KB, which PostgreSQL tries
+/// to compress at every update.
+pub fn kept_secrets(tokens: &[&str]) -> String {
+    let signatures: Vec<&str> = tokens
+        .iter()
+        .map(|t| t.rsplit('.').next().unwrap_or(t))
+        .collect();
+    serde_json::to_string(&signatures).expect("a list of strings serializes")
+}
+
+/// What the controller redacts from a log: `secrets` is the assignment's `log_secrets` (token
+/// signatures, or whole tokens in rows written before [`kept_secrets`]).
 fn redactor(state: &State, secrets: Option<String>) -> Redactor {
     let minted: Vec<String> = secrets
         .and_then(|s| serde_json::from_str(&s).ok())

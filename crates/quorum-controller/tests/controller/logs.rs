@@ -68,7 +68,7 @@ async fn tokens_a_worker_ships_are_redacted_in_the_live_and_the_stored_log(backe
         "curl -H 'Authorization: Bearer {}' store\njob={} pw={OPERATOR_SECRET} other={FOREIGN_JWT}\ndone\n",
         ta.upload_token, ta.job_token
     );
-    ship(&a, &ta, 0, &[line.as_bytes()]).await;
+    let sent = ship(&a, &ta, 0, &[line.as_bytes()]).await;
 
     // Live: the assignment still runs.
     let (live, complete) = stack.user().log(&ta.id, 0).await.unwrap();
@@ -79,11 +79,29 @@ async fn tokens_a_worker_ships_are_redacted_in_the_live_and_the_stored_log(backe
         "curl -H 'Authorization: Bearer [redacted]' store\njob=[redacted] pw=[redacted] other=[redacted]\ndone\n"
     );
 
+    // A token's signature alone, and glued to what precedes it, so that its shape is no
+    // JWT's: the signature is what the controller kept, and it goes wherever it appears.
+    let sig = |t: &str| t.rsplit('.').next().unwrap().to_string();
+    let line = format!("sig={}\nglued=x{}\n", sig(&ta.job_token), ta.upload_token);
+    ship(&a, &ta, sent, &[line.as_bytes()]).await;
+    let (live, _) = stack.user().log(&ta.id, 0).await.unwrap();
+    assert_clean(&live, &ta);
+    let (claims, _) = ta.upload_token.rsplit_once('.').unwrap();
+    let text = String::from_utf8(live.clone()).unwrap();
+    assert!(
+        text.ends_with(&format!("\nsig=[redacted]\nglued=x{claims}.[redacted]\n")),
+        "{text}"
+    );
+
     // Stored: after the worker reported, the same.
     a.succeed(&ta, b"x", Usage::default()).await;
     let (stored, complete) = stack.user().log(&ta.id, 0).await.unwrap();
     assert!(complete, "the assignment has ended");
     assert_eq!(stored, live);
+
+    // The database keeps no token a reader of it could present: the signatures only.
+    let kept: Vec<String> = serde_json::from_str(&log_secrets(&stack, &ta.id).await).unwrap();
+    assert_eq!(kept, [sig(&ta.job_token), sig(&ta.upload_token)]);
     stack.stop().await;
 }
 
@@ -122,7 +140,8 @@ async fn a_secret_split_across_chunks_is_redacted_and_offsets_resume(backend: Ba
     let pieces: Vec<&[u8]> = jwt.chunks(7).collect();
     let mut sent = ship(&a, &ta, sent, &[b"jwt: "]).await;
     sent = ship(&a, &ta, sent, &pieces).await;
-    ship(&a, &ta, sent, &[b"\nlast: ", &token[..cut]]).await;
+    // The log ends inside the token's signature.
+    ship(&a, &ta, sent, &[b"\nlast: ", &token[..token.len() - 20]]).await;
     a.succeed(&ta, b"x", Usage::default()).await;
 
     let (all, complete) = stack.user().log(&ta.id, 0).await.unwrap();
@@ -138,4 +157,23 @@ async fn a_secret_split_across_chunks_is_redacted_and_offsets_resume(backend: Ba
         assert_eq!(tail, &all[offset..], "read from {offset}");
     }
     stack.stop().await;
+}
+
+/// The assignment's `log_secrets` column, read from the controller's database.
+async fn log_secrets(stack: &Stack, assignment: &str) -> String {
+    sqlx::any::install_default_drivers();
+    let url = stack.config.database_url.clone().unwrap_or_else(|| {
+        format!(
+            "sqlite://{}",
+            stack.config.data_dir.join("controller.db").display()
+        )
+    });
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    let kept = sqlx::query_scalar("SELECT log_secrets FROM assignments WHERE id = $1")
+        .bind(assignment)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    kept
 }
