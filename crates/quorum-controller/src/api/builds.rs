@@ -38,18 +38,15 @@ pub async fn submit(
         let mirror = mirrors
             .update(&repo_url)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let commit =
-            quorum_git::resolve(&mirror, &rev).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let text = quorum_git::read_file(&mirror, &commit, PIPELINE_FILE)
-            .map_err(|e| ApiError::bad_request(e.to_string()))?
-            .ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "commit {commit} of {repo_url} has no {PIPELINE_FILE}"
-                ))
-            })?;
-        let sde = quorum_git::commit_time(&mirror, &commit)
+        let found = quorum_git::commit_with_file(&mirror, &rev, PIPELINE_FILE)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        Ok((commit, text, sde))
+        let text = found.file.ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "commit {} of {repo_url} has no {PIPELINE_FILE}",
+                found.commit
+            ))
+        })?;
+        Ok((found.commit, text, found.time))
     })
     .await
     .map_err(ApiError::internal)??;
