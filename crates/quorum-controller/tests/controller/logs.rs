@@ -161,14 +161,7 @@ async fn a_secret_split_across_chunks_is_redacted_and_offsets_resume(backend: Ba
 
 /// The assignment's `log_secrets` column, read from the controller's database.
 async fn log_secrets(stack: &Stack, assignment: &str) -> String {
-    sqlx::any::install_default_drivers();
-    let url = stack.config.database_url.clone().unwrap_or_else(|| {
-        format!(
-            "sqlite://{}",
-            stack.config.data_dir.join("controller.db").display()
-        )
-    });
-    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    let pool = stack.database().await;
     let kept = sqlx::query_scalar("SELECT log_secrets FROM assignments WHERE id = $1")
         .bind(assignment)
         .fetch_one(&pool)

@@ -42,14 +42,7 @@ fn states(s: &BuildStatus) -> BTreeMap<String, JobState> {
 /// A job's verdict recomputed by the pure rule from the rows of the controller's database.
 async fn verdict_from_database(stack: &Stack, build: &str, job: &JobStatus) -> JobVerdict {
     use sqlx::Row as _;
-    sqlx::any::install_default_drivers();
-    let url = stack.config.database_url.clone().unwrap_or_else(|| {
-        format!(
-            "sqlite://{}",
-            stack.config.data_dir.join("controller.db").display()
-        )
-    });
-    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    let pool = stack.database().await;
     let rows = sqlx::query(
         "SELECT a.outcome, w.id, w.owner, w.trusted FROM assignments a \
          JOIN workers w ON w.id = a.worker_id JOIN jobs j ON j.build_id = a.build_id AND j.name = a.job \

@@ -256,6 +256,18 @@ impl Stack {
         self.stop_idp().await;
     }
 
+    /// A connection pool on the controller's database, to check what it stored.
+    pub async fn database(&self) -> sqlx::AnyPool {
+        sqlx::any::install_default_drivers();
+        let url = self.config.database_url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}",
+                self.config.data_dir.join("controller.db").display()
+            )
+        });
+        sqlx::AnyPool::connect(&url).await.unwrap()
+    }
+
     pub fn user(&self) -> UserClient {
         UserClient::new(&self.controller_url, &self.api_token)
     }
