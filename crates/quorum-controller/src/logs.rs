@@ -1,7 +1,7 @@
 //! Build logs as the controller keeps them: redacted on arrival, because the controller does not
 //! trust the worker to have redacted them. Removed are the tokens minted for the assignment
-//! (their signatures, kept in `assignments.log_secrets`), the operator's `[project] redact` strings, and anything shaped
-//! like a JWT (`quorum_core::redact`).
+//! (by their signatures, kept in `assignments.log_secrets`), the operator's `[project] redact`
+//! strings, and anything shaped like a JWT (`quorum_core::redact`).
 //!
 //! Two streams, two offsets: the worker sends bytes at offsets of what it sent (`received`),
 //! readers read the redacted bytes at offsets of what is stored (`logs`), so `logs -f` resumes

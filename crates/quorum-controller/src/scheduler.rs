@@ -657,7 +657,7 @@ impl<'a> Writes<'a> {
         open(&mut self.open, self.state, self.again).await
     }
 
-    /// Writes and commits everything, then has the tokens of the new offers minted ahead and
+    /// Has the tokens of the new offers minted ahead, writes and commits everything, then
     /// wakes the workers offered work.
     async fn commit(mut self, build_id: &str, offered: &mut HashSet<String>) -> anyhow::Result<()> {
         let state = self.state;
