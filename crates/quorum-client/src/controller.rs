@@ -13,7 +13,9 @@ use quorum_api::v1::controller::{
     Assignment, EnrollRequest, EnrollResponse, HeartbeatResponse, PollRequest, RefuseRequest,
     ResultReport, SignedReport,
 };
-use quorum_api::v1::worker_auth::{self, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WORKER};
+use quorum_api::v1::worker_auth::{
+    self, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WORKER,
+};
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 
 use crate::{ClientError, check, json, transport};
@@ -181,11 +183,14 @@ impl WorkerClient {
         };
         let body = req.body().and_then(|b| b.as_bytes()).unwrap_or_default();
         let timestamp = unix_now();
-        let message = worker_auth::message("POST", &signed_path, timestamp, body);
+        // Fresh for every request, a retry included: the controller takes each nonce once.
+        let nonce = format!("{:032x}", rand::random::<u128>());
+        let message = worker_auth::message("POST", &signed_path, timestamp, &nonce, body);
         let signature = B64.encode(self.key.sign(&message).to_bytes());
         let headers = req.headers_mut();
         headers.insert(HEADER_WORKER, header(&self.worker_id, &url)?);
         headers.insert(HEADER_TIMESTAMP, HeaderValue::from(timestamp));
+        headers.insert(HEADER_NONCE, header(&nonce, &url)?);
         headers.insert(HEADER_SIGNATURE, header(&signature, &url)?);
         let resp = self.http.execute(req).await.map_err(transport(&url))?;
         Ok((url, resp))

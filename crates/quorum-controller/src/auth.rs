@@ -6,7 +6,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
 use quorum_api::v1::worker_auth::{
-    HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WORKER, MAX_SKEW_SECS, message,
+    HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WORKER, MAX_SKEW_SECS, is_nonce,
+    message,
 };
 use quorum_service::ApiError;
 use std::sync::Arc;
@@ -69,6 +70,12 @@ async fn worker(
             now - ts
         )));
     }
+    let nonce = header(headers, HEADER_NONCE)?;
+    if !is_nonce(nonce) {
+        return Err(ApiError::unauthorized(format!(
+            "{HEADER_NONCE} is not 32 lowercase hexadecimal digits"
+        )));
+    }
     let sig = B64
         .decode(header(headers, HEADER_SIGNATURE)?)
         .ok()
@@ -87,8 +94,14 @@ async fn worker(
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or(uri.path());
-    key.verify(&message(method.as_str(), path, ts, body), &sig)
+    key.verify(&message(method.as_str(), path, ts, nonce, body), &sig)
         .map_err(|_| unknown())?;
+    // Only after the signature: nobody without the worker's key can spend its nonces.
+    if !state.nonces.take(id, nonce, now) {
+        return Err(ApiError::unauthorized(
+            "this request was already received (a replay, or a retry that kept its nonce)",
+        ));
+    }
     let last_seen = known.last_seen.load(Ordering::Relaxed);
     let was_offline = last_seen < now - state.lease_secs as i64;
     // Seconds are the resolution of `last_seen`: a busy worker's many requests in one second
@@ -104,6 +117,60 @@ async fn worker(
     let mut row = known.row.clone();
     row.last_seen = known.last_seen.load(Ordering::Relaxed);
     Ok((row, key))
+}
+
+/// How long a nonce is remembered, at least: a request is accepted while its timestamp is
+/// within [`MAX_SKEW_SECS`] of the controller's clock, so up to twice that after it arrives
+/// (a worker's clock ahead by the whole window).
+const NONCE_SECS: i64 = 2 * MAX_SKEW_SECS;
+
+/// The nonces of the workers' requests accepted lately, in two generations of [`NONCE_SECS`]
+/// each: one is remembered from [`NONCE_SECS`] to twice that, after which its request's
+/// timestamp is refused anyway. An entry is the nonce and a hash of the worker's id, about 40
+/// bytes: a thousand requests a second hold under 10 MB.
+#[derive(Default)]
+pub(crate) struct Nonces {
+    inner: std::sync::Mutex<NonceGenerations>,
+}
+
+#[derive(Default)]
+struct NonceGenerations {
+    /// The generation `current` holds: `now / NONCE_SECS` when it began.
+    slot: i64,
+    current: std::collections::HashSet<(u64, u128)>,
+    previous: std::collections::HashSet<(u64, u128)>,
+}
+
+impl Nonces {
+    /// Takes `worker`'s `nonce` (already checked with [`is_nonce`]) at `now`: false if it was
+    /// taken before, within the time a request carrying it could still be accepted.
+    pub(crate) fn take(&self, worker: &str, nonce: &str, now: i64) -> bool {
+        let Ok(nonce) = u128::from_str_radix(nonce, 16) else {
+            return false;
+        };
+        let slot = now.div_euclid(NONCE_SECS);
+        let mut g = self.inner.lock().expect("nonces");
+        if slot != g.slot {
+            g.previous = if slot == g.slot + 1 {
+                std::mem::take(&mut g.current)
+            } else {
+                std::collections::HashSet::new()
+            };
+            g.current.clear();
+            g.slot = slot;
+        }
+        let key = (
+            std::hash::BuildHasher::hash_one(
+                &std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default(),
+                worker,
+            ),
+            nonce,
+        );
+        if g.previous.contains(&key) {
+            return false;
+        }
+        g.current.insert(key)
+    }
 }
 
 /// Moving a worker's `last_seen` forward.
@@ -200,4 +267,29 @@ pub fn user(state: &State, headers: &HeaderMap) -> Result<(), ApiError> {
         return Err(ApiError::unauthorized("wrong API token"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A nonce is taken once per worker for as long as a request carrying it could be
+    /// accepted (its timestamp at most [`MAX_SKEW_SECS`] off either way), and then forgotten.
+    #[test]
+    fn a_nonce_is_taken_once_per_worker_while_its_request_could_be_accepted() {
+        let nonces = Nonces::default();
+        let n = "00000000000000000000000000000001";
+        let t = 10 * NONCE_SECS - 1; // the last second of a generation
+        assert!(nonces.take("w1", n, t));
+        assert!(!nonces.take("w1", n, t), "the same second");
+        assert!(nonces.take("w2", n, t), "another worker's nonce space");
+        assert!(!nonces.take("w1", n, t + NONCE_SECS), "a window later");
+        // A fresh nonce between: generations turn over without losing the old one.
+        assert!(nonces.take("w1", "00000000000000000000000000000002", t + 1));
+        assert!(!nonces.take("w1", n, t + NONCE_SECS));
+        // Forgotten once a request carrying it is refused by its timestamp anyway.
+        assert!(nonces.take("w1", n, t + 2 * NONCE_SECS + 1));
+        // Not hexadecimal: never taken.
+        assert!(!nonces.take("w1", "zz000000000000000000000000000000", t));
+    }
 }

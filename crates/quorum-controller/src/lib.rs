@@ -177,6 +177,8 @@ pub(crate) struct State {
     pub wake: scheduler::Wake,
     /// The enrolled workers authenticated so far (`auth::Workers`).
     pub workers: auth::Workers,
+    /// The nonces of workers' requests taken within the clock-skew window (`auth.rs`).
+    pub nonces: auth::Nonces,
     /// The offers made to each worker, and running builds' sources (`offers.rs`).
     pub offers: offers::Offers,
     /// Take-up tokens minted before the offers are taken (`ahead.rs`).
@@ -307,6 +309,7 @@ pub async fn run(
         commits,
         specs: std::sync::Mutex::default(),
         workers: auth::Workers::default(),
+        nonces: auth::Nonces::default(),
         wake: scheduler::Wake::default(),
         worker_wake: std::sync::Mutex::default(),
         offers: offers::Offers::default(),

@@ -46,6 +46,7 @@ on_both_backends!(
     the_access_token_is_fetched_at_start_not_at_take_up,
     a_report_hands_over_the_workers_next_offer_and_only_its_own,
     a_report_is_recorded_when_its_next_offer_cannot_be_taken,
+    a_captured_worker_request_cannot_be_sent_again,
 );
 
 async fn bounded(case: impl std::future::Future<Output = ()>) {
@@ -665,6 +666,7 @@ async fn a_known_worker_name_with_another_key_is_refused(backend: Backend) {
             "a1",
             ed25519_dalek::SigningKey::from_bytes(&[7; 32]),
         ),
+        key: ed25519_dalek::SigningKey::from_bytes(&[7; 32]),
     };
     let refused = |what: &str, r: Result<(), quorum_client::ClientError>| {
         let e = r.expect_err(what);
@@ -1020,5 +1022,64 @@ async fn a_report_is_recorded_when_its_next_offer_cannot_be_taken(backend: Backe
         .wait_build(&second, "verification", |s| s.state.is_final())
         .await;
     assert_eq!(done.state, BuildState::Verified, "{done:#?}");
+    stack.stop().await;
+}
+
+/// A worker's signed request, captured on the wire and sent again while its timestamp is still
+/// accepted, is refused: here a poll that found no work, replayed once the worker has an offer,
+/// would otherwise take that offer with its job and upload tokens. The worker's own next poll
+/// (with a nonce of its own) takes it. A nonce of the wrong form is refused by name.
+async fn a_captured_worker_request_cannot_be_sent_again(backend: Backend) {
+    use ed25519_dalek::Signer as _;
+    use quorum_api::v1::worker_auth::{
+        HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WORKER, message,
+    };
+    let stack = Stack::start(backend, 30).await;
+    let a = stack.worker("a1", "alice", false).await;
+    stack.worker("b1", "bob", false).await;
+    let path = "/api/v1/workers/poll";
+    // A long poll: replayed, it would wait for the offer the submission below makes.
+    let body = serde_json::to_vec(&quorum_api::v1::controller::PollRequest {
+        wait_ms: 1000,
+        capacity: 1,
+    })
+    .unwrap();
+    let http = reqwest::Client::new();
+    let send = |nonce: &str| {
+        let timestamp = quorum_service::now_unix();
+        let signature = a.key.sign(&message("POST", path, timestamp, nonce, &body));
+        http.post(format!("{}{path}", stack.controller_url))
+            .header("content-type", "application/json")
+            .header(HEADER_WORKER, "a1")
+            .header(HEADER_TIMESTAMP, timestamp)
+            .header(HEADER_NONCE, nonce)
+            .header(HEADER_SIGNATURE, B64.encode(signature.to_bytes()))
+            .body(body.clone())
+            .build()
+            .unwrap()
+    };
+    let captured = send("0123456789abcdef0123456789abcdef");
+    let replay = captured.try_clone().unwrap();
+    let first = http.execute(captured).await.unwrap();
+    assert_eq!(first.status(), 204, "no work within the poll's second");
+
+    stack.submit(ONE_JOB).await;
+    let replayed = http.execute(replay).await.unwrap();
+    assert_eq!(replayed.status(), 401);
+    let text = replayed.text().await.unwrap();
+    assert!(text.contains("already received"), "{text}");
+    assert!(!text.contains("eyJ"), "no token in the refusal: {text}");
+
+    let bad = http
+        .execute(send("not-a-nonce-at-all-not-a-nonce-!"))
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 401);
+    let text = bad.text().await.unwrap();
+    assert!(text.contains(HEADER_NONCE), "{text}");
+
+    // The offer is still the worker's own.
+    let ta = a.take().await;
+    assert_eq!(ta.job, "build");
     stack.stop().await;
 }

@@ -13,7 +13,9 @@ use ed25519_dalek::{Signature, SigningKey, Verifier as _, VerifyingKey};
 use quorum_api::v1::controller::{
     Assignment, EnvironmentFacts, PollRequest, ReportedResult, ResultReport, SignedReport, Usage,
 };
-use quorum_api::v1::worker_auth::{self, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WORKER};
+use quorum_api::v1::worker_auth::{
+    self, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WORKER,
+};
 use quorum_client::controller::WorkerClient;
 
 #[derive(Debug, Clone)]
@@ -21,14 +23,20 @@ struct Seen {
     worker: String,
     path_and_query: String,
     timestamp: i64,
+    nonce: String,
     body: Vec<u8>,
     signature: Signature,
 }
 
 impl Seen {
     fn verifies_with(&self, key: &VerifyingKey) -> bool {
-        let message =
-            worker_auth::message("POST", &self.path_and_query, self.timestamp, &self.body);
+        let message = worker_auth::message(
+            "POST",
+            &self.path_and_query,
+            self.timestamp,
+            &self.nonce,
+            &self.body,
+        );
         key.verify(&message, &self.signature).is_ok()
     }
 }
@@ -67,6 +75,7 @@ async fn handle(
         worker: header(HEADER_WORKER),
         path_and_query: path_and_query.clone(),
         timestamp: header(HEADER_TIMESTAMP).parse().unwrap_or(0),
+        nonce: header(HEADER_NONCE),
         body: body.to_vec(),
         signature,
     });
@@ -198,6 +207,19 @@ async fn every_request_is_signed_over_what_was_sent() {
         ..seen[0].clone()
     };
     assert!(!other_offset.verifies_with(&public));
+    // Every request has a nonce of its own, also two polls with the same body; the signature
+    // covers it.
+    let nonces: std::collections::HashSet<&str> = seen.iter().map(|s| s.nonce.as_str()).collect();
+    assert_eq!(nonces.len(), seen.len(), "{nonces:?}");
+    assert!(
+        nonces.iter().all(|n| worker_auth::is_nonce(n)),
+        "{nonces:?}"
+    );
+    let other_nonce = Seen {
+        nonce: seen[1].nonce.clone(),
+        ..seen[0].clone()
+    };
+    assert!(!other_nonce.verifies_with(&public));
 }
 
 #[tokio::test]

@@ -370,6 +370,8 @@ pub fn repo_with_pipeline(parent: &Path, pipeline: &str) -> std::path::PathBuf {
 pub struct SimWorker {
     pub name: String,
     pub client: WorkerClient,
+    /// The key it enrolled with, for tests that sign requests by hand.
+    pub key: ed25519_dalek::SigningKey,
 }
 
 impl SimWorker {
@@ -392,7 +394,8 @@ impl SimWorker {
         .unwrap();
         SimWorker {
             name: name.into(),
-            client: WorkerClient::new(controller_url, name, key),
+            client: WorkerClient::new(controller_url, name, key.clone()),
+            key,
         }
     }
 
