@@ -92,11 +92,17 @@ impl Mirrors {
     }
 }
 
-/// Resolves `rev` to a full commit id in the mirror at `repo`.
-pub fn resolve(repo: &Path, rev: &str) -> Result<String, GitError> {
+/// Refuses a revision git could take for an option, or that would split a line of input.
+fn check_rev(rev: &str) -> Result<(), GitError> {
     if rev.is_empty() || rev.starts_with('-') || rev.chars().any(char::is_whitespace) {
         return Err(GitError::BadRevision(rev.to_string()));
     }
+    Ok(())
+}
+
+/// Resolves `rev` to a full commit id in the mirror at `repo`.
+pub fn resolve(repo: &Path, rev: &str) -> Result<String, GitError> {
+    check_rev(rev)?;
     let out = git(Some(repo))
         .args(["rev-parse", "--verify", "--quiet", "--end-of-options"])
         .arg(format!("{rev}^{{commit}}"))
@@ -125,25 +131,6 @@ pub fn has_commit(repo: &Path, commit: &str) -> Result<bool, GitError> {
     Ok(status.success())
 }
 
-/// The contents of `path` at `commit`, or `None` when the commit has no such file.
-pub fn read_file(repo: &Path, commit: &str, path: &str) -> Result<Option<Vec<u8>>, GitError> {
-    let spec = format!("{commit}:{path}");
-    let exists = git(Some(repo))
-        .args(["cat-file", "-e", &spec])
-        .stderr(Stdio::null())
-        .status()
-        .map_err(GitError::Spawn)?;
-    if !exists.success() {
-        return Ok(None);
-    }
-    let out = run(
-        git(Some(repo)).args(["cat-file", "blob", &spec]),
-        "cat-file",
-        &repo.display().to_string(),
-    )?;
-    Ok(Some(out.stdout))
-}
-
 /// A commit with its committer time and one of its files, as [`commit_with_file`] reads them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommitFile {
@@ -156,12 +143,9 @@ pub struct CommitFile {
 }
 
 /// Resolves `rev` to a commit in the mirror at `repo` and reads its committer time and the
-/// file at `path`, with one `git cat-file --batch` instead of a process for each: what a
-/// build's submission needs ([`resolve`], [`commit_time`] and [`read_file`] in one).
+/// file at `path`, with one `git cat-file --batch`: what a build's submission needs.
 pub fn commit_with_file(repo: &Path, rev: &str, path: &str) -> Result<CommitFile, GitError> {
-    if rev.is_empty() || rev.starts_with('-') || rev.chars().any(char::is_whitespace) {
-        return Err(GitError::BadRevision(rev.to_string()));
-    }
+    check_rev(rev)?;
     let repo_name = repo.display().to_string();
     let failed = |stderr: String| GitError::Failed {
         what: "cat-file".into(),
@@ -259,23 +243,6 @@ fn committer_time(commit: &[u8]) -> Option<i64> {
     let mut fields = line.rsplit(' ');
     fields.next()?; // the time zone
     fields.next()?.parse().ok()
-}
-
-/// The committer time of `commit`, in seconds since the epoch: the build's SOURCE_DATE_EPOCH.
-pub fn commit_time(repo: &Path, commit: &str) -> Result<i64, GitError> {
-    let out = run(
-        git(Some(repo)).args(["show", "-s", "--format=%ct", commit]),
-        "show",
-        &repo.display().to_string(),
-    )?;
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .map_err(|_| GitError::Failed {
-            what: "show".into(),
-            repo: repo.display().to_string(),
-            stderr: "commit time is not a number".into(),
-        })
 }
 
 /// Writes the tree of `commit` into `dest` (which must be empty or absent). `git archive` gives
@@ -407,13 +374,7 @@ mod tests {
         let repo = mirrors.update(src.to_str().unwrap()).unwrap();
         let commit = resolve(&repo, "main").unwrap();
         assert_eq!(commit.len(), 40);
-        assert_eq!(
-            read_file(&repo, &commit, ".quorum.yml").unwrap().unwrap(),
-            b"jobs: {}\n"
-        );
-        assert_eq!(read_file(&repo, &commit, "nope").unwrap(), None);
-        assert_eq!(commit_time(&repo, &commit).unwrap(), 1577836800);
-        // The same in one process: by a branch's name, and a path the commit does not have.
+        // By a branch's name, and a path the commit does not have.
         assert_eq!(
             commit_with_file(&repo, "main", ".quorum.yml").unwrap(),
             CommitFile {
@@ -469,12 +430,9 @@ mod tests {
         std::fs::write(dir.join("ignored"), "x").unwrap();
         let repo = tmp.path().join("snap.git");
         let commit = snapshot(&dir, &repo).unwrap();
-        assert_eq!(read_file(&repo, &commit, "sub/a").unwrap().unwrap(), b"a");
-        assert_eq!(
-            read_file(&repo, &commit, "ignored").unwrap(),
-            None,
-            ".gitignore is honoured"
-        );
+        let read = |path: &str| commit_with_file(&repo, &commit, path).unwrap().file;
+        assert_eq!(read("sub/a").unwrap(), b"a");
+        assert_eq!(read("ignored"), None, ".gitignore is honoured");
     }
 
     #[test]

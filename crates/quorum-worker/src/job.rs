@@ -425,9 +425,10 @@ async fn report(
         || {
             let signed = &signed;
             async move {
-                match take {
-                    true => client.result_and_take(&a.id, signed).await,
-                    false => client.result(&a.id, signed).await.map(|()| None),
+                if take {
+                    client.result_and_take(&a.id, signed).await
+                } else {
+                    client.result(&a.id, signed).await.map(|()| None)
                 }
             }
         },

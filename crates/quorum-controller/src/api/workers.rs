@@ -487,7 +487,7 @@ async fn record_result(
         key,
         body,
     }: SignedWorker,
-) -> Result<StatusCode, ApiError> {
+) -> Result<(), ApiError> {
     // The usual case in one statement: a valid report of a running assignment, which the
     // report names, recorded on the condition that the row is this worker's, of that build
     // and job, and running. Anything else takes the path below, which reads the assignment
@@ -497,7 +497,7 @@ async fn record_result(
         && record_report(state, &w, &signed, &report).await?
     {
         state.wake.job(&report.build_id, &report.job);
-        return Ok(StatusCode::NO_CONTENT);
+        return Ok(());
     }
     let a = own_assignment(state, &w, id).await?;
     let (signed, report) = check_report(&w, &key, &body)?;
@@ -509,7 +509,7 @@ async fn record_result(
     if a.state == "reported" {
         // A retry after a lost response: the same report again is fine, another one is not.
         return if a.report.as_deref() == Some(signed.report.as_str()) {
-            Ok(StatusCode::NO_CONTENT)
+            Ok(())
         } else {
             Err(ApiError::conflict(
                 "this assignment already has a different report",
@@ -523,7 +523,7 @@ async fn record_result(
         )));
     }
     state.wake.job(&a.build_id, &a.job);
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
 /// Checks a report's signature with the worker's key, that it names this worker, and its

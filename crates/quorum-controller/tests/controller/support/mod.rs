@@ -89,6 +89,15 @@ where
     (url, Served { shutdown, task })
 }
 
+/// Serves a role again at `url`, the address it had.
+async fn serve_again<F, Fut>(url: &str, run: F) -> Served
+where
+    F: FnOnce(tokio::net::TcpListener, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    serve(url.trim_start_matches("http://"), run).await.1
+}
+
 /// An IdP, a store and a controller on loopback, each with its own data directory.
 pub struct Stack {
     pub db: TestDb,
@@ -226,10 +235,8 @@ impl Stack {
 
     /// Starts the IdP again on the address it had.
     pub async fn start_idp(&mut self) {
-        let listen = self.idp_url.trim_start_matches("http://").to_string();
         let config = self.idp_config.clone();
-        let (_, served) = serve(&listen, |l, s| quorum_idp::run(l, config, s)).await;
-        self.idp = Some(served);
+        self.idp = Some(serve_again(&self.idp_url, |l, s| quorum_idp::run(l, config, s)).await);
     }
 
     /// Stops the store, as an outage would look to the controller (its data stays).
@@ -239,10 +246,9 @@ impl Stack {
 
     /// Starts the store again on the address it had.
     pub async fn start_store(&mut self) {
-        let listen = self.store_url.trim_start_matches("http://").to_string();
         let config = self.store_config.clone();
-        let (_, served) = serve(&listen, |l, s| quorum_store::run(l, config, s)).await;
-        self.store = Some(served);
+        self.store =
+            Some(serve_again(&self.store_url, |l, s| quorum_store::run(l, config, s)).await);
     }
 
     /// Stops the controller gracefully (its state stays in the database).
