@@ -806,7 +806,8 @@ pub struct Summary {
 }
 
 /// Files up to this size travel in batches (`POST /api/v1/blobs`, one request, one store
-/// transaction and one sync per directory for many blobs); larger ones one per request, where
+/// transaction and, in a local store, one pack file synced once for many blobs); larger ones
+/// one per request, where
 /// the per-request cost is small beside the bytes.
 const BATCH_FILE_MAX: u64 = 1 << 20;
 /// Content bytes a batch is closed at: big enough to spread the per-request cost, small enough

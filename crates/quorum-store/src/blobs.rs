@@ -4,14 +4,20 @@
 //! decides, inside the metadata transaction that records the blob, to place it
 //! ([`BlobBackend::place_all`]). Dropping a `Received`, or the future receiving it, leaves
 //! nothing behind.
+//!
+//! A local directory keeps the small blobs of a batch together in one pack file
+//! ([`BlobBackend::pack`]), written as they arrive and synced once: one file to create and
+//! sync per batch rather than one per blob, which is most of what a tree of small files costs
+//! a store. A packed blob's row records its pack and offset ([`Packed`]); garbage collection
+//! deletes a pack once none of its blobs is recorded, and rewrites one that is mostly dead.
 
 use std::any::Any;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::{self, Write as _};
 use std::ops::Range;
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -27,9 +33,52 @@ use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
 /// Blob content as it streams in or out.
 pub type ByteStream<'a> = BoxStream<'a, io::Result<Bytes>>;
 
-/// Blobs received whole ([`BlobBackend::receive_whole`]), in order; or which one failed (its
-/// index) and why.
+/// Blobs received whole ([`BlobBackend::receive_whole`], [`PackWriter::whole`]), in order; or
+/// which one failed (its index) and why.
 pub type Whole<'a> = BoxFuture<'a, Result<Vec<Box<dyn Received>>, (usize, BlobError)>>;
+
+/// A pack's name: 32 lowercase hex digits, random.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PackId(String);
+
+impl PackId {
+    fn random() -> PackId {
+        PackId(format!("{:032x}", rand::random::<u128>()))
+    }
+
+    /// A pack name read back (from a row or a directory listing), if it has the form of one:
+    /// it becomes part of a path, so nothing else is taken.
+    pub fn parse(s: &str) -> Option<PackId> {
+        let ok = s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        ok.then(|| PackId(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for PackId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a packed blob's bytes are: its pack, and the offset of its first byte there. A blob
+/// without one is stored as an object (a file) of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Packed {
+    pub pack: PackId,
+    pub offset: u64,
+}
+
+/// Keeps the whole blobs of one batch together in a pack ([`BlobBackend::pack`]).
+pub trait PackWriter: Send {
+    /// Verifies `blobs` and appends them to the pack, in one blocking call started at once;
+    /// returns them received (each naming its place, [`Received::packed`]) in order, or which
+    /// failed and why. Calls may overlap: each is given its place in the pack when it is made.
+    fn whole(&mut self, blobs: Vec<(Digest, Bytes)>) -> Whole<'static>;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -84,6 +133,10 @@ impl From<io::Error> for BlobError {
 /// [`reveal`]: Received::reveal
 pub trait Received: Any + Send + 'static {
     fn size(&self) -> u64;
+    /// Where in a pack the blob is, if it went into one: what its row records.
+    fn packed(&self) -> Option<Packed> {
+        None
+    }
     /// Makes the received bytes durable, and may stage them under the digest: a name for the
     /// bytes that no row points to yet, so readers do not see it, and garbage
     /// collection may remove it as bytes without metadata (then [`Received::reveal`] places
@@ -176,8 +229,7 @@ pub trait BlobBackend: Send + Sync + 'static {
     /// Receives blobs that arrived whole in memory (frames of a batch, up to [`WHOLE_BLOB`]
     /// bytes each) as [`BlobBackend::receive`] would, verifying each; returns them in order.
     /// On an error, says which blob (its index) and why, and nothing of any is kept. A backend
-    /// that writes files writes them all in one blocking call, started at once (the caller reads
-    /// on meanwhile).
+    /// that keeps packs takes them through its [`PackWriter`] instead.
     fn receive_whole(&self, blobs: Vec<(Digest, Bytes)>) -> Whole<'_> {
         Box::pin(async move {
             let mut received = Vec::with_capacity(blobs.len());
@@ -190,18 +242,37 @@ pub trait BlobBackend: Send + Sync + 'static {
         })
     }
 
-    /// Streams `range` of a stored blob (the caller knows its size from the metadata).
+    /// A writer that keeps a batch's whole blobs in one pack, for a backend that packs them;
+    /// the others receive them blob by blob ([`BlobBackend::receive_whole`]).
+    fn pack(&self) -> Option<Box<dyn PackWriter>> {
+        None
+    }
+
+    /// Streams `range` of a stored blob, found in its pack if its row names one (the caller
+    /// knows its size and place from the metadata).
     fn get(
         &self,
         digest: Digest,
+        packed: Option<Packed>,
         range: Range<u64>,
     ) -> BoxFuture<'_, Result<ByteStream<'static>, BlobError>>;
 
-    /// Deletes a blob's bytes; deleting what is not there is fine.
+    /// Deletes a blob's bytes (a blob of its own, not one in a pack); deleting what is not
+    /// there is fine.
     fn delete(&self, digest: Digest) -> BoxFuture<'_, Result<(), BlobError>>;
 
-    /// Every blob whose bytes are stored.
+    /// Every blob stored as an object of its own (packed blobs are not listed).
     fn list(&self) -> BoxFuture<'_, Result<Vec<Digest>, BlobError>>;
+
+    /// Every pack, with its length in bytes.
+    fn packs(&self) -> BoxFuture<'_, Result<Vec<(PackId, u64)>, BlobError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Deletes a pack; deleting what is not there is fine.
+    fn delete_pack(&self, _pack: PackId) -> BoxFuture<'_, Result<(), BlobError>> {
+        Box::pin(async { Ok(()) })
+    }
 
     /// Makes every blob in `items` durable, still unrecorded; called before taking a lock: each
     /// one's [`Received::sync`], in parallel, then each directory staging touched is synced
@@ -320,10 +391,12 @@ impl Verifier {
 /// the 256 directories (and the file system's block groups) rather than all creating and
 /// removing names in one. Where the file system makes no unnamed files, a blob is received into
 /// a named temporary file in `<tmp>` instead. Whole pages are written past the page cache
-/// (`O_DIRECT`) where the file system allows it: see [`Local::append`].
+/// (`O_DIRECT`) where the file system allows it: see [`Local::append`]. The blobs of a batch go
+/// into one pack, `<root>/packs/<pack id>`, received and staged the same way ([`LocalPack`]).
 #[derive(Debug, Clone)]
 pub struct LocalDir {
     root: PathBuf,
+    packs: PathBuf,
     writes: Writes,
 }
 
@@ -361,6 +434,7 @@ impl LocalDir {
             "no direct writes (O_DIRECT) here; uploads go through the page cache",
         );
         Ok(LocalDir {
+            packs: root.join("packs"),
             root,
             writes: Writes {
                 unnamed,
@@ -402,7 +476,7 @@ impl LocalDir {
                 let (written, rest) = blocking(move || {
                     let local = match local {
                         Some(local) => local,
-                        None => Local::create(writes, dest, 0)?,
+                        None => Local::create(writes, dest)?,
                     };
                     // What is left (less than a page) goes with the next piece.
                     let took = local.append(&piece, end)?;
@@ -416,14 +490,139 @@ impl LocalDir {
                 break;
             }
         }
-        let mut local = local.expect("the last piece created the file if nothing before did");
-        local.size = verifier.finish()?;
-        Ok(Box::new(LocalReceived(Arc::new(local))))
+        let local = local.expect("the last piece created the file if nothing before did");
+        let size = verifier.finish()?;
+        Ok(Box::new(LocalReceived {
+            file: Arc::new(local),
+            packed: None,
+            size,
+        }))
+    }
+
+    fn pack_path(&self, pack: &PackId) -> PathBuf {
+        self.packs.join(pack.as_str())
     }
 }
 
-/// Blobs up to this size may arrive whole (the frames of a batch): see
-/// [`BlobBackend::receive_whole`].
+/// The pack of one batch in a [`LocalDir`]: created by the first group of blobs written to it,
+/// each group at the place [`PackWriter::whole`] gave it when called, so groups are written in
+/// parallel. With direct writes each group is padded to whole pages.
+struct LocalPack {
+    id: PackId,
+    dest: PathBuf,
+    writes: Writes,
+    file: Arc<OnceLock<PackFile>>,
+    /// Where the next group goes.
+    next: u64,
+}
+
+/// A pack's file, made by the first group written to it; or why it could not be made.
+type PackFile = Result<Arc<Local>, (io::ErrorKind, String)>;
+
+impl LocalPack {
+    /// The pack's file, made by the first caller (the others wait for it).
+    fn file(cell: &OnceLock<PackFile>, writes: &Writes, dest: &Path) -> io::Result<Arc<Local>> {
+        let made = cell.get_or_init(|| {
+            let made = Local::create(writes.clone(), dest.to_path_buf()).and_then(|local| {
+                // Every write to a pack is of whole pages at a page's offset.
+                if writes.direct {
+                    set_direct(&local.file, true)?;
+                }
+                Ok(Arc::new(local))
+            });
+            made.map_err(|e| (e.kind(), e.to_string()))
+        });
+        made.clone()
+            .map_err(|(kind, message)| io::Error::new(kind, message))
+    }
+}
+
+impl PackWriter for LocalPack {
+    fn whole(&mut self, blobs: Vec<(Digest, Bytes)>) -> Whole<'static> {
+        let len: u64 = blobs.iter().map(|(_, b)| b.len() as u64).sum();
+        let offset = self.next;
+        self.next += if self.writes.direct {
+            len.next_multiple_of(PAGE as u64)
+        } else {
+            len
+        };
+        let (cell, writes, dest, id) = (
+            self.file.clone(),
+            self.writes.clone(),
+            self.dest.clone(),
+            self.id.clone(),
+        );
+        let task = tokio::task::spawn_blocking(move || {
+            for (i, (expected, bytes)) in blobs.iter().enumerate() {
+                let actual = Digest::of(bytes);
+                if actual != *expected {
+                    let size = bytes.len() as u64;
+                    let expected = *expected;
+                    return Err((
+                        i,
+                        BlobError::Mismatch {
+                            expected,
+                            actual,
+                            size,
+                        },
+                    ));
+                }
+            }
+            let file = LocalPack::file(&cell, &writes, &dest).map_err(|e| (0, e.into()))?;
+            write_at(&file.file, &blobs, offset, writes.direct).map_err(|e| (0, e.into()))?;
+            let mut at = offset;
+            let received = blobs.iter().map(|(_, bytes)| {
+                let packed = Some(Packed {
+                    pack: id.clone(),
+                    offset: at,
+                });
+                at += bytes.len() as u64;
+                let size = bytes.len() as u64;
+                let file = file.clone();
+                Box::new(LocalReceived { file, packed, size }) as Box<dyn Received>
+            });
+            Ok(received.collect())
+        });
+        Box::pin(async move {
+            task.await
+                .map_err(|e| (0, BlobError::Io(io::Error::other(e))))?
+        })
+    }
+}
+
+/// Writes `blobs` one after the other at `offset` of `file`, in one call from [`ALIGNED`]:
+/// with `direct`, past the page cache, padded with zeros to whole pages.
+fn write_at(
+    file: &std::fs::File,
+    blobs: &[(Digest, Bytes)],
+    offset: u64,
+    direct: bool,
+) -> io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let len: usize = blobs.iter().map(|(_, b)| b.len()).sum();
+    let written = if direct {
+        len.next_multiple_of(PAGE)
+    } else {
+        len
+    };
+    ALIGNED.with_borrow_mut(|buffer| {
+        if buffer.len() < written + PAGE {
+            buffer.resize(written + PAGE, 0);
+        }
+        let at = buffer.as_ptr().align_offset(PAGE);
+        let out = &mut buffer[at..at + written];
+        let mut end = 0;
+        for (_, bytes) in blobs {
+            out[end..end + bytes.len()].copy_from_slice(bytes);
+            end += bytes.len();
+        }
+        out[end..].fill(0);
+        file.write_all_at(out, offset)
+    })
+}
+
+/// Blobs up to this size may arrive whole (the frames of a batch): see [`PackWriter::whole`]
+/// and [`BlobBackend::receive_whole`].
 pub const WHOLE_BLOB: u64 = 1 << 20;
 
 /// A blob is written in pieces of this many bytes, one blocking call each.
@@ -527,7 +726,8 @@ fn link_unnamed(file: &std::fs::File, to: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// A blob's bytes, received and verified, in a file of its own that only staging names.
+/// A blob's bytes, received and verified, in a file of its own that only staging names; or a
+/// batch's pack.
 struct Local {
     file: std::fs::File,
     /// Device and inode of `file`: a name under the digest with the same is this upload's own.
@@ -536,13 +736,12 @@ struct Local {
     name: Option<tempfile::TempPath>,
     dest: PathBuf,
     writes: Writes,
-    size: u64,
 }
 
 impl Local {
-    /// A new, empty file for the blob to be named `dest`: unnamed in `dest`'s directory (made
-    /// if missing), or named in `tmp`.
-    fn create(writes: Writes, dest: PathBuf, size: u64) -> io::Result<Local> {
+    /// A new, empty file to be named `dest`: unnamed in `dest`'s directory (made if missing),
+    /// or named in `tmp`.
+    fn create(writes: Writes, dest: PathBuf) -> io::Result<Local> {
         let (file, name) = if writes.unnamed {
             let dir = dest.parent().expect("blob paths have a parent");
             let file = match open_unnamed(dir) {
@@ -568,7 +767,6 @@ impl Local {
             name,
             dest,
             writes,
-            size,
         })
     }
 
@@ -684,9 +882,14 @@ impl Local {
     }
 }
 
-/// A local blob as the [`Received`] a batch handles; [`LocalDir`] groups the blocking work of a
-/// batch's blobs into a few tasks ([`BlobBackend::sync_all`] and the rest), so it shares them.
-struct LocalReceived(Arc<Local>);
+/// A local blob as the [`Received`] a batch handles: its file, or its place in the pack it
+/// shares with the rest of its batch. [`LocalDir`] groups the blocking work of a batch's blobs
+/// into a few tasks ([`BlobBackend::sync_all`] and the rest), each file once.
+struct LocalReceived {
+    file: Arc<Local>,
+    packed: Option<Packed>,
+    size: u64,
+}
 
 /// Whether every blob in `items` is a [`LocalReceived`] (those a `LocalDir` received).
 fn all_local(items: &[Box<dyn Received>]) -> bool {
@@ -695,31 +898,45 @@ fn all_local(items: &[Box<dyn Received>]) -> bool {
         .all(|item| <dyn Any>::is::<LocalReceived>(item.as_ref()))
 }
 
-fn local(item: &dyn Received) -> &LocalReceived {
-    <dyn Any>::downcast_ref(item).expect("checked to be local")
+/// The files of local blobs, each once (a pack holds many blobs).
+fn files_of(items: &[Box<dyn Received>]) -> Vec<Arc<Local>> {
+    let mut seen = HashSet::new();
+    items
+        .iter()
+        .map(|item| {
+            let item: &LocalReceived =
+                <dyn Any>::downcast_ref(item.as_ref()).expect("checked to be local");
+            item.file.clone()
+        })
+        .filter(|file| seen.insert(Arc::as_ptr(file)))
+        .collect()
 }
 
 impl Received for LocalReceived {
     fn size(&self) -> u64 {
-        self.0.size
+        self.size
+    }
+
+    fn packed(&self) -> Option<Packed> {
+        self.packed.clone()
     }
 
     fn sync(&self) -> BoxFuture<'static, Result<Option<PathBuf>, BlobError>> {
-        let local = self.0.clone();
+        let local = self.file.clone();
         Box::pin(blocking(move || {
             Ok(local.stage()?.then(|| local.dir().to_path_buf()))
         }))
     }
 
     fn reveal(self: Box<Self>) -> BoxFuture<'static, Result<Option<PathBuf>, BlobError>> {
-        let local = self.0;
+        let local = self.file;
         Box::pin(blocking(move || {
             Ok(local.reveal()?.then(|| local.dir().to_path_buf()))
         }))
     }
 
     fn unstage(&self) -> BoxFuture<'static, Result<(), BlobError>> {
-        let local = self.0.clone();
+        let local = self.file.clone();
         Box::pin(blocking(move || local.unstage()))
     }
 }
@@ -734,20 +951,36 @@ impl BlobBackend for LocalDir {
         Box::pin(self.receive_file(expected, body, max_bytes))
     }
 
+    fn pack(&self) -> Option<Box<dyn PackWriter>> {
+        let id = PackId::random();
+        Some(Box::new(LocalPack {
+            dest: self.pack_path(&id),
+            id,
+            writes: self.writes.clone(),
+            file: Arc::default(),
+            next: 0,
+        }))
+    }
+
     fn get(
         &self,
         digest: Digest,
+        packed: Option<Packed>,
         range: Range<u64>,
     ) -> BoxFuture<'_, Result<ByteStream<'static>, BlobError>> {
         Box::pin(async move {
-            let mut file = match tokio::fs::File::open(self.path(&digest)).await {
+            let (path, start) = match &packed {
+                Some(p) => (self.pack_path(&p.pack), p.offset),
+                None => (self.path(&digest), 0),
+            };
+            let mut file = match tokio::fs::File::open(path).await {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     return Err(BlobError::Gone(digest));
                 }
                 Err(e) => return Err(e.into()),
             };
-            file.seek(io::SeekFrom::Start(range.start)).await?;
+            file.seek(io::SeekFrom::Start(start + range.start)).await?;
             let part = file.take(range.end - range.start);
             Ok(tokio_util::io::ReaderStream::with_capacity(part, 256 * 1024).boxed())
         })
@@ -762,38 +995,6 @@ impl BlobBackend for LocalDir {
         })
     }
 
-    /// Hashes and writes the blobs, each into a file of its own, in one blocking task for all.
-    fn receive_whole(&self, blobs: Vec<(Digest, Bytes)>) -> Whole<'_> {
-        let dests: Vec<PathBuf> = blobs.iter().map(|(d, _)| self.path(d)).collect();
-        let writes = self.writes.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            let mut received: Vec<Box<dyn Received>> = Vec::with_capacity(blobs.len());
-            for (i, ((expected, bytes), dest)) in blobs.into_iter().zip(dests).enumerate() {
-                let size = bytes.len() as u64;
-                let actual = Digest::of(&bytes);
-                if actual != expected {
-                    return Err((
-                        i,
-                        BlobError::Mismatch {
-                            expected,
-                            actual,
-                            size,
-                        },
-                    ));
-                }
-                let local = Local::create(writes.clone(), dest, size)
-                    .and_then(|local| local.append(&bytes, true).map(|_| local))
-                    .map_err(|e| (i, e.into()))?;
-                received.push(Box::new(LocalReceived(Arc::new(local))));
-            }
-            Ok(received)
-        });
-        Box::pin(async move {
-            task.await
-                .map_err(|e| (0, BlobError::Io(io::Error::other(e))))?
-        })
-    }
-
     /// Syncs and stages the blobs a few blocking tasks at a time rather than one task per
     /// blob and per directory: the blobs are grouped by directory, and each task takes whole
     /// directories, so it syncs each of them once, after staging all its blobs there.
@@ -802,8 +1003,7 @@ impl BlobBackend for LocalDir {
             return sync_each(items);
         }
         let mut dirs: BTreeMap<PathBuf, Vec<Arc<Local>>> = BTreeMap::new();
-        for item in items {
-            let local = local(item.as_ref()).0.clone();
+        for local in files_of(items) {
             dirs.entry(local.dir().to_path_buf())
                 .or_default()
                 .push(local);
@@ -844,7 +1044,7 @@ impl BlobBackend for LocalDir {
         if !all_local(items) {
             return unstage_each(items);
         }
-        let locals: Vec<Arc<Local>> = items.iter().map(|i| local(i.as_ref()).0.clone()).collect();
+        let locals = files_of(items);
         Box::pin(blocking(move || {
             locals.iter().try_for_each(|l| l.unstage())
         }))
@@ -860,15 +1060,7 @@ impl BlobBackend for LocalDir {
         if !all_local(&items) {
             return place_each(items);
         }
-        let locals: Vec<Arc<Local>> = items
-            .into_iter()
-            .map(|item| {
-                let item: Box<dyn Any> = item;
-                item.downcast::<LocalReceived>()
-                    .expect("checked to be local")
-                    .0
-            })
-            .collect();
+        let locals = files_of(&items);
         Box::pin(async move {
             let dirs = blocking(move || {
                 let mut dirs = Vec::new();
@@ -877,6 +1069,7 @@ impl BlobBackend for LocalDir {
                         dirs.push(Some(l.dir().to_path_buf()));
                     }
                 }
+                drop((locals, items));
                 Ok(dirs)
             })
             .await?;
@@ -891,7 +1084,8 @@ impl BlobBackend for LocalDir {
                 let mut out = Vec::new();
                 for dir in std::fs::read_dir(&root)? {
                     let dir = dir?;
-                    if !dir.file_type()?.is_dir() {
+                    // `<first 2 hex>` directories; not `packs`.
+                    if !dir.file_type()?.is_dir() || dir.file_name().len() != 2 {
                         continue;
                     }
                     for file in std::fs::read_dir(dir.path())? {
@@ -909,6 +1103,39 @@ impl BlobBackend for LocalDir {
             .await
             .map_err(io::Error::other)??;
             Ok(found)
+        })
+    }
+
+    fn packs(&self) -> BoxFuture<'_, Result<Vec<(PackId, u64)>, BlobError>> {
+        let dir = self.packs.clone();
+        Box::pin(blocking(move || {
+            let entries = match std::fs::read_dir(&dir) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+                entries => entries?,
+            };
+            let mut out = Vec::new();
+            for entry in entries {
+                let entry = entry?;
+                let Some(id) = entry.file_name().to_str().and_then(PackId::parse) else {
+                    continue;
+                };
+                match entry.metadata() {
+                    Ok(meta) => out.push((id, meta.len())),
+                    // Deleted since the listing.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(out)
+        }))
+    }
+
+    fn delete_pack(&self, pack: PackId) -> BoxFuture<'_, Result<(), BlobError>> {
+        Box::pin(async move {
+            match tokio::fs::remove_file(self.pack_path(&pack)).await {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
+                _ => Ok(()),
+            }
         })
     }
 }
@@ -1041,9 +1268,11 @@ impl BlobBackend for S3 {
         Box::pin(self.receive_object(expected, body, max_bytes))
     }
 
+    /// Blobs in a bucket are objects of their own: S3 takes no pack ([`BlobBackend::pack`]).
     fn get(
         &self,
         digest: Digest,
+        _packed: Option<Packed>,
         range: Range<u64>,
     ) -> BoxFuture<'_, Result<ByteStream<'static>, BlobError>> {
         Box::pin(async move {
@@ -1213,6 +1442,87 @@ mod tests {
             "the first upload placed its own file"
         );
         assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        assert_eq!(temporary_files(dir.path()), 0);
+        assert_eq!(unnamed_files(dir.path()), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn a_batch_goes_into_one_pack_read_back_by_place() {
+        batch_packed(true).await;
+    }
+
+    #[tokio::test]
+    async fn the_same_through_named_temporary_files_and_the_page_cache() {
+        batch_packed(false).await;
+    }
+
+    async fn read(local: &LocalDir, digest: Digest, at: &Packed, range: Range<u64>) -> Vec<u8> {
+        let got = local.get(digest, Some(at.clone()), range).await.unwrap();
+        let chunks: Vec<Bytes> = got.try_collect().await.unwrap();
+        chunks.concat()
+    }
+
+    /// A batch's groups go into one pack, each at the place it was given when handed over,
+    /// whichever is written first; the pack has no name until it is staged, a group that does
+    /// not match its digests leaves nothing, and a pack collected as bytes without metadata
+    /// between staging and recording is placed again.
+    async fn batch_packed(unnamed: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let local = open(dir.path(), unnamed);
+        let blob = |n: usize, seed: u8| -> Bytes {
+            (0..n)
+                .map(|i| (i as u8).wrapping_mul(seed))
+                .collect::<Vec<u8>>()
+                .into()
+        };
+        let (a, b, c) = (blob(5000, 3), blob(3, 5), blob(70_000, 7));
+        let mut writer = local.pack().expect("a local directory packs batches");
+        let first = writer.whole(vec![
+            (Digest::of(&a), a.clone()),
+            (Digest::of(&b), b.clone()),
+        ]);
+        let second = writer.whole(vec![(Digest::of(&c), c.clone())]);
+        let mut items = second.await.unwrap();
+        items.splice(0..0, first.await.unwrap());
+        let at: Vec<Packed> = items.iter().map(|i| i.packed().unwrap()).collect();
+        assert!(at.iter().all(|p| p.pack == at[0].pack), "{at:?}");
+        // With direct writes a group is padded to whole pages.
+        let second_at = if unnamed { 8192 } else { 5003 };
+        let offsets: Vec<u64> = at.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, vec![0, 5000, second_at]);
+        let pack = local.pack_path(&at[0].pack);
+        assert!(!pack.exists(), "no name before staging");
+        assert_eq!(unnamed_files(dir.path()).len(), usize::from(unnamed));
+
+        local.sync_all(&items).await.unwrap();
+        assert!(pack.exists(), "staged under its name");
+        local.delete_pack(at[0].pack.clone()).await.unwrap();
+        local.place_all(items).await.unwrap();
+        assert_eq!(local.packs().await.unwrap().len(), 1, "placed again");
+        for (bytes, place) in [&a, &b, &c].into_iter().zip(&at) {
+            let got = read(&local, Digest::of(bytes), place, 0..bytes.len() as u64).await;
+            assert_eq!(got, &bytes[..]);
+        }
+        assert_eq!(
+            read(&local, Digest::of(&c), &at[2], 10..20).await,
+            &c[10..20]
+        );
+        // The writer holds the pack's file until the batch is done with.
+        drop(writer);
+        assert_eq!(temporary_files(dir.path()), 0);
+        assert_eq!(unnamed_files(dir.path()), Vec::<String>::new());
+
+        // A blob that does not match: its group fails, naming it, and nothing is left.
+        let mut writer = local.pack().unwrap();
+        let wrong = writer.whole(vec![
+            (Digest::of(&a), a.clone()),
+            (Digest::of(&a), b.clone()),
+        ]);
+        let Err((i, BlobError::Mismatch { .. })) = wrong.await else {
+            panic!("a blob that does not match its digest was kept");
+        };
+        assert_eq!(i, 1);
+        assert_eq!(local.packs().await.unwrap().len(), 1);
         assert_eq!(temporary_files(dir.path()), 0);
         assert_eq!(unnamed_files(dir.path()), Vec::<String>::new());
     }

@@ -16,6 +16,8 @@ use quorum_core::{Digest, Manifest, ManifestEntry};
 use sqlx::any::AnyPoolOptions;
 use sqlx::{Any, AnyConnection, AnyPool, Row as _, Transaction};
 
+use crate::blobs::{PackId, Packed};
+
 /// Digests per `IN (...)` query, well under SQLite's bound-parameter limit.
 const CHUNK: usize = 500;
 /// Rows per multi-row insert into `build_blobs` (four parameters each).
@@ -214,8 +216,10 @@ pub async fn link_blob(
 ) -> Result<(), sqlx::Error> {
     let now = quorum_service::now_unix();
     let digest = digest.to_string();
+    // A blob of its own: found there from now on, wherever its bytes were before.
     sqlx::query(
-        "INSERT INTO blobs (digest, size, stored_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        "INSERT INTO blobs (digest, size, stored_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (digest) DO UPDATE SET pack = NULL, pack_offset = NULL",
     )
     .bind(&digest)
     .bind(int(size))
@@ -246,7 +250,8 @@ pub async fn link_blob(
 }
 
 /// Records that `tenant` uploaded a batch of verified blobs (digest, size; bytes in place) in a
-/// few multi-row statements. `linked` are those of them the tenant had already, as
+/// few multi-row statements, each blob where `packed` says (if it names it) or as a blob of its
+/// own: a row names the copy placed last. `linked` are those of them the tenant had already, as
 /// [`tenant_blobs`] answered inside the same transaction: their links' provisional lifetime
 /// starts over, and only the others count toward the tenant's stored bytes. `received` bytes
 /// count in.
@@ -254,26 +259,35 @@ pub async fn link_blobs(
     tx: &mut Tx,
     tenant: &str,
     blobs: &[(Digest, u64)],
+    packed: &HashMap<Digest, Packed>,
     linked: &HashMap<Digest, u64>,
     received: u64,
 ) -> Result<(), sqlx::Error> {
     let now = quorum_service::now_unix();
     let sizes: HashMap<Digest, u64> = blobs.iter().copied().collect();
-    let all: Vec<(String, i64)> = sizes
+    let all: Vec<(String, i64, Option<String>, Option<i64>)> = sizes
         .iter()
-        .map(|(d, n)| (d.to_string(), int(*n)))
+        .map(|(d, n)| {
+            let at = packed.get(d);
+            let pack = at.map(|p| p.pack.to_string());
+            (d.to_string(), int(*n), pack, at.map(|p| int(p.offset)))
+        })
         .collect();
     for chunk in all.chunks(INSERT_CHUNK) {
         let rows: Vec<String> = (0..chunk.len())
-            .map(|i| format!("(${}, ${}, $1)", 2 * i + 2, 2 * i + 3))
+            .map(|i| {
+                let at = 4 * i + 2;
+                format!("(${at}, ${}, $1, ${}, ${})", at + 1, at + 2, at + 3)
+            })
             .collect();
         let sql = format!(
-            "INSERT INTO blobs (digest, size, stored_at) VALUES {} ON CONFLICT DO NOTHING",
+            "INSERT INTO blobs (digest, size, stored_at, pack, pack_offset) VALUES {} \
+             ON CONFLICT (digest) DO UPDATE SET pack = excluded.pack, pack_offset = excluded.pack_offset",
             rows.join(", ")
         );
         let mut query = sqlx::query(&sql).bind(now);
-        for (d, n) in chunk {
-            query = query.bind(d).bind(*n);
+        for (d, n, pack, offset) in chunk {
+            query = query.bind(d).bind(*n).bind(pack.clone()).bind(*offset);
         }
         query.execute(&mut **tx).await?;
     }
@@ -912,15 +926,106 @@ pub async fn expire(
 
 /// Up to `limit` blobs that no tenant links and no manifest names: garbage. Call inside the
 /// write transaction that deletes them, so none can be linked again in between.
-pub async fn unreferenced_blobs(tx: &mut Tx, limit: i64) -> Result<Vec<Digest>, sqlx::Error> {
-    let rows: Vec<String> = sqlx::query_scalar(
-        "SELECT digest FROM blobs b WHERE NOT EXISTS (SELECT 1 FROM tenant_blobs t WHERE t.digest = b.digest) \
+/// Each with its place, if it is packed.
+pub async fn unreferenced_blobs(
+    tx: &mut Tx,
+    limit: i64,
+) -> Result<Vec<(Digest, Option<Packed>)>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT digest, pack, pack_offset FROM blobs b \
+         WHERE NOT EXISTS (SELECT 1 FROM tenant_blobs t WHERE t.digest = b.digest) \
          AND NOT EXISTS (SELECT 1 FROM build_blobs bb WHERE bb.digest = b.digest) LIMIT $1",
     )
     .bind(limit)
     .fetch_all(&mut **tx)
     .await?;
-    rows.iter().map(|d| parse_digest(d)).collect()
+    rows.iter()
+        .map(|row| Ok((parse_digest(row.try_get(0)?)?, packed(row, 1)?)))
+        .collect()
+}
+
+/// The place in columns `at` (pack) and `at + 1` (offset) of `row`, if the pack is not null.
+fn packed(row: &sqlx::any::AnyRow, at: usize) -> Result<Option<Packed>, sqlx::Error> {
+    let Some(pack) = row.try_get::<Option<String>, _>(at)? else {
+        return Ok(None);
+    };
+    let pack = PackId::parse(&pack)
+        .ok_or_else(|| sqlx::Error::Decode(format!("`{pack}` is not the name of a pack").into()))?;
+    let offset: i64 = row.try_get::<Option<i64>, _>(at + 1)?.unwrap_or(0);
+    Ok(Some(Packed {
+        pack,
+        offset: offset.max(0) as u64,
+    }))
+}
+
+/// The bytes still recorded in each of `packs` (a pack missing from the answer holds none).
+pub async fn pack_live(
+    conn: &mut AnyConnection,
+    packs: &[PackId],
+) -> Result<HashMap<PackId, u64>, sqlx::Error> {
+    let mut live = HashMap::new();
+    for chunk in packs.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT pack, CAST(SUM(size) AS BIGINT) FROM blobs WHERE pack IN ({}) GROUP BY pack",
+            placeholders(1, chunk.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for p in chunk {
+            query = query.bind(p.as_str());
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            if let Some(Packed { pack, .. }) = packed(&row, 0)? {
+                let bytes: i64 = row.try_get(1)?;
+                live.insert(pack, bytes.max(0) as u64);
+            }
+        }
+    }
+    Ok(live)
+}
+
+/// The blobs recorded in `pack`: digest, size and offset.
+pub async fn pack_blobs(
+    conn: &mut AnyConnection,
+    pack: &PackId,
+) -> Result<Vec<(Digest, u64, u64)>, sqlx::Error> {
+    let rows = sqlx::query("SELECT digest, size, pack_offset FROM blobs WHERE pack = $1")
+        .bind(pack.as_str())
+        .fetch_all(conn)
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let size: i64 = row.try_get(1)?;
+            let offset: Option<i64> = row.try_get(2)?;
+            Ok((
+                parse_digest(row.try_get(0)?)?,
+                size.max(0) as u64,
+                offset.unwrap_or(0).max(0) as u64,
+            ))
+        })
+        .collect()
+}
+
+/// Moves blob `digest` from `from` to `to`, if its row still names `from`; returns whether it
+/// did.
+pub async fn move_blob(
+    tx: &mut Tx,
+    digest: Digest,
+    from: &Packed,
+    to: &Packed,
+) -> Result<bool, sqlx::Error> {
+    let moved = sqlx::query(
+        "UPDATE blobs SET pack = $1, pack_offset = $2 \
+         WHERE digest = $3 AND pack = $4 AND pack_offset = $5",
+    )
+    .bind(to.pack.as_str())
+    .bind(int(to.offset))
+    .bind(digest.to_string())
+    .bind(from.pack.as_str())
+    .bind(int(from.offset))
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    Ok(moved == 1)
 }
 
 pub async fn delete_blob_row(tx: &mut Tx, digest: Digest) -> Result<(), sqlx::Error> {
@@ -931,12 +1036,12 @@ pub async fn delete_blob_row(tx: &mut Tx, digest: Digest) -> Result<(), sqlx::Er
     Ok(())
 }
 
-/// Which of `digests` have a row in `blobs`.
+/// Which of `digests` have a row in `blobs` that names a blob of its own (not one in a pack).
 pub async fn known_blobs(tx: &mut Tx, digests: &[Digest]) -> Result<HashSet<Digest>, sqlx::Error> {
     let mut found = HashSet::new();
     for chunk in unique(digests).chunks(CHUNK) {
         let sql = format!(
-            "SELECT digest FROM blobs WHERE digest IN ({})",
+            "SELECT digest FROM blobs WHERE pack IS NULL AND digest IN ({})",
             placeholders(1, chunk.len())
         );
         let mut query = sqlx::query_scalar::<_, String>(&sql);
@@ -948,6 +1053,18 @@ pub async fn known_blobs(tx: &mut Tx, digests: &[Digest]) -> Result<HashSet<Dige
         }
     }
     Ok(found)
+}
+
+/// Where a stored blob is: in a pack, or (`None`, also for a blob not stored) of its own.
+pub async fn blob_place(db: &Db, digest: Digest) -> Result<Option<Packed>, sqlx::Error> {
+    let row = sqlx::query("SELECT pack, pack_offset FROM blobs WHERE digest = $1")
+        .bind(digest.to_string())
+        .fetch_optional(db.pool())
+        .await?;
+    match row {
+        Some(row) => packed(&row, 0),
+        None => Ok(None),
+    }
 }
 
 /// The size of a stored blob.

@@ -15,7 +15,7 @@ use quorum_service::ApiError;
 
 use crate::Store;
 use crate::auth::Limits;
-use crate::blobs::{BlobError, ByteStream, Received};
+use crate::blobs::{BlobError, ByteStream, Packed, Received};
 use crate::db;
 use crate::error::Error;
 
@@ -81,6 +81,10 @@ pub async fn store_blobs(
     items: Vec<(Digest, Box<dyn Received>)>,
 ) -> Result<u64, Error> {
     let sizes: Vec<(Digest, u64)> = items.iter().map(|(d, r)| (*d, r.size())).collect();
+    let packed: HashMap<Digest, Packed> = items
+        .iter()
+        .filter_map(|(d, r)| Some((*d, r.packed()?)))
+        .collect();
     let received: u64 = sizes.iter().map(|(_, n)| n).sum();
     let items: Vec<Box<dyn Received>> = items.into_iter().map(|(_, r)| r).collect();
     let started = std::time::Instant::now();
@@ -95,7 +99,7 @@ pub async fn store_blobs(
     };
     store.blobs.place_all(items).await?;
     let placed = started.elapsed();
-    db::link_blobs(&mut tx, tenant, &sizes, &linked, received).await?;
+    db::link_blobs(&mut tx, tenant, &sizes, &packed, &linked, received).await?;
     tx.commit().await?;
     tracing::debug!(
         blobs = sizes.len(), ?synced, ?locked, ?placed, committed = ?started.elapsed(),

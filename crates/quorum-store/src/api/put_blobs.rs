@@ -1,6 +1,7 @@
 //! `POST /api/v1/blobs`, upload token: a batch of blobs in one streamed request, so that a tree
-//! of many small files costs one request, one metadata transaction and one sync per directory
-//! per batch rather than all of that per file. The body is frames of `sha256:<hex> <size>\n`
+//! of many small files costs one request, one metadata transaction and (in a local directory,
+//! where the batch's blobs share a pack) one file and one sync per batch rather than all of that
+//! per file. The body is frames of `sha256:<hex> <size>\n`
 //! and exactly `size` bytes (`quorum_api::v1::store::batch_frame_header`).
 //!
 //! All or none: each frame is hashed into a file no reader sees as it arrives, and only when the
@@ -15,7 +16,9 @@
 //! Frames up to [`WHOLE_BLOB`] bytes (all a client sends, as a rule) are read whole into memory
 //! and handed to the backend in groups of about a MiB ([`Arriving`]), which hashes and writes a
 //! group in one blocking call while the next frames are read: one hop to a blocking thread per
-//! group rather than per blob. Larger frames stream into the backend as a `PUT` does.
+//! group rather than per blob. A backend that keeps packs writes all the groups of a batch into
+//! one ([`BlobBackend::pack`]), so the batch costs one file and one sync. Larger frames stream
+//! into the backend as a `PUT` does.
 
 use std::io;
 use std::sync::Arc;
@@ -35,7 +38,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncReadExt as _};
 use crate::Store;
 use crate::auth::Limits;
 use crate::auth::Upload;
-use crate::blobs::{BlobBackend, BlobError, ByteStream, Received, WHOLE_BLOB};
+use crate::blobs::{BlobBackend, BlobError, ByteStream, PackWriter, Received, WHOLE_BLOB};
 use crate::error::Error;
 
 pub async fn put_blobs(
@@ -138,10 +141,11 @@ const GROUPS_IN_FLIGHT: usize = 4;
 type Keeping<'a> = BoxFuture<'a, Result<Vec<(Digest, Box<dyn Received>)>, Error>>;
 
 /// A batch's blobs as they arrive: whole frames gathered into groups, each kept by the backend
-/// in one go ([`BlobBackend::receive_whole`]), a few groups at a time while the next frames
-/// are read.
+/// in one go (into the batch's pack, [`BlobBackend::pack`], or [`BlobBackend::receive_whole`]),
+/// a few groups at a time while the next frames are read.
 struct Arriving<'a> {
     blobs: &'a dyn BlobBackend,
+    pack: Option<Box<dyn PackWriter>>,
     group: Vec<(Digest, Bytes)>,
     group_bytes: u64,
     /// The frame number of `group`'s first blob.
@@ -154,6 +158,7 @@ impl<'a> Arriving<'a> {
     fn new(blobs: &'a dyn BlobBackend) -> Arriving<'a> {
         Arriving {
             blobs,
+            pack: blobs.pack(),
             group: Vec::new(),
             group_bytes: 0,
             group_first: 0,
@@ -185,7 +190,10 @@ impl<'a> Arriving<'a> {
         self.group_bytes = 0;
         let first = self.group_first;
         let digests: Vec<Digest> = group.iter().map(|(d, _)| *d).collect();
-        let keeping = self.blobs.receive_whole(group);
+        let keeping = match &mut self.pack {
+            Some(pack) => pack.whole(group),
+            None => self.blobs.receive_whole(group),
+        };
         self.in_flight.push_back(Box::pin(async move {
             let received = keeping
                 .await

@@ -12,6 +12,7 @@ use quorum_service::ApiError;
 
 use crate::Store;
 use crate::auth::Read;
+use crate::blobs::{BlobError, ByteStream};
 use crate::error::Error;
 
 /// The build a download reads from.
@@ -129,7 +130,7 @@ pub async fn serve_blob(
     let body = if len == 0 {
         Body::empty()
     } else {
-        Body::from_stream(store.blobs.get(digest, range.clone()).await?)
+        Body::from_stream(stream(store, digest, range.clone()).await?)
     };
     let mut conn = store.db.pool().acquire().await?;
     crate::db::add_usage(&mut conn, &scope.tenant, 0, 0, crate::db::int(len)).await?;
@@ -150,6 +151,27 @@ pub async fn serve_blob(
         );
     }
     Ok(response)
+}
+
+/// Streams `range` of blob `digest` from where its row says it is. A blob uploaded again while
+/// it was being looked up may have moved (a row names the copy placed last), and garbage
+/// collection may have deleted the pack it was in: then it is looked up again, once.
+async fn stream(
+    store: &Store,
+    digest: Digest,
+    range: Range<u64>,
+) -> Result<ByteStream<'static>, Error> {
+    let packed = crate::db::blob_place(&store.db, digest).await?;
+    match store.blobs.get(digest, packed.clone(), range.clone()).await {
+        Err(BlobError::Gone(_)) => {
+            let now = crate::db::blob_place(&store.db, digest).await?;
+            if now == packed {
+                return Err(BlobError::Gone(digest).into());
+            }
+            Ok(store.blobs.get(digest, now, range).await?)
+        }
+        got => Ok(got?),
+    }
 }
 
 #[cfg(test)]
