@@ -63,8 +63,9 @@ pub async fn store_gc(config: &Path, json: bool) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&c)?);
     } else {
         println!(
-            "collected {} manifests past retention, {} expired links, {} blobs, {} orphaned blobs",
-            c.manifests, c.links, c.blobs, c.orphans
+            "collected {} manifests past retention, {} expired links, {} blobs, {} orphaned blobs, \
+             {} packs; rewrote {} mostly dead packs",
+            c.manifests, c.links, c.blobs, c.orphans, c.packs, c.repacked
         );
     }
     Ok(ExitCode::SUCCESS)
