@@ -539,13 +539,9 @@ impl LocalPack {
 
 impl PackWriter for LocalPack {
     fn whole(&mut self, blobs: Vec<(Digest, Bytes)>) -> Whole<'static> {
-        let len: u64 = blobs.iter().map(|(_, b)| b.len() as u64).sum();
+        let len: usize = blobs.iter().map(|(_, b)| b.len()).sum();
         let offset = self.next;
-        self.next += if self.writes.direct {
-            len.next_multiple_of(PAGE as u64)
-        } else {
-            len
-        };
+        self.next += written_len(len, self.writes.direct) as u64;
         let (cell, writes, dest, id) = (
             self.file.clone(),
             self.writes.clone(),
@@ -590,6 +586,15 @@ impl PackWriter for LocalPack {
     }
 }
 
+/// How many bytes a group of `len` takes in a pack: with direct writes, whole pages.
+fn written_len(len: usize, direct: bool) -> usize {
+    if direct {
+        len.next_multiple_of(PAGE)
+    } else {
+        len
+    }
+}
+
 /// Writes `blobs` one after the other at `offset` of `file`, in one call from [`ALIGNED`]:
 /// with `direct`, past the page cache, padded with zeros to whole pages.
 fn write_at(
@@ -600,17 +605,7 @@ fn write_at(
 ) -> io::Result<()> {
     use std::os::unix::fs::FileExt as _;
     let len: usize = blobs.iter().map(|(_, b)| b.len()).sum();
-    let written = if direct {
-        len.next_multiple_of(PAGE)
-    } else {
-        len
-    };
-    ALIGNED.with_borrow_mut(|buffer| {
-        if buffer.len() < written + PAGE {
-            buffer.resize(written + PAGE, 0);
-        }
-        let at = buffer.as_ptr().align_offset(PAGE);
-        let out = &mut buffer[at..at + written];
+    with_aligned(written_len(len, direct), |out| {
         let mut end = 0;
         for (_, bytes) in blobs {
             out[end..end + bytes.len()].copy_from_slice(bytes);
@@ -639,6 +634,17 @@ thread_local! {
     static ALIGNED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Runs `f` on `len` page-aligned bytes of this thread's [`ALIGNED`] buffer, grown if need be.
+fn with_aligned<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+    ALIGNED.with_borrow_mut(|buffer| {
+        if buffer.len() < len + PAGE {
+            buffer.resize(len + PAGE, 0);
+        }
+        let at = buffer.as_ptr().align_offset(PAGE);
+        f(&mut buffer[at..at + len])
+    })
+}
+
 /// Turns direct writes (`O_DIRECT`) on or off for `file` (which has no other flag `F_SETFL`
 /// changes).
 fn set_direct(file: &std::fs::File, on: bool) -> io::Result<()> {
@@ -654,15 +660,10 @@ fn set_direct(file: &std::fs::File, on: bool) -> io::Result<()> {
 /// Writes `bytes` (whole pages) at `file`'s position, a multiple of a page, past the page
 /// cache: copied into [`ALIGNED`] a piece at a time.
 fn write_direct(file: &std::fs::File, bytes: &[u8]) -> io::Result<()> {
-    ALIGNED.with_borrow_mut(|buffer| {
-        let piece = bytes.len().min(WRITE_PIECE);
-        if buffer.len() < piece + PAGE {
-            buffer.resize(piece + PAGE, 0);
-        }
-        let at = buffer.as_ptr().align_offset(PAGE);
+    with_aligned(bytes.len().min(WRITE_PIECE), |buffer| {
         set_direct(file, true)?;
         let written = bytes.chunks(WRITE_PIECE).try_for_each(|chunk| {
-            let aligned = &mut buffer[at..at + chunk.len()];
+            let aligned = &mut buffer[..chunk.len()];
             aligned.copy_from_slice(chunk);
             (&*file).write_all(aligned)
         });

@@ -983,24 +983,20 @@ pub async fn pack_live(
     Ok(live)
 }
 
-/// The blobs recorded in `pack`: digest, size and offset.
+/// The blobs recorded in `pack`: digest, size and place.
 pub async fn pack_blobs(
     conn: &mut AnyConnection,
     pack: &PackId,
-) -> Result<Vec<(Digest, u64, u64)>, sqlx::Error> {
-    let rows = sqlx::query("SELECT digest, size, pack_offset FROM blobs WHERE pack = $1")
+) -> Result<Vec<(Digest, u64, Packed)>, sqlx::Error> {
+    let rows = sqlx::query("SELECT digest, size, pack, pack_offset FROM blobs WHERE pack = $1")
         .bind(pack.as_str())
         .fetch_all(conn)
         .await?;
     rows.iter()
         .map(|row| {
             let size: i64 = row.try_get(1)?;
-            let offset: Option<i64> = row.try_get(2)?;
-            Ok((
-                parse_digest(row.try_get(0)?)?,
-                size.max(0) as u64,
-                offset.unwrap_or(0).max(0) as u64,
-            ))
+            let place = packed(row, 2)?.expect("the rows were selected by their pack");
+            Ok((parse_digest(row.try_get(0)?)?, size.max(0) as u64, place))
         })
         .collect()
 }
@@ -1055,25 +1051,18 @@ pub async fn known_blobs(tx: &mut Tx, digests: &[Digest]) -> Result<HashSet<Dige
     Ok(found)
 }
 
-/// Where a stored blob is: in a pack, or (`None`, also for a blob not stored) of its own.
-pub async fn blob_place(db: &Db, digest: Digest) -> Result<Option<Packed>, sqlx::Error> {
-    let row = sqlx::query("SELECT pack, pack_offset FROM blobs WHERE digest = $1")
+/// A stored blob's size, and its place if it is in a pack; `None` if it is not stored.
+pub async fn stored_blob(
+    db: &Db,
+    digest: Digest,
+) -> Result<Option<(u64, Option<Packed>)>, sqlx::Error> {
+    let row = sqlx::query("SELECT size, pack, pack_offset FROM blobs WHERE digest = $1")
         .bind(digest.to_string())
         .fetch_optional(db.pool())
         .await?;
-    match row {
-        Some(row) => packed(&row, 0),
-        None => Ok(None),
-    }
-}
-
-/// The size of a stored blob.
-pub async fn blob_size(db: &Db, digest: Digest) -> Result<Option<u64>, sqlx::Error> {
-    let size: Option<i64> = sqlx::query_scalar("SELECT size FROM blobs WHERE digest = $1")
-        .bind(digest.to_string())
-        .fetch_optional(db.pool())
-        .await?;
-    Ok(size.map(|s| s.max(0) as u64))
+    let Some(row) = row else { return Ok(None) };
+    let size: i64 = row.try_get(0)?;
+    Ok(Some((size.max(0) as u64, packed(&row, 1)?)))
 }
 
 #[cfg(test)]

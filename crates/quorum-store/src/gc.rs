@@ -154,11 +154,7 @@ async fn repack(db: &Db, blobs: &dyn BlobBackend, packs: Vec<PackId>) -> Result<
             let mut conn = db.pool().acquire().await?;
             db::pack_blobs(&mut conn, pack).await?
         };
-        for (digest, size, offset) in rows {
-            let from = Packed {
-                pack: pack.clone(),
-                offset,
-            };
+        for (digest, size, from) in rows {
             let bytes = match read(blobs, digest, &from, size).await {
                 Ok(bytes) => bytes,
                 // Moved, or collected, since the rows were read.
@@ -206,7 +202,5 @@ async fn read(
 ) -> Result<Bytes, BlobError> {
     let stream = blobs.get(digest, Some(at.clone()), 0..size).await?;
     let chunks: Vec<Bytes> = stream.try_collect().await?;
-    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-    chunks.iter().for_each(|c| bytes.extend_from_slice(c));
-    Ok(bytes.into())
+    Ok(chunks.concat().into())
 }

@@ -44,12 +44,12 @@ async fn blob(
     if !crate::db::build_names_blob(&store.db, &scope.tenant, &scope.build, parsed).await? {
         return Err(not_found().into());
     }
-    let size = if parsed == Digest::empty() {
-        0
+    let stored = if parsed == Digest::empty() {
+        (0, None)
     } else {
-        crate::db::blob_size(&store.db, parsed)
+        crate::db::stored_blob(&store.db, parsed)
             .await?
             .ok_or_else(not_found)?
     };
-    serve_blob(store, scope, parsed, size, headers).await
+    serve_blob(store, scope, parsed, stored, headers).await
 }

@@ -12,7 +12,7 @@ use quorum_service::ApiError;
 
 use crate::Store;
 use crate::auth::Read;
-use crate::blobs::{BlobError, ByteStream};
+use crate::blobs::{BlobError, ByteStream, Packed};
 use crate::error::Error;
 
 /// The build a download reads from.
@@ -100,13 +100,13 @@ fn wanted(headers: &HeaderMap, size: u64) -> Wanted {
     }
 }
 
-/// Streams blob `digest` of `size` bytes, or the range the request asks for (206), counting the
-/// bytes sent as the tenant's traffic out.
+/// Streams blob `digest` of `size` bytes from `packed` (where its row said it is), or the range
+/// the request asks for (206), counting the bytes sent as the tenant's traffic out.
 pub async fn serve_blob(
     store: &Store,
     scope: &Scope,
     digest: Digest,
-    size: u64,
+    (size, packed): (u64, Option<Packed>),
     headers: &HeaderMap,
 ) -> Result<Response, Error> {
     let (status, range) = match wanted(headers, size) {
@@ -130,7 +130,7 @@ pub async fn serve_blob(
     let body = if len == 0 {
         Body::empty()
     } else {
-        Body::from_stream(stream(store, digest, range.clone()).await?)
+        Body::from_stream(stream(store, digest, packed, range.clone()).await?)
     };
     let mut conn = store.db.pool().acquire().await?;
     crate::db::add_usage(&mut conn, &scope.tenant, 0, 0, crate::db::int(len)).await?;
@@ -153,18 +153,20 @@ pub async fn serve_blob(
     Ok(response)
 }
 
-/// Streams `range` of blob `digest` from where its row says it is. A blob uploaded again while
-/// it was being looked up may have moved (a row names the copy placed last), and garbage
-/// collection may have deleted the pack it was in: then it is looked up again, once.
+/// Streams `range` of blob `digest` from `packed`, where its row said it is. A blob uploaded
+/// again since may have moved (a row names the copy placed last), and garbage collection may
+/// have deleted the pack it was in: then it is looked up again, once.
 async fn stream(
     store: &Store,
     digest: Digest,
+    packed: Option<Packed>,
     range: Range<u64>,
 ) -> Result<ByteStream<'static>, Error> {
-    let packed = crate::db::blob_place(&store.db, digest).await?;
     match store.blobs.get(digest, packed.clone(), range.clone()).await {
         Err(BlobError::Gone(_)) => {
-            let now = crate::db::blob_place(&store.db, digest).await?;
+            let now = crate::db::stored_blob(&store.db, digest)
+                .await?
+                .and_then(|(_, packed)| packed);
             if now == packed {
                 return Err(BlobError::Gone(digest).into());
             }
