@@ -65,12 +65,16 @@ impl StoreClient {
     /// Uploads a batch of blobs in one request (`POST /api/v1/blobs`): `body` is their frames,
     /// each [`quorum_api::v1::store::batch_frame_header`] and the blob's bytes. The store keeps
     /// all of them or none.
-    pub async fn put_blobs(&self, token: &str, body: Vec<u8>) -> Result<BlobsStored, ClientError> {
+    pub async fn put_blobs(
+        &self,
+        token: &str,
+        body: impl Into<bytes::Bytes>,
+    ) -> Result<BlobsStored, ClientError> {
         send_json(
             self.http
                 .post(self.url("/api/v1/blobs"))
                 .bearer_auth(token)
-                .body(body),
+                .body(body.into()),
         )
         .await
     }
