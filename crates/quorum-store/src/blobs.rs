@@ -33,6 +33,38 @@ use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
 /// Blob content as it streams in or out.
 pub type ByteStream<'a> = BoxStream<'a, io::Result<Bytes>>;
 
+/// A blob whole in memory, as the pieces it arrived in: slices of a request body's own chunks,
+/// so that a frame of a batch is not copied before it is written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pieces(pub Vec<Bytes>);
+
+impl Pieces {
+    pub(crate) fn len(&self) -> usize {
+        self.0.iter().map(Bytes::len).sum()
+    }
+
+    pub fn digest(&self) -> Digest {
+        let mut hasher = quorum_core::digest::Hasher::new();
+        self.0.iter().for_each(|piece| hasher.update(piece));
+        hasher.finish()
+    }
+
+    /// Copies the blob to the start of `out`, which is at least [`Pieces::len`] long.
+    fn copy_to(&self, out: &mut [u8]) {
+        let mut end = 0;
+        for piece in &self.0 {
+            out[end..end + piece.len()].copy_from_slice(piece);
+            end += piece.len();
+        }
+    }
+}
+
+impl From<Bytes> for Pieces {
+    fn from(bytes: Bytes) -> Pieces {
+        Pieces(vec![bytes])
+    }
+}
+
 /// Blobs received whole ([`BlobBackend::receive_whole`], [`PackWriter::whole`]), in order; or
 /// which one failed (its index) and why.
 pub type Whole<'a> = BoxFuture<'a, Result<Vec<Box<dyn Received>>, (usize, BlobError)>>;
@@ -77,7 +109,7 @@ pub trait PackWriter: Send {
     /// Verifies `blobs` and appends them to the pack, in one blocking call started at once;
     /// returns them received (each naming its place, [`Received::packed`]) in order, or which
     /// failed and why. Calls may overlap: each is given its place in the pack when it is made.
-    fn whole(&mut self, blobs: Vec<(Digest, Bytes)>) -> Whole<'static>;
+    fn whole(&mut self, blobs: Vec<(Digest, Pieces)>) -> Whole<'static>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -230,12 +262,12 @@ pub trait BlobBackend: Send + Sync + 'static {
     /// bytes each) as [`BlobBackend::receive`] would, verifying each; returns them in order.
     /// On an error, says which blob (its index) and why, and nothing of any is kept. A backend
     /// that keeps packs takes them through its [`PackWriter`] instead.
-    fn receive_whole(&self, blobs: Vec<(Digest, Bytes)>) -> Whole<'_> {
+    fn receive_whole(&self, blobs: Vec<(Digest, Pieces)>) -> Whole<'_> {
         Box::pin(async move {
             let mut received = Vec::with_capacity(blobs.len());
-            for (i, (digest, bytes)) in blobs.into_iter().enumerate() {
-                let size = bytes.len() as u64;
-                let body = futures::stream::once(async move { Ok(bytes) }).boxed();
+            for (i, (digest, pieces)) in blobs.into_iter().enumerate() {
+                let size = pieces.len() as u64;
+                let body = futures::stream::iter(pieces.0.into_iter().map(Ok)).boxed();
                 received.push(self.receive(digest, body, size).await.map_err(|e| (i, e))?);
             }
             Ok(received)
@@ -538,7 +570,7 @@ impl LocalPack {
 }
 
 impl PackWriter for LocalPack {
-    fn whole(&mut self, blobs: Vec<(Digest, Bytes)>) -> Whole<'static> {
+    fn whole(&mut self, blobs: Vec<(Digest, Pieces)>) -> Whole<'static> {
         let len: usize = blobs.iter().map(|(_, b)| b.len()).sum();
         let offset = self.next;
         self.next += written_len(len, self.writes.direct) as u64;
@@ -550,7 +582,7 @@ impl PackWriter for LocalPack {
         );
         let task = tokio::task::spawn_blocking(move || {
             for (i, (expected, bytes)) in blobs.iter().enumerate() {
-                let actual = Digest::of(bytes);
+                let actual = bytes.digest();
                 if actual != *expected {
                     let size = bytes.len() as u64;
                     let expected = *expected;
@@ -599,7 +631,7 @@ fn written_len(len: usize, direct: bool) -> usize {
 /// with `direct`, past the page cache, padded with zeros to whole pages.
 fn write_at(
     file: &std::fs::File,
-    blobs: &[(Digest, Bytes)],
+    blobs: &[(Digest, Pieces)],
     offset: u64,
     direct: bool,
 ) -> io::Result<()> {
@@ -607,9 +639,9 @@ fn write_at(
     let len: usize = blobs.iter().map(|(_, b)| b.len()).sum();
     with_aligned(written_len(len, direct), |out| {
         let mut end = 0;
-        for (_, bytes) in blobs {
-            out[end..end + bytes.len()].copy_from_slice(bytes);
-            end += bytes.len();
+        for (_, pieces) in blobs {
+            pieces.copy_to(&mut out[end..]);
+            end += pieces.len();
         }
         out[end..].fill(0);
         file.write_all_at(out, offset)
@@ -1478,11 +1510,13 @@ mod tests {
         };
         let (a, b, c) = (blob(5000, 3), blob(3, 5), blob(70_000, 7));
         let mut writer = local.pack().expect("a local directory packs batches");
+        // A blob may arrive in several pieces.
+        let c_pieces = Pieces(vec![c.slice(..1), c.slice(1..4096), c.slice(4096..)]);
         let first = writer.whole(vec![
-            (Digest::of(&a), a.clone()),
-            (Digest::of(&b), b.clone()),
+            (Digest::of(&a), a.clone().into()),
+            (Digest::of(&b), b.clone().into()),
         ]);
-        let second = writer.whole(vec![(Digest::of(&c), c.clone())]);
+        let second = writer.whole(vec![(Digest::of(&c), c_pieces)]);
         let mut items = second.await.unwrap();
         items.splice(0..0, first.await.unwrap());
         let at: Vec<Packed> = items.iter().map(|i| i.packed().unwrap()).collect();
@@ -1516,8 +1550,8 @@ mod tests {
         // A blob that does not match: its group fails, naming it, and nothing is left.
         let mut writer = local.pack().unwrap();
         let wrong = writer.whole(vec![
-            (Digest::of(&a), a.clone()),
-            (Digest::of(&a), b.clone()),
+            (Digest::of(&a), a.clone().into()),
+            (Digest::of(&a), b.clone().into()),
         ]);
         let Err((i, BlobError::Mismatch { .. })) = wrong.await else {
             panic!("a blob that does not match its digest was kept");

@@ -17,12 +17,11 @@
 
 use std::collections::BTreeSet;
 
-use bytes::Bytes;
 use futures::TryStreamExt as _;
 use quorum_core::Digest;
 
 use crate::GcConfig;
-use crate::blobs::{BlobBackend, BlobError, PackId, Packed, Received};
+use crate::blobs::{BlobBackend, BlobError, PackId, Packed, Pieces, Received};
 use crate::db::{self, Db};
 use crate::error::Error;
 
@@ -147,7 +146,7 @@ async fn repack(db: &Db, blobs: &dyn BlobBackend, packs: Vec<PackId>) -> Result<
     };
     let mut moves: Vec<(Digest, Packed)> = Vec::new();
     let mut items: Vec<Box<dyn Received>> = Vec::new();
-    let mut group: Vec<(Digest, Bytes)> = Vec::new();
+    let mut group: Vec<(Digest, Pieces)> = Vec::new();
     let mut group_bytes = 0;
     for pack in &packs {
         let rows = {
@@ -199,8 +198,7 @@ async fn read(
     digest: Digest,
     at: &Packed,
     size: u64,
-) -> Result<Bytes, BlobError> {
+) -> Result<Pieces, BlobError> {
     let stream = blobs.get(digest, Some(at.clone()), 0..size).await?;
-    let chunks: Vec<Bytes> = stream.try_collect().await?;
-    Ok(chunks.concat().into())
+    Ok(Pieces(stream.try_collect().await?))
 }

@@ -13,10 +13,10 @@
 //! frames arrive, against the counters at the start, so a batch that cannot fit is cut off
 //! early; the transaction has the last word.
 //!
-//! Frames up to [`WHOLE_BLOB`] bytes (all a client sends, as a rule) are read whole into memory
-//! and handed to the backend in groups of about a MiB ([`Arriving`]), which hashes and writes a
-//! group in one blocking call while the next frames are read: one hop to a blocking thread per
-//! group rather than per blob. A backend that keeps packs writes all the groups of a batch into
+//! Frames up to [`WHOLE_BLOB`] bytes (all a client sends, as a rule) are held whole in memory,
+//! as slices of the body's own chunks ([`Chunks`]: no copy), and handed to the backend in groups
+//! of about a MiB ([`Arriving`]), which hashes and writes a group in one blocking call while the
+//! next frames are read: one hop to a blocking thread per group rather than per blob. A backend that keeps packs writes all the groups of a batch into
 //! one ([`BlobBackend::pack`]), so the batch costs one file and one sync. Larger frames stream
 //! into the backend as a `PUT` does.
 
@@ -28,17 +28,16 @@ use axum::body::Body;
 use axum::extract::State;
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::stream::FuturesOrdered;
+use futures::stream::{BoxStream, FuturesOrdered};
 use futures::{StreamExt as _, TryStreamExt as _};
 use quorum_api::v1::store::{BlobsStored, MAX_BATCH_BLOBS, MAX_BATCH_BYTES, MAX_FRAME_HEADER};
 use quorum_core::Digest;
 use quorum_service::ApiError;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncReadExt as _};
 
 use crate::Store;
 use crate::auth::Limits;
 use crate::auth::Upload;
-use crate::blobs::{BlobBackend, BlobError, ByteStream, PackWriter, Received, WHOLE_BLOB};
+use crate::blobs::{BlobBackend, BlobError, ByteStream, PackWriter, Pieces, Received, WHOLE_BLOB};
 use crate::error::Error;
 
 pub async fn put_blobs(
@@ -51,8 +50,7 @@ pub async fn put_blobs(
         let mut conn = store.db.pool().acquire().await?;
         crate::usage::counts(&mut conn, &limits.jti).await?
     };
-    let mut reader =
-        tokio_util::io::StreamReader::new(body.into_data_stream().map_err(io::Error::other));
+    let mut reader = Chunks::new(body.into_data_stream().map_err(io::Error::other).boxed());
     let mut arriving = Arriving::new(store.blobs.as_ref());
     let read = read_frames(&store, &limits, used, &mut reader, &mut arriving).await;
     let items = arriving.finish(read).await?;
@@ -66,13 +64,63 @@ pub async fn put_blobs(
     Ok(Json(BlobsStored { blobs, bytes }))
 }
 
+/// The request body as it arrives, read a frame at a time without copying: a frame's bytes are
+/// slices of the body's own chunks.
+struct Chunks {
+    chunks: BoxStream<'static, io::Result<Bytes>>,
+    /// The unread rest of the current chunk.
+    head: Bytes,
+}
+
+impl Chunks {
+    fn new(chunks: BoxStream<'static, io::Result<Bytes>>) -> Chunks {
+        Chunks {
+            chunks,
+            head: Bytes::new(),
+        }
+    }
+
+    /// Makes sure some unread bytes are at hand; false at the end of the body.
+    async fn fill(&mut self) -> io::Result<bool> {
+        while self.head.is_empty() {
+            match self.chunks.next().await {
+                Some(chunk) => self.head = chunk?,
+                None => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Up to `most` of the bytes at hand ([`Chunks::fill`]), consumed.
+    fn split(&mut self, most: u64) -> Bytes {
+        let n = usize::try_from(most).unwrap_or(usize::MAX);
+        self.head.split_to(n.min(self.head.len()))
+    }
+
+    /// The bytes up to and including the next newline, at most `most` of them: fewer, and no
+    /// newline, if the body ends first.
+    async fn line(&mut self, most: usize) -> io::Result<Vec<u8>> {
+        let mut line = Vec::new();
+        while line.len() < most && self.fill().await? {
+            let room = (most - line.len()).min(self.head.len());
+            let newline = self.head[..room].iter().position(|&b| b == b'\n');
+            let piece = self.split(newline.map_or(room, |at| at + 1) as u64);
+            line.extend_from_slice(&piece);
+            if newline.is_some() {
+                break;
+            }
+        }
+        Ok(line)
+    }
+}
+
 /// Reads the body's frames into `arriving`, checking the batch's limits as they come against
 /// the token's counters at the start (`used`: files, bytes).
-async fn read_frames<R: AsyncBufRead + Unpin + Send>(
+async fn read_frames(
     store: &Store,
     limits: &Limits,
     (used_files, used_bytes): (u64, u64),
-    reader: &mut R,
+    reader: &mut Chunks,
     arriving: &mut Arriving<'_>,
 ) -> Result<(), Error> {
     let mut total = 0u64;
@@ -146,7 +194,7 @@ type Keeping<'a> = BoxFuture<'a, Result<Vec<(Digest, Box<dyn Received>)>, Error>
 struct Arriving<'a> {
     blobs: &'a dyn BlobBackend,
     pack: Option<Box<dyn PackWriter>>,
-    group: Vec<(Digest, Bytes)>,
+    group: Vec<(Digest, Pieces)>,
     group_bytes: u64,
     /// The frame number of `group`'s first blob.
     group_first: usize,
@@ -169,7 +217,7 @@ impl<'a> Arriving<'a> {
 
     /// Adds frame `frame`, read whole, to the open group; hands the group over once it is
     /// full, and waits for the oldest group if too many are in flight.
-    async fn whole(&mut self, frame: usize, digest: Digest, bytes: Bytes) -> Result<(), Error> {
+    async fn whole(&mut self, frame: usize, digest: Digest, bytes: Pieces) -> Result<(), Error> {
         if self.group.is_empty() {
             self.group_first = frame;
         }
@@ -223,48 +271,44 @@ impl<'a> Arriving<'a> {
     }
 }
 
-/// The next `size` bytes of the body, in one buffer; an error if it ends first.
-async fn whole_frame<R: AsyncBufRead + Unpin>(
-    reader: &mut R,
-    digest: Digest,
-    size: u64,
-) -> Result<Bytes, BlobError> {
-    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-    let read = reader.take(size).read_to_end(&mut bytes).await;
-    let received = bytes.len() as u64;
-    let source = match read {
-        Ok(_) if received == size => return Ok(bytes.into()),
-        Ok(_) => io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!(
-                "the body ended {} bytes before the frame did",
-                size - received
-            ),
-        ),
-        Err(e) => e,
-    };
-    Err(BlobError::Truncated {
-        digest,
-        received,
-        source,
-    })
+/// The next `size` bytes of the body, as the pieces they arrived in; an error if it ends first.
+async fn whole_frame(reader: &mut Chunks, digest: Digest, size: u64) -> Result<Pieces, BlobError> {
+    let mut pieces = Vec::new();
+    let mut received = 0;
+    while received < size {
+        let source = match reader.fill().await {
+            Ok(true) => {
+                let piece = reader.split(size - received);
+                received += piece.len() as u64;
+                pieces.push(piece);
+                continue;
+            }
+            Ok(false) => ended_early(size - received),
+            Err(e) => e,
+        };
+        return Err(BlobError::Truncated {
+            digest,
+            received,
+            source,
+        });
+    }
+    Ok(Pieces(pieces))
+}
+
+fn ended_early(left: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("the body ended {left} bytes before the frame did"),
+    )
 }
 
 /// Reads the header of frame `frame`; `None` at the end of the body.
-async fn read_header<R: AsyncBufRead + Unpin>(
-    reader: &mut R,
-    frame: usize,
-) -> Result<Option<(Digest, u64)>, Error> {
-    let mut line = Vec::new();
-    reader
-        .take(MAX_FRAME_HEADER as u64)
-        .read_until(b'\n', &mut line)
-        .await
-        .map_err(|e| {
-            ApiError::bad_request(format!(
-                "frame {frame}: the body broke off ({e}); nothing of the batch was stored"
-            ))
-        })?;
+async fn read_header(reader: &mut Chunks, frame: usize) -> Result<Option<(Digest, u64)>, Error> {
+    let line = reader.line(MAX_FRAME_HEADER).await.map_err(|e| {
+        ApiError::bad_request(format!(
+            "frame {frame}: the body broke off ({e}); nothing of the batch was stored"
+        ))
+    })?;
     if line.is_empty() {
         return Ok(None);
     }
@@ -293,23 +337,18 @@ async fn read_header<R: AsyncBufRead + Unpin>(
         .ok_or_else(|| bad("is not `sha256:<hex> <size>`"))
 }
 
-/// Exactly the next `size` bytes of the body; an error if it ends first.
-fn frame_body<R: AsyncBufRead + Unpin + Send>(reader: &mut R, size: u64) -> ByteStream<'_> {
+/// Exactly the next `size` bytes of the body, as they arrived; an error if it ends first.
+fn frame_body(reader: &mut Chunks, size: u64) -> ByteStream<'_> {
     futures::stream::try_unfold((reader, size), |(reader, left)| async move {
         if left == 0 {
             return Ok(None);
         }
-        let buf = reader.fill_buf().await?;
-        if buf.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("the body ended {left} bytes before the frame did"),
-            ));
+        if !reader.fill().await? {
+            return Err(ended_early(left));
         }
-        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        let chunk = Bytes::copy_from_slice(&buf[..n]);
-        reader.consume(n);
-        Ok(Some((chunk, (reader, left - n as u64))))
+        let chunk = reader.split(left);
+        let left = left - chunk.len() as u64;
+        Ok(Some((chunk, (reader, left))))
     })
     .boxed()
 }
@@ -339,4 +378,125 @@ fn in_frame(frame: usize, e: Error) -> Error {
         ),
     )
     .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use quorum_api::v1::store::batch_frame_header;
+
+    use super::*;
+
+    /// `body` as a stream of chunks, cut at `cuts` (ascending), with an empty chunk first.
+    fn cut(body: &[u8], cuts: &[usize]) -> Chunks {
+        let body = Bytes::copy_from_slice(body);
+        let mut chunks = vec![Ok(Bytes::new())];
+        let mut at = 0;
+        for &c in cuts.iter().chain([&body.len()]) {
+            chunks.push(Ok(body.slice(at..c)));
+            at = c;
+        }
+        Chunks::new(futures::stream::iter(chunks).boxed())
+    }
+
+    /// Every frame `reader` holds (digest and bytes), or the first error.
+    async fn frames(reader: &mut Chunks) -> Result<Frames, String> {
+        let mut out = Vec::new();
+        while let Some((digest, size)) = read_header(reader, out.len())
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            let pieces = whole_frame(reader, digest, size)
+                .await
+                .map_err(|e| e.to_string())?;
+            out.push((digest, pieces.0.concat()));
+        }
+        Ok(out)
+    }
+
+    /// Each blob's digest and bytes, as [`frames`] returns them.
+    type Frames = Vec<(Digest, Vec<u8>)>;
+
+    /// `blobs` framed into a body; with what [`frames`] should read from it, and where each
+    /// frame ends (from 0, the start of the body).
+    fn framed(blobs: &[&[u8]]) -> (Vec<u8>, Frames, Vec<usize>) {
+        let (mut body, mut want, mut ends) = (Vec::new(), Vec::new(), vec![0]);
+        for blob in blobs {
+            let digest = Digest::of(blob);
+            body.extend(batch_frame_header(&digest, blob.len() as u64).as_bytes());
+            body.extend(*blob);
+            want.push((digest, blob.to_vec()));
+            ends.push(body.len());
+        }
+        (body, want, ends)
+    }
+
+    #[tokio::test]
+    async fn frames_are_read_whole_wherever_the_body_is_cut() {
+        let (body, want, _) = framed(&[b"", b"a", b"hello, world", &[7u8; 300]]);
+        for at in 0..=body.len() {
+            let got = frames(&mut cut(&body, &[at])).await;
+            assert_eq!(got.as_ref(), Ok(&want), "cut at {at}");
+        }
+        for step in [1, 2, 3, 50] {
+            let cuts: Vec<usize> = (step..body.len()).step_by(step).collect();
+            let got = frames(&mut cut(&body, &cuts)).await;
+            assert_eq!(got.as_ref(), Ok(&want), "cut every {step} bytes");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_in_one_chunk_is_a_slice_of_it_not_a_copy() {
+        let (body, _, _) = framed(&[b"first", &[9u8; 4000]]);
+        let chunk = Bytes::from(body);
+        let inside = chunk.as_ptr_range();
+        let mut reader = Chunks::new(futures::stream::iter([Ok(chunk.clone())]).boxed());
+        for frame in 0..2 {
+            let (digest, size) = read_header(&mut reader, frame).await.unwrap().unwrap();
+            let pieces = whole_frame(&mut reader, digest, size).await.unwrap();
+            assert_eq!(pieces.0.len(), 1);
+            assert!(
+                inside.contains(&pieces.0[0].as_ptr()),
+                "frame {frame} was copied"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_names_what_is_missing() {
+        let (body, want, ends) = framed(&[b"one blob", &[3u8; 100]]);
+        let headers: Vec<usize> = want
+            .iter()
+            .map(|(d, b)| batch_frame_header(d, b.len() as u64).len())
+            .collect();
+        for len in 0..body.len() {
+            let got = frames(&mut cut(&body[..len], &[len / 2])).await;
+            match ends.iter().position(|&end| end == len) {
+                Some(whole) => assert_eq!(got, Ok(want[..whole].to_vec()), "{len} bytes"),
+                None => {
+                    let frame = ends.iter().filter(|&&end| end < len).count() - 1;
+                    let data = ends[frame] + headers[frame];
+                    let error = got.expect_err("a body cut inside a frame");
+                    let expected = if len < data {
+                        "ends with the body, before its newline".to_string()
+                    } else {
+                        let left = ends[frame + 1] - len;
+                        format!("the body ended {left} bytes before the frame did")
+                    };
+                    assert!(error.contains(&expected), "{len} bytes: {error}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_breaks_off_is_an_error_not_an_end() {
+        let (body, _, _) = framed(&[&[1u8; 64]]);
+        let chunks = [
+            Ok(Bytes::copy_from_slice(&body[..90])),
+            Err(io::Error::other("connection reset")),
+        ];
+        let mut reader = Chunks::new(futures::stream::iter(chunks).boxed());
+        let error = frames(&mut reader).await.expect_err("a broken body");
+        assert!(error.contains("connection reset"), "{error}");
+    }
 }
