@@ -16,9 +16,10 @@
 //! Frames up to [`WHOLE_BLOB`] bytes (all a client sends, as a rule) are held whole in memory,
 //! as slices of the body's own chunks ([`Chunks`]: no copy), and handed to the backend in groups
 //! of about a MiB ([`Arriving`]), which hashes and writes a group in one blocking call while the
-//! next frames are read: one hop to a blocking thread per group rather than per blob. A backend that keeps packs writes all the groups of a batch into
-//! one ([`BlobBackend::pack`]), so the batch costs one file and one sync. Larger frames stream
-//! into the backend as a `PUT` does.
+//! next frames are read: one hop to a blocking thread per group rather than per blob. A backend
+//! that keeps packs writes all the groups of a batch into one ([`BlobBackend::pack`]), so the
+//! batch costs one file and one sync. Larger frames stream into the backend as a `PUT` does,
+//! as slices too.
 
 use std::io;
 use std::sync::Arc;
