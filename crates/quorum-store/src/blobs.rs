@@ -35,7 +35,7 @@ pub type ByteStream<'a> = BoxStream<'a, io::Result<Bytes>>;
 
 /// A blob whole in memory, as the pieces it arrived in: slices of a request body's own chunks,
 /// so that a frame of a batch is not copied before it is written.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Pieces(pub Vec<Bytes>);
 
 impl Pieces {
@@ -43,10 +43,13 @@ impl Pieces {
         self.0.iter().map(Bytes::len).sum()
     }
 
-    pub fn digest(&self) -> Digest {
-        let mut hasher = quorum_core::digest::Hasher::new();
-        self.0.iter().for_each(|piece| hasher.update(piece));
-        hasher.finish()
+    /// Checks that the blob hashes to `expected`, as a streamed upload is checked.
+    fn verify(&self, expected: Digest) -> Result<(), BlobError> {
+        let mut verifier = Verifier::new(expected, u64::MAX);
+        for piece in &self.0 {
+            verifier.next(Some(Ok(piece.clone())))?;
+        }
+        verifier.finish().map(drop)
     }
 
     /// Copies the blob to the start of `out`, which is at least [`Pieces::len`] long.
@@ -582,19 +585,7 @@ impl PackWriter for LocalPack {
         );
         let task = tokio::task::spawn_blocking(move || {
             for (i, (expected, bytes)) in blobs.iter().enumerate() {
-                let actual = bytes.digest();
-                if actual != *expected {
-                    let size = bytes.len() as u64;
-                    let expected = *expected;
-                    return Err((
-                        i,
-                        BlobError::Mismatch {
-                            expected,
-                            actual,
-                            size,
-                        },
-                    ));
-                }
+                bytes.verify(*expected).map_err(|e| (i, e))?;
             }
             let file = LocalPack::file(&cell, &writes, &dest).map_err(|e| (0, e.into()))?;
             write_at(&file.file, &blobs, offset, writes.direct).map_err(|e| (0, e.into()))?;

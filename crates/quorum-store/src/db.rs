@@ -953,13 +953,18 @@ fn packed(row: &sqlx::any::AnyRow, at: usize) -> Result<Option<Packed>, sqlx::Er
     let Some(pack) = row.try_get::<Option<String>, _>(at)? else {
         return Ok(None);
     };
-    let pack = PackId::parse(&pack)
-        .ok_or_else(|| sqlx::Error::Decode(format!("`{pack}` is not the name of a pack").into()))?;
+    let pack = pack_id(&pack)?;
     let offset: i64 = row.try_get::<Option<i64>, _>(at + 1)?.unwrap_or(0);
     Ok(Some(Packed {
         pack,
         offset: offset.max(0) as u64,
     }))
+}
+
+/// A pack's name as a row holds it.
+fn pack_id(text: &str) -> Result<PackId, sqlx::Error> {
+    PackId::parse(text)
+        .ok_or_else(|| sqlx::Error::Decode(format!("`{text}` is not the name of a pack").into()))
 }
 
 /// The bytes still recorded in each of `packs` (a pack missing from the answer holds none).
@@ -978,10 +983,8 @@ pub async fn pack_live(
             query = query.bind(p.as_str());
         }
         for row in query.fetch_all(&mut *conn).await? {
-            if let Some(Packed { pack, .. }) = packed(&row, 0)? {
-                let bytes: i64 = row.try_get(1)?;
-                live.insert(pack, bytes.max(0) as u64);
-            }
+            let bytes: i64 = row.try_get(1)?;
+            live.insert(pack_id(row.try_get(0)?)?, bytes.max(0) as u64);
         }
     }
     Ok(live)
@@ -1005,15 +1008,15 @@ pub async fn pack_blobs(
         .collect()
 }
 
-/// Moves blob `digest` from `from` to `to`, if its row still names `from`; returns whether it
-/// did.
+/// Moves blob `digest` from `from` to `to`, if its row still names `from` (else it was uploaded
+/// again, or collected, meanwhile, and stays as it is).
 pub async fn move_blob(
     tx: &mut Tx,
     digest: Digest,
     from: &Packed,
     to: &Packed,
-) -> Result<bool, sqlx::Error> {
-    let moved = sqlx::query(
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
         "UPDATE blobs SET pack = $1, pack_offset = $2 \
          WHERE digest = $3 AND pack = $4 AND pack_offset = $5",
     )
@@ -1023,9 +1026,8 @@ pub async fn move_blob(
     .bind(from.pack.as_str())
     .bind(int(from.offset))
     .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    Ok(moved == 1)
+    .await?;
+    Ok(())
 }
 
 pub async fn delete_blob_row(tx: &mut Tx, digest: Digest) -> Result<(), sqlx::Error> {
