@@ -6,7 +6,7 @@
 //! to hash travel beside those batches, one per request), then sends the manifest
 //! first (`POST /api/v1/manifest`), relative to the last manifest this store accepted from this
 //! cache when that is smaller, so an unchanged tree costs one small request; the store answers
-//! the blobs its tenant lacks, only those are sent (files up to 1 MiB in batches of about 16 MiB,
+//! the blobs its tenant lacks, only those are sent (files up to 4 MiB in batches of about 16 MiB,
 //! one request and one store transaction each; larger files one per request), several requests
 //! at a time, and the manifest is proposed again. The worker asks which blobs are missing
 //! ([`Publisher::upload`]) as outputs appear and records the manifest at the end. A run that
@@ -808,9 +808,11 @@ pub struct Summary {
 
 /// Files up to this size travel in batches (`POST /api/v1/blobs`, one request, one store
 /// transaction and, in a local store, one pack file synced once for many blobs); larger ones
-/// one per request, where
-/// the per-request cost is small beside the bytes.
-const BATCH_FILE_MAX: u64 = 1 << 20;
+/// one per request, where the per-request cost is small beside the bytes. The store holds such
+/// frames whole and packs them ([`quorum_api::v1::store::WHOLE_FRAME`]); sent alone, a file of a
+/// few MiB cost a file, a sync and a transaction of its own, and was hashed before anything was
+/// sent.
+const BATCH_FILE_MAX: u64 = quorum_api::v1::store::WHOLE_FRAME;
 /// Content bytes a batch is closed at: big enough to spread the per-request cost, small enough
 /// that several batches are in flight at once.
 const BATCH_TARGET_BYTES: u64 = 16 << 20;

@@ -641,7 +641,7 @@ fn write_at(
 
 /// Blobs up to this size may arrive whole (the frames of a batch): see [`PackWriter::whole`]
 /// and [`BlobBackend::receive_whole`].
-pub const WHOLE_BLOB: u64 = 1 << 20;
+pub const WHOLE_BLOB: u64 = quorum_api::v1::store::WHOLE_FRAME;
 
 /// A blob is written in pieces of this many bytes, one blocking call each.
 const WRITE_PIECE: usize = 1 << 20;

@@ -16,7 +16,7 @@ use quorum_api::v1::idp::{
     GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS, TOKEN_TYPE_JOB, TOKEN_TYPE_READ, TOKEN_TYPE_REVOKE,
     TOKEN_TYPE_UPLOAD,
 };
-use quorum_api::v1::store::{ManifestAnswer, ManifestProposal};
+use quorum_api::v1::store::{ManifestAnswer, ManifestProposal, WHOLE_FRAME};
 use quorum_client::ClientError;
 use quorum_client::idp::{IdpClient, TokenFor};
 use quorum_client::store::StoreClient;
@@ -2573,6 +2573,58 @@ async fn a_batch_stores_many_blobs_in_one_call(backend: Backend) {
     w.stop().await;
 }
 
+/// Frames over [`WHOLE_FRAME`] are not held whole: they stream into the backend as a single
+/// upload does, between frames that go into the batch's pack, and all of them are kept.
+async fn a_batch_carries_frames_too_large_to_hold_whole(backend: Backend) {
+    let w = World::start(backend).await;
+    bounded(async {
+        let t = w.upload_token(DINAH, "b-1", "a-1").await;
+        let big: Vec<u8> = (0..WHOLE_FRAME as u32 + 300_000)
+            .map(|i| (i % 241) as u8)
+            .collect();
+        let at_bound = vec![3u8; WHOLE_FRAME as usize];
+        let files: [(&str, &[u8]); 4] = [
+            ("out/a", b"alpha"),
+            ("out/big", &big),
+            ("out/bound", &at_bound),
+            ("out/b", b"bravo"),
+        ];
+        let body = framed(&files.iter().map(|(_, b)| *b).collect::<Vec<_>>());
+        let total: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
+        let stored = w.client.put_blobs(&t, body).await.unwrap();
+        assert_eq!((stored.blobs, stored.bytes), (4, total));
+        let mut kept = w.blobs().await;
+        kept.sort();
+        let mut expected: Vec<Vec<u8>> = files.iter().map(|(_, b)| b.to_vec()).collect();
+        expected.sort();
+        assert_eq!(kept, expected);
+        assert!(w.unfinished().await.is_empty());
+        assert_eq!(usage_of(&w, "dinah").await.stored_bytes, total);
+        if backend == Backend::Local {
+            // The big one in a file of its own, the other three in the batch's pack.
+            let files = w.files("blobs");
+            let packs = w.store_dir.join("blobs").join("packs");
+            let (packed, alone): (Vec<_>, Vec<_>) =
+                files.iter().partition(|p| p.starts_with(&packs));
+            assert_eq!((packed.len(), alone.len()), (1, 1), "{files:?}");
+            assert_eq!(std::fs::read(alone[0]).unwrap(), big);
+        }
+        w.client.put_manifest(&t, &manifest(&files)).await.unwrap();
+        let read = w.read_token(DINAH, "b-1").await;
+        for (_, content) in files {
+            let got = w
+                .client
+                .get_blob(&read, "b-1", &Digest::of(content))
+                .await
+                .unwrap();
+            assert_eq!(got.len(), content.len());
+            assert!(got[..] == *content);
+        }
+    })
+    .await;
+    w.stop().await;
+}
+
 async fn a_bad_frame_leaves_nothing_of_its_batch(backend: Backend) {
     let w = World::start_with(backend, |c| c.max_blob_bytes = 1000).await;
     bounded(async {
@@ -3355,6 +3407,7 @@ on_every_backend!(
     the_store_collects_garbage_periodically_when_configured,
     cache_mode_evicts_least_recently_used_uploads_first,
     a_batch_stores_many_blobs_in_one_call,
+    a_batch_carries_frames_too_large_to_hold_whole,
     a_bad_frame_leaves_nothing_of_its_batch,
     a_batch_over_a_limit_stores_nothing_of_it,
     a_manifest_sent_first_asks_for_its_blobs_and_a_relative_one_records_the_changes,

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use quorum::federation::Launcher;
 use quorum_api::v1::controller::BuildState;
 use quorum_api::v1::idp::{TOKEN_TYPE_READ, TOKEN_TYPE_UPLOAD, TokenConstraints};
+use quorum_api::v1::store::WHOLE_FRAME;
 use quorum_client::idp::{IdpClient, TokenFor};
 use quorum_client::publish::DigestCache;
 use quorum_client::store::StoreClient;
@@ -312,23 +313,23 @@ async fn an_interrupted_publish_is_finished_without_resending_what_arrived() {
     let roles = Roles::start().await;
     let tree = tempfile::tempdir().unwrap();
     let t = tree.path();
-    // Over 1 MiB each, so each is one upload (smaller files travel in batches, kept whole or
-    // not at all: see the end of this test).
-    const SIZE: usize = 1_100_000;
+    // Over the batch bound each, so each is one upload (smaller files travel in batches, kept
+    // whole or not at all: see the end of this test).
+    const SIZE: usize = WHOLE_FRAME as usize + 100_000;
     let mut digests = Vec::new();
-    for i in 0..20 {
+    for i in 0..12 {
         let content = bytes(100 + i, SIZE);
         digests.push(Digest::of(&content));
         write(t, &format!("dist/f{i:02}"), &content, 0o644);
     }
-    // The first run is cut off by its token after 8 uploads, as a run killed half way would be.
+    // The first run is cut off by its token after 5 uploads, as a run killed half way would be.
     let limited = roles
         .token(
             TOKEN_TYPE_UPLOAD,
             "b1",
             Some("a1"),
             TokenConstraints {
-                max_files: Some(8),
+                max_files: Some(5),
                 ..Default::default()
             },
         )
@@ -336,19 +337,19 @@ async fn an_interrupted_publish_is_finished_without_resending_what_arrived() {
     let args = ["--type=dist", "--parallel=1", "--json", "b1", "dist/*"];
     let err = failure(&roles.publish(t, &limited, &args));
     assert!(
-        err.contains("cannot upload `dist/f") && err.contains("max_files (8)"),
+        err.contains("cannot upload `dist/f") && err.contains("max_files (5)"),
         "{err}\n{}",
         roles.logs()
     );
-    assert_eq!(roles.lacking(&digests).await, 12, "8 blobs arrived");
+    assert_eq!(roles.lacking(&digests).await, 7, "5 blobs arrived");
 
-    // Running again finishes the job and sends only the 12 that did not arrive.
+    // Running again finishes the job and sends only the 7 that did not arrive.
     let fresh = roles.upload_token("b1", "a1").await;
     let s = summary(&roles.publish(t, &fresh, &args));
-    assert_eq!(s["files"], 20);
-    assert_eq!(s["blobs_sent"], 12);
-    assert_eq!(s["bytes_sent"], 12 * SIZE);
-    assert_eq!(s["bytes_skipped"], 8 * SIZE);
+    assert_eq!(s["files"], 12);
+    assert_eq!(s["blobs_sent"], 7);
+    assert_eq!(s["bytes_sent"], 7 * SIZE);
+    assert_eq!(s["bytes_skipped"], 5 * SIZE);
     assert_eq!(roles.lacking(&digests).await, 0);
 
     // Small files go in one batch, which a token with too few files refuses whole.
@@ -396,9 +397,9 @@ async fn a_publish_killed_mid_upload_is_finished_by_running_it_again() {
     let tree = tempfile::tempdir().unwrap();
     let t = tree.path();
     let mut digests = Vec::new();
-    // Over 1 MiB each, so each is one upload.
-    const SIZE: usize = 1_100_000;
-    for i in 0..30 {
+    // Over the batch bound each, so each is one upload.
+    const SIZE: usize = WHOLE_FRAME as usize + 100_000;
+    for i in 0..12 {
         let content = bytes(200 + i, SIZE);
         digests.push(Digest::of(&content));
         write(t, &format!("dist/f{i:02}"), &content, 0o644);
@@ -428,12 +429,12 @@ async fn a_publish_killed_mid_upload_is_finished_by_running_it_again() {
     .await;
     child.kill().unwrap();
     child.wait().unwrap();
-    assert_eq!(roles.lacking(&digests).await, 25, "{:?}", slow.events());
+    assert_eq!(roles.lacking(&digests).await, 7, "{:?}", slow.events());
 
-    // Run again, straight to the store: the 25 that never arrived are sent, nothing else.
+    // Run again, straight to the store: the 7 that never arrived are sent, nothing else.
     let s = summary(&roles.publish(t, &token, &["--type=dist", "--json", "b1", "dist/*"]));
-    assert_eq!(s["blobs_sent"], 25);
-    assert_eq!(s["bytes_sent"], 25 * SIZE);
+    assert_eq!(s["blobs_sent"], 7);
+    assert_eq!(s["bytes_sent"], 7 * SIZE);
     assert_eq!(s["bytes_skipped"], 5 * SIZE);
     assert_eq!(roles.lacking(&digests).await, 0);
 }
@@ -714,13 +715,15 @@ async fn a_file_swapped_for_a_symlink_after_the_walk_is_refused_and_nothing_leak
     let roles = Roles::start().await;
     let tree = tempfile::tempdir().unwrap();
     let t = tree.path();
-    let secret = bytes(600, 2_000_000);
+    // Large: over the batch bound.
+    let large = WHOLE_FRAME as usize + 100_000;
+    let secret = bytes(600, large);
     write(t, "secret", &secret, 0o600);
     let leaked = [Digest::of(&secret), Digest::of(&secret[..10_000])];
     std::fs::write(t.join("small-secret"), &secret[..10_000]).unwrap();
     for (file, size, target) in [
         ("out/small", 10_000, "small-secret"),
-        ("out/large", 2_000_000, "secret"),
+        ("out/large", large, "secret"),
     ] {
         write(t, "out/other", &bytes(601, 5_000), 0o644);
         write(t, file, &bytes(602, size), 0o644);

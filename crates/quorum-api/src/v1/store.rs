@@ -39,6 +39,11 @@ pub const MAX_BATCH_BLOBS: usize = 1000;
 pub const MAX_BATCH_BYTES: u64 = 64 << 20;
 /// Longest frame header line, newline included.
 pub const MAX_FRAME_HEADER: usize = 128;
+/// Frames up to this size are held whole in the store's memory as they arrive, written into the
+/// batch's pack with the others (one file and one sync per batch); larger ones stream into a
+/// file of their own. Clients send files up to this size in batches, and larger ones one per
+/// `PUT /api/v1/blobs/{digest}`.
+pub const WHOLE_FRAME: u64 = 4 << 20;
 
 /// The header line of one frame of a batch.
 pub fn batch_frame_header(digest: &Digest, size: u64) -> String {
